@@ -1,0 +1,36 @@
+"""SoftMix offline pipeline: OME-Zarr slides -> tiles -> SoftMix -> sharded TFRecords.
+
+`import pipeline` loads only the configs and errors; engines are imported explicitly
+(`from pipeline import beam_transforms`, `from pipeline import dask_transforms`) so
+Dask users never pay for Beam and vice versa.
+"""
+
+from __future__ import annotations
+
+from .config import MixConfig as MixConfig
+from .config import OutputConfig as OutputConfig
+from .config import TileConfig as TileConfig
+from .errors import ManifestError as ManifestError
+from .errors import OutputExistsError as OutputExistsError
+from .errors import PipelineError as PipelineError
+from .errors import SlideError as SlideError
+from .errors import TileReadError as TileReadError
+
+__all__ = [
+    "ManifestError",
+    "MixConfig",
+    "OutputConfig",
+    "OutputExistsError",
+    "PipelineError",
+    "SlideError",
+    "TileConfig",
+    "TileReadError",
+    "read_dataset",
+]
+
+
+def read_dataset(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: TensorFlow is heavy
+    """Read a SoftMix output directory as a `tf.data.Dataset`; see `pipeline._reader`."""
+    from ._reader import read_dataset as _read_dataset
+
+    return _read_dataset(*args, **kwargs)

@@ -1,0 +1,195 @@
+"""Frozen, validated settings of an offline SoftMix run.
+
+The CLI turns flags into these; the Beam and Dask engines take the same objects, so
+one concept has one name everywhere (`softness` <-> `--softness`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = [
+    "PAIRING_POLICIES",
+    "MixConfig",
+    "OutputConfig",
+    "TileConfig",
+    "parse_grid",
+]
+
+PAIRING_POLICIES = ("random", "cross-class", "balanced")
+ON_ERROR = ("skip", "fail")
+COMPRESSIONS = (None, "GZIP")
+
+
+def parse_grid(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """Parse a grid given as ``4``, ``"4"``, ``"4x6"`` or ``(4, 6)`` into ``(rows, cols)``.
+
+    >>> parse_grid("4x6")
+    (4, 6)
+    >>> parse_grid(3)
+    (3, 3)
+    """
+    if isinstance(value, str):
+        parts = value.lower().replace(",", "x").split("x")
+        try:
+            numbers = [int(p) for p in parts]
+        except ValueError:
+            numbers = []
+    elif isinstance(value, int):
+        numbers = [value]
+    else:
+        numbers = [int(v) for v in value]
+    if len(numbers) == 1:
+        numbers = numbers * 2
+    if len(numbers) != 2 or min(numbers) < 1:
+        raise ValueError(
+            "`grid` must be a positive int or two of them, such as 4, '4x6' or (4, 6). "
+            f"Received: grid={value!r}"
+        )
+    return (numbers[0], numbers[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """How slides are cut into tiles.
+
+    Attributes:
+        tile_size: tile side in pixels (tiles are square).
+        stride: step between tiles in pixels; defaults to `tile_size` (no overlap).
+        level: pyramid level index to tile; used when `mpp` is None.
+        mpp: target microns per pixel; picks the nearest level (overrides `level`).
+        min_tissue: minimum tissue fraction in [0, 1] for a tile to be kept.
+        tissue_level: level on which the tissue mask is computed; None = the
+            lowest-resolution level.
+    """
+
+    tile_size: int = 256
+    stride: int | None = None
+    level: int = 0
+    mpp: float | None = None
+    min_tissue: float = 0.5
+    tissue_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ValueError(f"`tile_size` must be >= 1. Received: tile_size={self.tile_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"`stride` must be >= 1. Received: stride={self.stride}")
+        if self.level < 0:
+            raise ValueError(f"`level` must be >= 0. Received: level={self.level}")
+        if self.mpp is not None and not self.mpp > 0:
+            raise ValueError(f"`mpp` must be > 0. Received: mpp={self.mpp}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ValueError(
+                f"`min_tissue` must be in [0, 1]. Received: min_tissue={self.min_tissue}"
+            )
+
+    @property
+    def step(self) -> int:
+        return self.stride if self.stride is not None else self.tile_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MixConfig:
+    """How tiles are paired and mixed (SPEC section 2 and 4).
+
+    Attributes:
+        grid: (rows, cols) of the SoftMix cell grid.
+        alpha: Beta(alpha, alpha) parameter of the mixed proportion, > 0.
+        softness: transition width as a fraction of the smallest cell side, in [0, 1].
+        ramp: "cosine" or "linear".
+        mix_prob: probability that an example is mixed at all.
+        pairing: "random", "cross-class" or "balanced".
+        group_column: manifest column whose equal values are never paired (e.g. a
+            patient id), or None.
+        num_mixes: mixed examples per used tile (tile is source `a` of each).
+        keep_originals: also write each used tile unmixed (lam = 0).
+        seed: global seed; every per-example seed is a hash of it and the tile key.
+        batch_size: examples per call of the TensorFlow op.
+    """
+
+    grid: tuple[int, int] = (4, 4)
+    alpha: float = 1.0
+    softness: float = 0.5
+    ramp: str = "cosine"
+    mix_prob: float = 1.0
+    pairing: str = "random"
+    group_column: str | None = None
+    num_mixes: int = 1
+    keep_originals: bool = False
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", parse_grid(self.grid))
+        if not self.alpha > 0:
+            raise ValueError(f"`alpha` must be > 0. Received: alpha={self.alpha}")
+        if not 0.0 <= self.softness <= 1.0:
+            raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
+        if self.ramp not in ("cosine", "linear"):
+            raise ValueError(
+                f"`ramp` must be 'cosine' or 'linear'. Received: ramp={self.ramp!r}"
+            )
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ValueError(f"`mix_prob` must be in [0, 1]. Received: mix_prob={self.mix_prob}")
+        if self.pairing not in PAIRING_POLICIES:
+            raise ValueError(
+                f"`pairing` must be one of {PAIRING_POLICIES}. Received: pairing={self.pairing!r}"
+            )
+        if self.num_mixes < 0:
+            raise ValueError(f"`num_mixes` must be >= 0. Received: num_mixes={self.num_mixes}")
+        if self.num_mixes == 0 and not self.keep_originals:
+            raise ValueError(
+                "`num_mixes=0` without `keep_originals` would write nothing. "
+                "Use num_mixes >= 1 or turn keep_originals on."
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputConfig:
+    """Where and how the shards are written.
+
+    Attributes:
+        out_dir: output directory (local path or fsspec URL).
+        name: dataset name; shards are `<name>-00000-of-00016.tfrecord`.
+        num_shards: number of shards; None = derived from `shard_size_mb`.
+        shard_size_mb: target shard size used when `num_shards` is None.
+        compression: None or "GZIP".
+        overwrite: replace an existing dataset in `out_dir`.
+        on_error: "skip" (count bad slides/tiles and go on) or "fail".
+    """
+
+    out_dir: str
+    name: str = "softmix"
+    num_shards: int | None = None
+    shard_size_mb: float = 100.0
+    compression: str | None = None
+    overwrite: bool = False
+    on_error: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.compression is not None:
+            object.__setattr__(self, "compression", self.compression.upper())
+            if self.compression in ("NONE", ""):
+                object.__setattr__(self, "compression", None)
+        if self.compression not in COMPRESSIONS:
+            raise ValueError(
+                "`compression` must be None or 'GZIP'. "
+                f"Received: compression={self.compression!r}"
+            )
+        if self.num_shards is not None and self.num_shards < 1:
+            raise ValueError(f"`num_shards` must be >= 1. Received: num_shards={self.num_shards}")
+        if not self.shard_size_mb > 0:
+            raise ValueError(
+                f"`shard_size_mb` must be > 0. Received: shard_size_mb={self.shard_size_mb}"
+            )
+        if self.on_error not in ON_ERROR:
+            raise ValueError(
+                f"`on_error` must be 'skip' or 'fail'. Received: on_error={self.on_error!r}"
+            )
+        if not self.name or "/" in self.name:
+            raise ValueError(
+                f"`name` must be a non-empty file-name prefix. Received: name={self.name!r}"
+            )

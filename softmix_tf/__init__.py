@@ -1,0 +1,1 @@
+"""SoftMix for TensorFlow (placeholder, being built)."""
