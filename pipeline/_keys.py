@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 __all__ = [
     "ExampleSpec",
+    "MixedExample",
     "SlidePlan",
     "SlideRecord",
     "TileKey",
@@ -146,3 +147,21 @@ class ExampleSpec:
     @property
     def is_original(self) -> bool:
         return self.mix_index < 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedExample:
+    """One mixed (or original) example, ready to encode.
+
+    Attributes:
+        spec: what was mixed.
+        image: numpy array [height, width, channels], the slide's dtype.
+        label: float32 [num_classes], `(1 - lam) * y_a + lam * y_b`.
+        lam: weight of source b, the mean of the applied mask (0 for originals and
+            for examples that `mix_prob` left unmixed).
+    """
+
+    spec: ExampleSpec
+    image: object  # np.ndarray; typed loosely so this module stays numpy-free
+    label: object  # np.ndarray float32 [K]
+    lam: float
