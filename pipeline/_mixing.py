@@ -1,0 +1,180 @@
+"""Read the tiles of a group of example specs and mix them with the SoftMix op.
+
+The one place where the offline job touches pixels and TensorFlow. Beam's `MixPairs`
+and the Dask shard tasks both call `mix_examples`; it reads each distinct tile once,
+groups the examples by tile shape and dtype, and runs `softmix_tf.softmix` eagerly in
+batches. The op is batch-invariant (SPEC section 2), so the output of an example does
+not depend on which other examples share its batch, and so not on the engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ._keys import ExampleSpec, MixedExample, TileKey, TileRecord
+from .config import MixConfig
+from .errors import TileReadError
+
+__all__ = [
+    "ExampleFailure",
+    "configure_tensorflow",
+    "label_vector",
+    "mix_examples",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExampleFailure:
+    """An example that could not be made because one of its tiles failed to read.
+
+    Attributes:
+        spec: the example.
+        source: "a" or "b": which tile failed.
+        reason: skip reason of the tile (e.g. "read_error", "nan_pixels").
+        message: the error text.
+    """
+
+    spec: ExampleSpec
+    source: str
+    reason: str
+    message: str
+
+
+ExampleResult = MixedExample | ExampleFailure
+
+_TF_CONFIGURED = False
+
+
+def configure_tensorflow(num_threads: int | None = None) -> None:
+    """Cap TensorFlow's thread pools, once per process, before TF builds them.
+
+    Several engine workers share the machine's cores: without a cap every worker
+    starts one intra-op thread per core and they oversubscribe the CPU.
+
+    Args:
+        num_threads: intra-op threads; None reads `SOFTMIX_TF_THREADS` (default 1).
+    """
+    global _TF_CONFIGURED
+    if _TF_CONFIGURED:
+        return
+    import tensorflow as tf
+
+    if num_threads is None:
+        num_threads = int(os.environ.get("SOFTMIX_TF_THREADS", "1"))
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(num_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(max(1, num_threads))
+    except RuntimeError:
+        pass  # TF already initialised in this process (e.g. by the user): keep its pools.
+    _TF_CONFIGURED = True
+
+
+def label_vector(tile: TileRecord, num_classes: int) -> np.ndarray:
+    """The label of a tile as float32 [num_classes]: its soft label or a one-hot."""
+    if tile.soft_label is not None:
+        return np.asarray(tile.soft_label, dtype=np.float32)
+    vector = np.zeros(num_classes, dtype=np.float32)
+    vector[tile.label] = 1.0
+    return vector
+
+
+def mix_examples(
+    specs: Iterable[ExampleSpec],
+    read_tile: Callable[[TileKey], np.ndarray],
+    config: MixConfig,
+    num_classes: int,
+    *,
+    on_error: str = "skip",
+) -> list[ExampleResult]:
+    """Read the tiles of `specs` and mix them, in batches of `config.batch_size`.
+
+    Args:
+        specs: examples to make, in any order.
+        read_tile: returns the pixels [H, W, C] of a tile; raises `TileReadError`.
+        config: the mixing parameters.
+        num_classes: length of the label vectors.
+        on_error: "skip" turns a `TileReadError` into an `ExampleFailure`; "fail"
+            raises it.
+
+    Returns:
+        One result per spec, sorted by example id: a `MixedExample` or an
+        `ExampleFailure`.
+    """
+    specs = sorted(specs)
+    pixels: dict[TileKey, np.ndarray | TileReadError] = {}
+
+    def fetch(tile: TileRecord) -> np.ndarray | TileReadError:
+        if tile.key not in pixels:
+            try:
+                pixels[tile.key] = read_tile(tile.key)
+            except TileReadError as err:
+                if on_error == "fail":
+                    raise
+                pixels[tile.key] = err
+        return pixels[tile.key]
+
+    results: dict[str, ExampleResult] = {}
+    to_mix: dict[tuple, list[tuple[ExampleSpec, np.ndarray, np.ndarray]]] = {}
+    for spec in specs:
+        image_a = fetch(spec.a)
+        if isinstance(image_a, TileReadError):
+            results[spec.example_id] = ExampleFailure(spec, "a", image_a.reason, str(image_a))
+            continue
+        if spec.is_original:
+            results[spec.example_id] = MixedExample(
+                spec, image_a, label_vector(spec.a, num_classes), 0.0
+            )
+            continue
+        image_b = fetch(spec.b)
+        if isinstance(image_b, TileReadError):
+            results[spec.example_id] = ExampleFailure(spec, "b", image_b.reason, str(image_b))
+            continue
+        if image_a.shape != image_b.shape or image_a.dtype != image_b.dtype:
+            raise ValueError(
+                f"Tiles {spec.a.key} and {spec.b.key} cannot be mixed: shapes/dtypes "
+                f"{image_a.shape} {image_a.dtype} vs {image_b.shape} {image_b.dtype}. "
+                "All slides of one run must share channel count and dtype."
+            )
+        to_mix.setdefault((image_a.shape, image_a.dtype.str), []).append(
+            (spec, image_a, image_b)
+        )
+
+    for group in to_mix.values():
+        for start in range(0, len(group), config.batch_size):
+            batch = group[start : start + config.batch_size]
+            for example in _mix_batch(batch, config, num_classes):
+                results[example.spec.example_id] = example
+    return [results[spec.example_id] for spec in specs]
+
+
+def _mix_batch(
+    batch: Sequence[tuple[ExampleSpec, np.ndarray, np.ndarray]],
+    config: MixConfig,
+    num_classes: int,
+) -> list[MixedExample]:
+    configure_tensorflow()
+    import softmix_tf
+
+    specs = [spec for spec, _, _ in batch]
+    out = softmix_tf.softmix(
+        np.stack([a for _, a, _ in batch]),
+        np.stack([b for _, _, b in batch]),
+        np.stack([label_vector(s.a, num_classes) for s in specs]),
+        np.stack([label_vector(s.b, num_classes) for s in specs]),
+        np.asarray([s.seed for s in specs], dtype=np.int64),
+        grid=config.grid,
+        alpha=config.alpha,
+        softness=config.softness,
+        ramp=config.ramp,
+        mix_prob=config.mix_prob,
+    )
+    images = np.asarray(out.images)
+    labels = np.asarray(out.labels, dtype=np.float32)
+    lams = np.asarray(out.lam, dtype=np.float32)
+    return [
+        MixedExample(spec, images[i], labels[i], float(lams[i])) for i, spec in enumerate(specs)
+    ]
