@@ -10,6 +10,7 @@ import dataclasses
 
 __all__ = [
     "PAIRING_POLICIES",
+    "JobConfig",
     "MixConfig",
     "OutputConfig",
     "TileConfig",
@@ -193,3 +194,22 @@ class OutputConfig:
             raise ValueError(
                 f"`name` must be a non-empty file-name prefix. Received: name={self.name!r}"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """Everything one offline run needs; the same object drives Beam and Dask.
+
+    Attributes:
+        manifest: path or URL of the slide manifest (CSV or Parquet).
+        tile: how slides are tiled.
+        mix: how tiles are paired and mixed.
+        output: where and how shards are written.
+        class_names: explicit class order; None = sorted distinct manifest labels.
+    """
+
+    manifest: str
+    tile: TileConfig
+    mix: MixConfig
+    output: OutputConfig
+    class_names: tuple[str, ...] | None = None

@@ -1,0 +1,7 @@
+"""`python -m pipeline` is the `softmix` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
