@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up and run the whole test suite (doctests included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/python -m pytest --doctest-modules pipeline softmix_tf tests "$@"
