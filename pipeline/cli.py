@@ -35,7 +35,8 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                     help="replace an existing dataset in --out")
     io.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                     help="bad slides/tiles: count them under a skip reason and go on "
-                    "(exit status 3 when any), or fail the run (default: skip)")
+                    "and report them in the summary and manifest, or fail the run with exit "
+                    "status 1 (default: skip)")
 
     tiles = parser.add_argument_group("tiling")
     tiles.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (256)")
