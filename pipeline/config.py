@@ -62,6 +62,9 @@ class TileConfig:
         min_tissue: minimum tissue fraction in [0, 1] for a tile to be kept.
         tissue_level: level on which the tissue mask is computed; None = the
             lowest-resolution level.
+        label_image: name of an OME-NGFF label image under the slide's ``labels/``
+            whose per-tile class fractions become the tile's soft label; None = the
+            slide-level label only.
     """
 
     tile_size: int = 256
@@ -70,6 +73,7 @@ class TileConfig:
     mpp: float | None = None
     min_tissue: float = 0.5
     tissue_level: int | None = None
+    label_image: str | None = None
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
@@ -84,6 +88,12 @@ class TileConfig:
             raise ValueError(
                 f"`min_tissue` must be in [0, 1]. Received: min_tissue={self.min_tissue}"
             )
+        if self.tissue_level is not None and self.tissue_level < 0:
+            raise ValueError(
+                f"`tissue_level` must be >= 0. Received: tissue_level={self.tissue_level}"
+            )
+        if self.label_image is not None and not self.label_image:
+            raise ValueError("`label_image` must be a label name or None. Received: ''")
 
     @property
     def step(self) -> int:
