@@ -1,0 +1,240 @@
+"""Encode and decode one SoftMix example as a `tf.train.Example` (kept as a pair).
+
+Example schema (stable; the README copies this table):
+
+| key             | type           | shape   | meaning                                                   |
+|-----------------|----------------|---------|-----------------------------------------------------------|
+| `image/encoded` | bytes          | []      | the mixed image, PNG or raw bytes (see `image/format`)    |
+| `image/format`  | bytes          | []      | `png` for uint8/uint16 with 1, 3 or 4 channels, else `raw` (little-endian, row-major `[H, W, C]`) |
+| `image/shape`   | int64          | [3]     | `[H, W, C]`                                               |
+| `image/dtype`   | bytes          | []      | numpy dtype name of the pixels, e.g. `uint8`, `float32`   |
+| `label`         | float32        | [K]     | soft label `(1 - lam) * y_a + lam * y_b`; K = `len(class_names)` of the manifest |
+| `lam`           | float32        | []      | weight of source `b` (mean of the mask; 0 for originals and unmixed examples) |
+| `a/slide_id`    | bytes          | []      | slide of source `a` (the anchor tile)                     |
+| `a/level`       | int64          | []      | pyramid level of source `a`                               |
+| `a/x`, `a/y`    | int64          | []      | top-left pixel: the tile is `level[y:y+H, x:x+W]` in that level's grid |
+| `a/label`       | int64          | []      | class index of source `a` (argmax of its soft label, if any) |
+| `b/slide_id`, `b/level`, `b/x`, `b/y`, `b/label` | | | the same for source `b` (the partner; equals `a` for originals) |
+| `seed`          | int64          | [2]     | stateless seed the SoftMix op used for this example       |
+| `example_id`    | bytes          | []      | unique stable id, ``"<a key>#m<mix_index>"`` or ``"<a key>#orig"`` |
+| `mix_index`     | int64          | []      | 0..num_mixes-1, or -1 for the unmixed original            |
+
+PNG bytes come from `tf.io.encode_png` (libpng, default compression), which is
+deterministic: the same pixels always give the same bytes, so Beam and Dask shards match.
+Raw images are `image.astype(image.dtype.newbyteorder("<")).tobytes()`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from ._keys import MixedExample, TileRecord
+
+__all__ = [
+    "PNG_DTYPES",
+    "choose_format",
+    "decode_example",
+    "encode_example",
+    "feature_spec",
+    "parse_and_decode",
+]
+
+PNG_DTYPES = ("uint8", "uint16")
+PNG_CHANNELS = (1, 3, 4)
+_SOURCE_FIELDS = ("slide_id", "level", "x", "y", "label")
+
+
+def choose_format(dtype: np.dtype | str, num_channels: int) -> str:
+    """``"png"`` when PNG can hold the pixels losslessly, else ``"raw"``.
+
+    >>> choose_format("uint16", 1), choose_format("uint8", 7), choose_format("float32", 3)
+    ('png', 'raw', 'raw')
+    """
+    name = np.dtype(dtype).name
+    return "png" if name in PNG_DTYPES and num_channels in PNG_CHANNELS else "raw"
+
+
+def _bytes(values: list[bytes]) -> tf.train.Feature:
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
+
+
+def _ints(values: list[int]) -> tf.train.Feature:
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+
+
+def _floats(values: list[float]) -> tf.train.Feature:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def _class_index(tile: TileRecord) -> int:
+    if tile.soft_label is not None and len(tile.soft_label) > 0:
+        return int(np.argmax(np.asarray(tile.soft_label)))
+    return int(tile.label)
+
+
+def encode_example(example: MixedExample, *, image_format: str | None = None) -> bytes:
+    """Serialize `example` to `tf.train.Example` bytes (schema in the module docstring).
+
+    Args:
+        example: the mixed example; `image` is a numpy array [H, W, C] (rank 2 is
+            read as C = 1), `label` float [K].
+        image_format: None (PNG when possible, else raw), ``"png"`` or ``"raw"``.
+
+    Returns:
+        The serialized `tf.train.Example`.
+
+    Raises:
+        ValueError: bad image rank, or ``"png"`` requested for pixels PNG cannot hold.
+    """
+    image = np.asarray(example.image)
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    if image.ndim != 3:
+        raise ValueError(
+            "`example.image` must be rank 3 [height, width, channels]. "
+            f"Received: image.shape={image.shape} for example {example.spec.example_id!r}."
+        )
+    auto = choose_format(image.dtype, image.shape[-1])
+    fmt = auto if image_format is None else image_format
+    if fmt not in ("png", "raw"):
+        raise ValueError(f"`image_format` must be None, 'png' or 'raw'. Received: {fmt!r}")
+    if fmt == "png" and auto != "png":
+        raise ValueError(
+            "PNG holds only uint8/uint16 images with 1, 3 or 4 channels. Received: "
+            f"dtype={image.dtype.name}, channels={image.shape[-1]}. Use image_format='raw'."
+        )
+    if fmt == "png":
+        encoded = tf.io.encode_png(tf.convert_to_tensor(image)).numpy()
+    else:
+        encoded = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes()
+    label = np.asarray(example.label, dtype=np.float32).reshape(-1)
+    spec = example.spec
+    feature = {
+        "image/encoded": _bytes([encoded]),
+        "image/format": _bytes([fmt.encode()]),
+        "image/shape": _ints([int(d) for d in image.shape]),
+        "image/dtype": _bytes([image.dtype.name.encode()]),
+        "label": _floats(label.tolist()),
+        "lam": _floats([float(example.lam)]),
+        "seed": _ints([int(spec.seed[0]), int(spec.seed[1])]),
+        "example_id": _bytes([spec.example_id.encode("utf-8")]),
+        "mix_index": _ints([int(spec.mix_index)]),
+    }
+    for prefix, tile in (("a", spec.a), ("b", spec.b)):
+        feature[f"{prefix}/slide_id"] = _bytes([tile.key.slide_id.encode("utf-8")])
+        feature[f"{prefix}/level"] = _ints([tile.key.level])
+        feature[f"{prefix}/x"] = _ints([tile.key.x])
+        feature[f"{prefix}/y"] = _ints([tile.key.y])
+        feature[f"{prefix}/label"] = _ints([_class_index(tile)])
+    proto = tf.train.Example(features=tf.train.Features(feature=feature))
+    return proto.SerializeToString(deterministic=True)
+
+
+def _decode_image(encoded: bytes, fmt: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    np_dtype = np.dtype(dtype)
+    if fmt == "png":
+        tf_dtype = tf.uint16 if np_dtype == np.uint16 else tf.uint8
+        return tf.io.decode_png(encoded, dtype=tf_dtype).numpy().reshape(shape)
+    flat = np.frombuffer(encoded, dtype=np_dtype.newbyteorder("<"))
+    return flat.astype(np_dtype).reshape(shape)
+
+
+def decode_example(serialized: bytes) -> dict[str, Any]:
+    """Parse one record into numpy values (the inverse of `encode_example`).
+
+    Returns:
+        A dict with the schema's keys plus ``"image"``: the decoded pixels, numpy
+        [H, W, C] in their stored dtype. Strings are `str`, scalars numpy scalars,
+        `label` float32 [K], `seed` int64 [2].
+    """
+    proto = tf.train.Example.FromString(serialized)
+    feats = proto.features.feature
+
+    def one_bytes(key: str) -> str:
+        return feats[key].bytes_list.value[0].decode("utf-8")
+
+    def one_int(key: str) -> np.int64:
+        return np.int64(feats[key].int64_list.value[0])
+
+    shape = tuple(int(d) for d in feats["image/shape"].int64_list.value)
+    fmt, dtype = one_bytes("image/format"), one_bytes("image/dtype")
+    encoded = feats["image/encoded"].bytes_list.value[0]
+    out: dict[str, Any] = {
+        "image": _decode_image(encoded, fmt, shape, dtype),
+        "image/encoded": encoded,
+        "image/format": fmt,
+        "image/shape": np.asarray(shape, dtype=np.int64),
+        "image/dtype": dtype,
+        "label": np.asarray(feats["label"].float_list.value, dtype=np.float32),
+        "lam": np.float32(feats["lam"].float_list.value[0]),
+        "seed": np.asarray(feats["seed"].int64_list.value, dtype=np.int64),
+        "example_id": one_bytes("example_id") if "example_id" in feats else "",
+        "mix_index": one_int("mix_index") if "mix_index" in feats else np.int64(-1),
+    }
+    for prefix in ("a", "b"):
+        out[f"{prefix}/slide_id"] = one_bytes(f"{prefix}/slide_id")
+        for field in _SOURCE_FIELDS[1:]:
+            out[f"{prefix}/{field}"] = one_int(f"{prefix}/{field}")
+    return out
+
+
+def feature_spec(num_classes: int) -> dict[str, tf.io.FixedLenFeature]:
+    """The `tf.io.parse_single_example` spec of the schema, for K = `num_classes`."""
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/shape": tf.io.FixedLenFeature([3], tf.int64),
+        "image/dtype": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([num_classes], tf.float32),
+        "lam": tf.io.FixedLenFeature([], tf.float32),
+        "seed": tf.io.FixedLenFeature([2], tf.int64),
+        "example_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
+        "mix_index": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    }
+    for prefix in ("a", "b"):
+        spec[f"{prefix}/slide_id"] = tf.io.FixedLenFeature([], tf.string)
+        for field in _SOURCE_FIELDS[1:]:
+            spec[f"{prefix}/{field}"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+
+def parse_and_decode(
+    serialized: tf.Tensor, num_classes: int, dtype: str | np.dtype = "uint8"
+) -> dict[str, tf.Tensor]:
+    """Graph-mode parse of one record plus image decoding (for `tf.data.Dataset.map`).
+
+    Args:
+        serialized: scalar string tensor, one record.
+        num_classes: K.
+        dtype: the images' numpy dtype; static because a graph's dtypes are. Every
+            record must have this `image/dtype` (checked at run time).
+
+    Returns:
+        The parsed features plus ``"image"``: `dtype` [H, W, C].
+    """
+    np_dtype = np.dtype(dtype)
+    tf_dtype = tf.as_dtype(np_dtype)
+    features = tf.io.parse_single_example(serialized, feature_spec(num_classes))
+    shape = features["image/shape"]
+    encoded = features["image/encoded"]
+    check = tf.debugging.assert_equal(
+        features["image/dtype"], tf.constant(np_dtype.name),
+        message=f"record image/dtype differs from the dataset's dtype {np_dtype.name}",
+    )
+
+    def raw() -> tf.Tensor:
+        return tf.reshape(tf.io.decode_raw(encoded, tf_dtype, little_endian=True), shape)
+
+    with tf.control_dependencies([check]):
+        if np_dtype.name in PNG_DTYPES:
+            def png() -> tf.Tensor:
+                return tf.reshape(tf.io.decode_png(encoded, dtype=tf_dtype), shape)
+
+            image = tf.cond(tf.equal(features["image/format"], "png"), png, raw)
+        else:
+            image = raw()
+    features["image"] = image
+    return features
