@@ -1,0 +1,396 @@
+"""Cut a slide into tiles and reject background: a pure-numpy core plus `plan_slide`.
+
+`tile_grid`, `tissue_mask`, `tissue_fraction` and `label_fractions` are pure
+functions of arrays; `plan_slide` wires them to a `Slide` and turns a manifest row
+into a `SlidePlan` (tile coordinates and labels only, no pixels).
+
+Tiles are identified by ``(slide_id, level, x, y)`` with ``x, y`` the top-left pixel
+in the chosen level's own pixel grid, so a tile is exactly
+``level[y:y + tile_size, x:x + tile_size]``. Tiles are laid out from the top-left
+corner every `stride` pixels; a tile that would cross the right or bottom edge is
+dropped (never padded), so up to ``tile_size - 1`` pixels at those edges are not used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._keys import SlidePlan, SlideRecord, TileKey, TileRecord
+from ._slides import Slide, SlideCache, open_slide
+from .config import TileConfig
+from .errors import SlideError
+
+__all__ = [
+    "label_fractions",
+    "plan_slide",
+    "tile_grid",
+    "tissue_fraction",
+    "tissue_mask",
+]
+
+# A feature (saturation or intensity, scaled to [0, 1]) that varies less than this
+# over the whole image is treated as blank: Otsu would otherwise split pure noise.
+MIN_CONTRAST = 0.05
+
+
+def tile_grid(height: int, width: int, tile_size: int, stride: int | None = None) -> np.ndarray:
+    """Top-left corners of the tiles that fit in a ``height x width`` image.
+
+    Tiles start at 0 and every `stride` pixels on each axis; a tile that would
+    cross the bottom or right edge is dropped.
+
+    Args:
+        height, width: image size in pixels.
+        tile_size: tile side in pixels.
+        stride: step between tiles; defaults to `tile_size` (no overlap).
+
+    Returns:
+        int64 ``[num_tiles, 2]`` of ``(y, x)``, row-major (y, then x).
+
+    >>> tile_grid(5, 7, 3, 2).tolist()
+    [[0, 0], [0, 2], [0, 4], [2, 0], [2, 2], [2, 4]]
+    >>> tile_grid(2, 10, 3).shape
+    (0, 2)
+    """
+    stride = tile_size if stride is None else stride
+    if tile_size < 1 or stride < 1:
+        raise ValueError(
+            f"`tile_size` and `stride` must be >= 1. Received: tile_size={tile_size}, "
+            f"stride={stride}"
+        )
+    ys = np.arange(0, max(height - tile_size + 1, 0), stride, dtype=np.int64)
+    xs = np.arange(0, max(width - tile_size + 1, 0), stride, dtype=np.int64)
+    grid_y, grid_x = np.meshgrid(ys, xs, indexing="ij")
+    return np.stack([grid_y.ravel(), grid_x.ravel()], axis=1)
+
+
+def _to_unit_float(image: np.ndarray) -> np.ndarray:
+    """Image as float64 in [0, 1]: integers by their dtype range, floats by min/max."""
+    if image.dtype.kind in "ui":
+        info = np.iinfo(image.dtype)
+        return (image.astype(np.float64) - info.min) / float(info.max - info.min)
+    values = np.nan_to_num(image.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    if values.size and (values.min() < 0.0 or values.max() > 1.0):
+        low, high = float(values.min()), float(values.max())
+        return (values - low) / (high - low) if high > low else np.zeros_like(values)
+    return values
+
+
+def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
+    """Where the (low-resolution) image shows tissue, by Otsu's threshold.
+
+    The feature thresholded is the HSV saturation for RGB(A) brightfield images
+    (glass is grey-white, stained tissue is coloured), and the mean channel
+    intensity for other channel counts (fluorescence/multiplex: tissue is bright).
+    The feature is smoothed (Gaussian, sigma 1 px) before scikit-image's
+    `threshold_otsu`; the mask is then closed (disk of 1/64 of the shorter side) and
+    its holes filled, so sparse stroma between stained structures counts as tissue.
+    An image whose feature varies by less than 0.05 (blank glass, an empty scan) has
+    no tissue: the result is all False rather than an error.
+
+    Args:
+        image: ``[height, width, channels]`` (or ``[height, width]``), any dtype.
+        mode: ``"auto"``, ``"saturation"`` (needs 3 or 4 channels), ``"intensity"``
+            (bright = tissue) or ``"darkness"`` (dark = tissue, grey brightfield).
+
+    Returns:
+        bool ``[height, width]``.
+
+    >>> img = np.full((64, 64, 3), 235, np.uint8); img[:32, :32] = (200, 60, 150)
+    >>> mask = tissue_mask(img)
+    >>> bool(mask[2:30, 2:30].all()), bool(mask[34:, :].any() or mask[:, 34:].any())
+    (True, False)
+    >>> bool(tissue_mask(np.full((8, 8, 3), 240, np.uint8)).any())
+    False
+    """
+    from scipy import ndimage
+    from skimage.color import rgb2hsv
+    from skimage.filters import gaussian, threshold_otsu
+    from skimage.morphology import disk
+
+    if image.ndim == 2:
+        image = image[..., np.newaxis]
+    if image.ndim != 3:
+        raise ValueError(
+            f"`image` must be [height, width, channels]. Received: shape={image.shape}"
+        )
+    channels = image.shape[-1]
+    if mode == "auto":
+        mode = "saturation" if channels in (3, 4) else "intensity"
+    if mode not in ("saturation", "intensity", "darkness"):
+        raise ValueError(
+            "`mode` must be 'auto', 'saturation', 'intensity' or 'darkness'. "
+            f"Received: mode={mode!r}"
+        )
+    values = _to_unit_float(image)
+    if mode == "saturation":
+        if channels not in (3, 4):
+            raise ValueError(
+                f"mode='saturation' needs an RGB(A) image. Received: {channels} channels"
+            )
+        feature = rgb2hsv(values[..., :3])[..., 1]
+    elif mode == "intensity":
+        feature = values.mean(axis=-1)
+    else:
+        feature = 1.0 - values.mean(axis=-1)
+    if feature.size == 0 or float(np.ptp(feature)) < MIN_CONTRAST:
+        return np.zeros(feature.shape, dtype=bool)
+    feature = gaussian(feature, sigma=1.0)
+    if float(np.ptp(feature)) < MIN_CONTRAST / 2:
+        return np.zeros(feature.shape, dtype=bool)
+    mask = feature > threshold_otsu(feature)
+    radius = max(1, min(mask.shape) // 64)
+    mask = ndimage.binary_closing(mask, structure=disk(radius), border_value=0)
+    return ndimage.binary_fill_holes(mask)
+
+
+def _box_bounds(starts: np.ndarray, tile_size: int, scale: float, size: int) -> tuple[
+    np.ndarray, np.ndarray
+]:
+    """Mask-pixel ranges [lo, hi) whose centres fall inside each tile (at least one pixel)."""
+    lo = np.ceil(starts * scale - 0.5).astype(np.int64)
+    hi = np.ceil((starts + tile_size) * scale - 0.5).astype(np.int64)
+    # A tile smaller than a mask pixel holds no pixel centre: use the pixel under its centre.
+    centre = np.floor((starts + tile_size / 2.0) * scale).astype(np.int64)
+    empty = hi <= lo
+    lo = np.where(empty, centre, lo)
+    hi = np.where(empty, centre + 1, hi)
+    return np.clip(lo, 0, size), np.clip(hi, 0, size)
+
+
+def label_fractions(
+    values: np.ndarray,
+    tiles_yx: np.ndarray,
+    tile_size: int,
+    level_shape: tuple[int, int],
+) -> np.ndarray:
+    """Mean of `values` over each tile's footprint, for a map at any resolution.
+
+    `values` ``[mh, mw, k]`` covers the same field of view as a level of size
+    `level_shape`; each tile ``(y, x)`` of that level is mapped onto the mask pixels
+    whose centres it contains (the single pixel under its centre when it is smaller
+    than one mask pixel). Uses a summed-area table, so it is O(pixels + tiles).
+
+    Returns:
+        float64 ``[num_tiles, k]``.
+    """
+    if values.ndim == 2:
+        values = values[..., np.newaxis]
+    tiles_yx = np.asarray(tiles_yx, dtype=np.int64).reshape(-1, 2)
+    mh, mw, k = values.shape
+    height, width = level_shape
+    if len(tiles_yx) == 0:
+        return np.zeros((0, k), dtype=np.float64)
+    table = np.zeros((mh + 1, mw + 1, k), dtype=np.float64)
+    table[1:, 1:] = values.astype(np.float64).cumsum(axis=0).cumsum(axis=1)
+    y0, y1 = _box_bounds(tiles_yx[:, 0], tile_size, mh / height, mh)
+    x0, x1 = _box_bounds(tiles_yx[:, 1], tile_size, mw / width, mw)
+    sums = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
+    area = np.maximum((y1 - y0) * (x1 - x0), 1)[:, np.newaxis]
+    return sums / area
+
+
+def tissue_fraction(
+    mask: np.ndarray,
+    tiles_yx: np.ndarray,
+    tile_size: int,
+    level_shape: tuple[int, int],
+) -> np.ndarray:
+    """Fraction of tissue in each tile, from a mask computed at another resolution.
+
+    Args:
+        mask: bool ``[mh, mw]``, the tissue mask of a (low-resolution) level.
+        tiles_yx: ``[num_tiles, 2]`` top-left ``(y, x)`` in the tiled level's pixels.
+        tile_size: tile side in the tiled level's pixels.
+        level_shape: ``(height, width)`` of the tiled level.
+
+    Returns:
+        float64 ``[num_tiles]`` in [0, 1].
+
+    >>> mask = np.zeros((4, 4), bool); mask[:2, :2] = True
+    >>> tissue_fraction(mask, tile_grid(8, 8, 4), 4, (8, 8)).tolist()
+    [1.0, 0.0, 0.0, 0.0]
+    """
+    return label_fractions(mask.astype(np.float64), tiles_yx, tile_size, level_shape)[:, 0]
+
+
+def _label_value_map(attributes: Mapping[str, Any], class_names: Sequence[str]) -> dict[int, int]:
+    """Label value -> class index, from ``image-label.properties`` "class" names."""
+    label_meta = attributes.get("image-label", {})
+    properties = label_meta.get("properties", []) if isinstance(label_meta, Mapping) else []
+    mapping: dict[int, int] = {}
+    for entry in properties:
+        if isinstance(entry, Mapping) and "label-value" in entry and "class" in entry:
+            name = str(entry["class"])
+            if name in class_names:
+                mapping[int(entry["label-value"])] = list(class_names).index(name)
+    if mapping:
+        return mapping
+    return {value: value - 1 for value in range(1, len(class_names) + 1)}
+
+
+def _soft_labels(
+    slide: Slide,
+    name: str,
+    level: int,
+    tiles_yx: np.ndarray,
+    tile_size: int,
+    class_names: Sequence[str],
+) -> list[tuple[float, ...] | None]:
+    labels = slide.label_image(name)
+    if labels is None:  # pragma: no cover - label_image(name) raises instead
+        raise SlideError(slide.slide_id, "missing_label_image", f"no label image {name!r}")
+    value_map = _label_value_map(labels.attributes, class_names)
+    target = slide.level_shape(level)
+    matching = [i for i in range(labels.num_levels) if labels.level_shape(i) == target]
+    label_level = matching[0] if matching else 0
+    label_shape = labels.level_shape(label_level)
+    scale_y, scale_x = label_shape[0] / target[0], label_shape[1] / target[1]
+    result: list[tuple[float, ...] | None] = []
+    for y, x in tiles_yx.tolist():
+        y0, y1 = int(y * scale_y), max(int(round((y + tile_size) * scale_y)), int(y * scale_y) + 1)
+        x0, x1 = int(x * scale_x), max(int(round((x + tile_size) * scale_x)), int(x * scale_x) + 1)
+        y1, x1 = min(y1, label_shape[0]), min(x1, label_shape[1])
+        region = labels.read_region(label_level, x0, y0, x1 - x0, y1 - y0)[..., 0]
+        values, counts = np.unique(region.astype(np.int64), return_counts=True)
+        per_class = np.zeros(len(class_names), dtype=np.float64)
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            if value == 0:
+                continue
+            if value not in value_map:
+                raise SlideError(
+                    slide.slide_id,
+                    "bad_labels",
+                    f"label image {name!r} holds value {value}, which maps to no class of "
+                    f"{list(class_names)} (values 1..K map to classes in order, or name them "
+                    "with image-label properties 'label-value' + 'class'). Fix the labels.",
+                )
+            per_class[value_map[value]] += count
+        total = per_class.sum()
+        result.append(None if total == 0 else tuple(float(v) for v in per_class / total))
+    return result
+
+
+def _plan(
+    record: SlideRecord,
+    config: TileConfig,
+    slide_cache: SlideCache | None,
+    class_names: Sequence[str] | None,
+) -> SlidePlan:
+    if slide_cache is not None:
+        slide = slide_cache.get(record.path, record.slide_id)
+    else:
+        slide = open_slide(record.path, slide_id=record.slide_id)
+    level = slide.level_for_mpp(config.mpp) if config.mpp is not None else config.level
+    height, width = slide.level_shape(level)
+    size = config.tile_size
+    if height < size or width < size:
+        raise SlideError(
+            record.slide_id,
+            "too_small",
+            f"level {level} is {height}x{width} pixels, smaller than one {size}x{size} tile. "
+            "Use a smaller tile_size or a higher-resolution level.",
+        )
+    tiles_yx = tile_grid(height, width, size, config.step)
+    keep = np.ones(len(tiles_yx), dtype=bool)
+    if config.min_tissue > 0:
+        tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
+        slide.level_shape(tissue_level)  # range check, with a clear error
+        try:
+            thumbnail = slide.read_level(tissue_level)
+        except SlideError:
+            raise
+        except Exception as err:  # corrupt chunk in the thumbnail: the slide is unusable
+            raise SlideError(
+                record.slide_id,
+                "read_error",
+                f"cannot read level {tissue_level} for the tissue mask "
+                f"({type(err).__name__}: {err}). Re-export the slide.",
+            ) from err
+        mask = tissue_mask(thumbnail)
+        if not mask.any():
+            raise SlideError(
+                record.slide_id,
+                "no_tissue",
+                f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
+                "Check the slide, or set min_tissue=0 to keep every tile.",
+            )
+        fractions = tissue_fraction(mask, tiles_yx, size, (height, width))
+        keep = fractions >= config.min_tissue
+    kept = tiles_yx[keep]
+    soft: list[tuple[float, ...] | None] = [None] * len(kept)
+    if config.label_image is not None:
+        if class_names is None:
+            raise ValueError(
+                "`class_names` must be given to plan_slide when config.label_image is set "
+                "(soft labels have one entry per class). Pass manifest.class_names."
+            )
+        soft = _soft_labels(slide, config.label_image, level, kept, size, class_names)
+    tiles = sorted(
+        TileRecord(
+            TileKey(record.slide_id, level, int(x), int(y)),
+            label=record.label_index,
+            group=record.group,
+            soft_label=soft_label,
+        )
+        for (y, x), soft_label in zip(kept.tolist(), soft, strict=True)
+    )
+    rejected = int((~keep).sum())
+    return SlidePlan(
+        slide_id=record.slide_id,
+        tiles=tuple(tiles),
+        skipped=(("background", rejected),) if rejected else (),
+        num_channels=slide.num_channels,
+        dtype=slide.dtype.name,
+    )
+
+
+def plan_slide(
+    record: SlideRecord,
+    config: TileConfig,
+    *,
+    slide_cache: SlideCache | None = None,
+    on_error: str = "skip",
+    class_names: Sequence[str] | None = None,
+) -> SlidePlan:
+    """Tile one slide and keep the tiles with enough tissue; no tile pixel is read.
+
+    Chooses the level (``config.mpp`` if set, else ``config.level``), lays out the
+    tile grid (`tile_grid`), computes `tissue_mask` on ``config.tissue_level`` (the
+    lowest resolution by default) and keeps tiles whose `tissue_fraction` is at least
+    ``config.min_tissue`` (all tiles, without reading anything, when it is 0). Each
+    rejected tile is counted under ``skipped["background"]``.
+
+    With ``config.label_image`` set, each kept tile's ``soft_label`` is the class
+    fractions of the labelled pixels (value 0 = unlabelled, values 1..K = classes in
+    `class_names` order unless the label image's ``properties`` name a "class"); a
+    tile without labelled pixels keeps the slide label (``soft_label=None``). The hard
+    ``label`` is always the slide's.
+
+    Args:
+        record: the manifest row.
+        config: tiling settings.
+        slide_cache: open slides to reuse (one per worker); None opens the slide afresh.
+        on_error: ``"skip"`` returns ``SlidePlan(failure=reason, message=...)`` for a
+            slide-level problem; ``"fail"`` raises the `SlideError`.
+        class_names: the run's classes; required with ``config.label_image``.
+
+    Returns:
+        A `SlidePlan` with tiles sorted by key, `num_channels` and `dtype` filled.
+
+    Raises:
+        SlideError: with ``on_error="fail"``: ``missing``, ``not_zarr``,
+            ``bad_metadata``, ``unsupported_axes``, ``level_out_of_range``, ``no_units``,
+            ``mpp_out_of_range``, ``too_small``, ``no_tissue``, ``read_error``...
+    """
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"`on_error` must be 'skip' or 'fail'. Received: on_error={on_error!r}")
+    try:
+        return _plan(record, config, slide_cache, class_names)
+    except SlideError as err:
+        if on_error == "fail":
+            raise
+        return SlidePlan(slide_id=record.slide_id, failure=err.reason, message=str(err))
