@@ -1,1 +1,37 @@
-"""SoftMix for TensorFlow (placeholder, being built)."""
+"""SoftMix for TensorFlow: soft-boundary grid mixing of image pairs (SPEC section 2).
+
+Public API:
+    softmix, grid_cutmix, mixup: mix two batches with per-example stateless seeds.
+    softmix_mask: the masks `softmix` applies for given seeds.
+    sample_cells, cells_to_mask, apply_mix: the op split into its three steps.
+    SoftMix: a Keras 3 layer mixing each example with another of its batch.
+    data: tf.data helpers (`softmix_tf.data.softmix_batches`).
+"""
+
+from __future__ import annotations
+
+from . import data as data
+from ._layer import SoftMix as SoftMix
+from ._masks import axis_weights as axis_weights
+from ._masks import cells_to_mask as cells_to_mask
+from ._mix import SoftMixResult as SoftMixResult
+from ._mix import apply_mix as apply_mix
+from ._mix import grid_cutmix as grid_cutmix
+from ._mix import mixup as mixup
+from ._mix import softmix as softmix
+from ._mix import softmix_mask as softmix_mask
+from ._sampling import sample_cells as sample_cells
+
+__all__ = [
+    "SoftMix",
+    "SoftMixResult",
+    "apply_mix",
+    "axis_weights",
+    "cells_to_mask",
+    "data",
+    "grid_cutmix",
+    "mixup",
+    "sample_cells",
+    "softmix",
+    "softmix_mask",
+]
