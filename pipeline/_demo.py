@@ -168,7 +168,7 @@ def write_demo_data(
     num_slides: int = 4,
     he_source: str | os.PathLike[str] | None | bool = None,
     overwrite: bool = False,
-    slide_size: int = 1536,
+    slide_size: int = 2048,
     format_version: str = "0.5",
     log: Callable[[str], Any] | None = print,
 ) -> pathlib.Path:

@@ -143,8 +143,10 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
         return np.zeros(feature.shape, dtype=bool)
     mask = feature > threshold_otsu(feature)
     radius = max(1, min(mask.shape) // 64)
-    mask = ndimage.binary_closing(mask, structure=disk(radius), border_value=0)
-    return ndimage.binary_fill_holes(mask)
+    # Pad with edge values so closing does not erode tissue that touches the border.
+    padded = np.pad(mask, radius, mode="edge")
+    padded = ndimage.binary_closing(padded, structure=disk(radius))
+    return ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
 
 
 def _box_bounds(starts: np.ndarray, tile_size: int, scale: float, size: int) -> tuple[
