@@ -2,26 +2,31 @@
 
 Example schema (stable; the README copies this table):
 
-| key             | type           | shape   | meaning                                                   |
-|-----------------|----------------|---------|-----------------------------------------------------------|
-| `image/encoded` | bytes          | []      | the mixed image, PNG or raw bytes (see `image/format`)    |
-| `image/format`  | bytes          | []      | `png` for uint8/uint16 with 1, 3 or 4 channels, else `raw` (little-endian, row-major `[H, W, C]`) |
-| `image/shape`   | int64          | [3]     | `[H, W, C]`                                               |
-| `image/dtype`   | bytes          | []      | numpy dtype name of the pixels, e.g. `uint8`, `float32`   |
-| `label`         | float32        | [K]     | soft label `(1 - lam) * y_a + lam * y_b`; K = `len(class_names)` of the manifest |
-| `lam`           | float32        | []      | weight of source `b` (mean of the mask; 0 for originals and unmixed examples) |
-| `a/slide_id`    | bytes          | []      | slide of source `a` (the anchor tile)                     |
-| `a/level`       | int64          | []      | pyramid level of source `a`                               |
-| `a/x`, `a/y`    | int64          | []      | top-left pixel: the tile is `level[y:y+H, x:x+W]` in that level's grid |
-| `a/label`       | int64          | []      | class index of source `a` (argmax of its soft label, if any) |
-| `b/slide_id`, `b/level`, `b/x`, `b/y`, `b/label` | | | the same for source `b` (the partner; equals `a` for originals) |
-| `seed`          | int64          | [2]     | stateless seed the SoftMix op used for this example       |
-| `example_id`    | bytes          | []      | unique stable id, ``"<a key>#m<mix_index>"`` or ``"<a key>#orig"`` |
-| `mix_index`     | int64          | []      | 0..num_mixes-1, or -1 for the unmixed original            |
+| key | dtype | shape | meaning |
+|---|---|---|---|
+| `image/encoded` | bytes | [] | the image: PNG, or raw bytes (see `image/format`) |
+| `image/format` | bytes | [] | `png` (uint8/uint16, 1, 3 or 4 channels), else `raw` |
+| `image/shape` | int64 | [3] | `[H, W, C]` |
+| `image/dtype` | bytes | [] | numpy dtype name of the pixels: `uint8`, `float32`... |
+| `label` | float32 | [K] | soft label `(1 - lam) * y_a + lam * y_b`; K classes |
+| `lam` | float32 | [] | weight of source `b` (0 for originals and unmixed) |
+| `a/slide_id` | bytes | [] | slide of source `a` (the anchor tile) |
+| `a/level` | int64 | [] | pyramid level of source `a` |
+| `a/x`, `a/y` | int64 | [] | tile = `level[y:y+H, x:x+W]` in that level's grid |
+| `a/label` | int64 | [] | class index of `a` (argmax of its soft label if any) |
+| `b/...` | | | the same five keys for source `b` (`b == a`: original) |
+| `seed` | int64 | [2] | stateless seed the SoftMix op used |
+| `example_id` | bytes | [] | unique id: `<a key>#m<mix_index>` or `<a key>#orig` |
+| `mix_index` | int64 | [] | 0..num_mixes-1, or -1 for the original |
+
+Raw images are little-endian, row-major `[H, W, C]`:
+`image.astype(image.dtype.newbyteorder("<")).tobytes()`. The class names (index ->
+name) are in ``manifest.json``; K = `len(class_names)`.
 
 PNG bytes come from `tf.io.encode_png` (libpng, default compression), which is
-deterministic: the same pixels always give the same bytes, so Beam and Dask shards match.
-Raw images are `image.astype(image.dtype.newbyteorder("<")).tobytes()`.
+deterministic: the same pixels always give the same bytes, so Beam and Dask shards
+match. Records are serialized with sorted keys (`deterministic=True`) for the same
+reason.
 """
 
 from __future__ import annotations

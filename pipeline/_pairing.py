@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ._keys import ExampleSpec, TileKey, TileRecord, stable_hash
 from .config import MixConfig
@@ -102,12 +103,11 @@ def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
     return [round(w / norm, 15) for w in raw]
 
 
-def _block_id(tile: TileRecord, use_groups: bool) -> tuple[int, str, str, int, int, int]:
-    # Homogeneous tuples so that blocks compare without type errors.
+def _block_id(tile: TileRecord, use_groups: bool) -> tuple[int, Any]:
+    # (0, group) and (1, key) never compare a group with a key: the first items differ.
     if use_groups and tile.group is not None:
-        return (0, tile.group, "", 0, 0, 0)
-    key = tile.key
-    return (1, "", key.slide_id, key.level, key.x, key.y)
+        return (0, tile.group)
+    return (1, tile.key)
 
 
 def _draw_u64(seed: int, purpose: str, key: TileKey, mix_index: int) -> int:
@@ -120,15 +120,15 @@ class _Bucket:
 
     __slots__ = ("blocks", "tiles")
 
-    def __init__(self, tiles: Iterable[TileRecord], use_groups: bool):
-        entries = sorted(((_block_id(t, use_groups), t.key), t) for t in tiles)
-        self.blocks = [block for (block, _), _ in entries]
+    def __init__(self, entries: Iterable[tuple[tuple[int, Any], TileRecord]]):
+        entries = sorted(entries, key=lambda entry: (entry[0], entry[1].key))
+        self.blocks = [block for block, _ in entries]
         self.tiles = [tile for _, tile in entries]
 
     def __len__(self) -> int:
         return len(self.tiles)
 
-    def excluded(self, block: tuple[int, str, str, int, int, int]) -> tuple[int, int]:
+    def excluded(self, block: tuple[int, Any]) -> tuple[int, int]:
         return bisect.bisect_left(self.blocks, block), bisect.bisect_right(self.blocks, block)
 
     def draw(self, excluded: tuple[int, int], u64: int) -> TileRecord | None:
@@ -180,11 +180,10 @@ class PairingIndex:
                     f"Received: label={tile.label} for tile {tile.key}."
                 )
         self._num_tiles = len(unique)
-        self._all = _Bucket(unique, self._use_groups)
-        self._by_class = [
-            _Bucket((t for t in unique if t.label == c), self._use_groups)
-            for c in range(num_classes)
-        ]
+        entries = [(_block_id(t, self._use_groups), t) for t in unique]
+        self._all = _Bucket(entries)
+        self._by_class = [_Bucket(e for e in entries if e[1].label == c)
+                          for c in range(num_classes)]
         self.class_counts = [len(b) for b in self._by_class]
         self.partner_class_weights = balanced_class_weights(self.class_counts)
         if config.pairing == "cross-class" and config.num_mixes > 0 and unique:
@@ -213,7 +212,7 @@ class PairingIndex:
         return self._partner(tile, mix_index, block)
 
     def _partner(
-        self, tile: TileRecord, mix_index: int, block: tuple[int, str, str, int, int, int]
+        self, tile: TileRecord, mix_index: int, block: tuple[int, Any]
     ) -> TileRecord | None:
         seed = self.config.seed
         policy = self.config.pairing
