@@ -39,13 +39,27 @@ class SoftMixResult(NamedTuple):
     masks: tf.Tensor | None = None
 
 
-def _no_fma(keep: tf.Tensor, product: tf.Tensor) -> tf.Tensor:
-    """`product` where `keep`, else 0 (which it is anyway where the mask is 0 or 1).
+def _in_xla_context() -> bool:
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - internal API moved: be safe, assume XLA
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
-    The select also stops XLA from contracting `x + y * z` into an FMA, whose single
-    rounding would make jit_compile=True differ from eager by an ulp.
+
+def _no_fma(keep: tf.Tensor, product: tf.Tensor) -> tf.Tensor:
+    """`product`, kept out of XLA's FMA contraction.
+
+    XLA fuses `x + y * z` into an FMA, whose single rounding differs from TensorFlow's
+    separate kernels by an ulp. Under XLA a select on `keep` (true wherever `product` is
+    not already 0) breaks the pattern at almost no cost; outside XLA the ops are never
+    contracted and the select would only cost a pass over the data.
     """
-    return tf.where(keep, product, 0.0)
+    if _in_xla_context():
+        return tf.where(keep, product, 0.0)
+    return product
 
 
 def _blend(a: tf.Tensor, b: tf.Tensor, m: tf.Tensor) -> tf.Tensor:

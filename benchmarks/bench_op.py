@@ -1,0 +1,111 @@
+"""Benchmark the SoftMix op against Keras CutMix / MixUp and a precomputed-mask floor.
+
+Run: `.venv/bin/python benchmarks/bench_op.py [--quick] [--batch 64] [--size 224]`.
+Prints a markdown table of ms/batch and images/s per dtype, and the target ratios:
+SoftMix-XLA / floor (target <= 1.2), SoftMix-tf.function / MixUp (target <= 1.0),
+CutMix / SoftMix-XLA (target >= 7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import softmix_tf  # noqa: E402
+
+
+def _time(fn, args, iters: int) -> float:
+    """Median ms per call (after two warm-up calls, which also trace/compile)."""
+    for _ in range(2):
+        _block(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        _block(fn(*args))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _block(out) -> None:
+    for t in tf.nest.flatten(out):
+        if t is not None:
+            t.numpy()
+
+
+def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]]:
+    rng = np.random.default_rng(0)
+    if dtype == "uint8":
+        a = tf.constant(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+        b = tf.constant(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
+    else:
+        a = tf.constant(rng.random((batch, size, size, 3), dtype=np.float32))
+        b = tf.constant(rng.random((batch, size, size, 3), dtype=np.float32))
+    labels = tf.constant(np.eye(10, dtype=np.float32)[rng.integers(0, 10, batch)])
+    seeds = tf.constant(rng.integers(0, 2**63, (batch, 2), dtype=np.int64))
+    masks = softmix_tf.softmix_mask(seeds, (size, size), grid=(4, 4))
+
+    def op(a, b, ya, yb, seeds):
+        out = softmix_tf.softmix(a, b, ya, yb, seeds, grid=(4, 4), softness=0.5)
+        return out.images, out.labels
+
+    def floor(a, b, m):
+        af, bf = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
+        return tf.cast(af + m[..., None] * (bf - af), a.dtype)
+
+    layer = softmix_tf.SoftMix(grid=4, softness=0.5, seed=0)
+    cutmix = keras.layers.CutMix(seed=0)
+    mixup = keras.layers.MixUp(seed=0)
+
+    def keras_call(lyr):
+        return tf.function(lambda x, y: lyr({"images": x, "labels": y}, training=True))
+
+    rows = [
+        ("SoftMix op, XLA", _time(tf.function(op, jit_compile=True), (a, b, labels, labels, seeds), iters)),
+        ("SoftMix op, tf.function", _time(tf.function(op), (a, b, labels, labels, seeds), iters)),
+        ("SoftMix layer, XLA", _time(tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True), (a, labels), iters)),
+        ("SoftMix layer, tf.function", _time(keras_call(layer), (a, labels), iters)),
+        ("keras CutMix, tf.function", _time(keras_call(cutmix), (a, labels), max(3, iters // 3))),
+        ("keras MixUp, tf.function", _time(keras_call(mixup), (a, labels), iters)),
+        ("floor: a + M*(b-a), XLA", _time(tf.function(floor, jit_compile=True), (a, b, masks), iters)),
+    ]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    iters = 5 if args.quick else 20
+    devices = [d.device_type for d in tf.config.list_physical_devices()]
+    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices {devices}, "
+          f"batch {args.batch}x{args.size}x{args.size}x3, median of {iters}\n")
+    print("| dtype | method | ms/batch | images/s |")
+    print("|---|---|---:|---:|")
+    ratios = []
+    for dtype in ("float32", "uint8"):
+        rows = run(dtype, args.batch, args.size, iters)
+        for name, ms in rows:
+            print(f"| {dtype} | {name} | {ms:.1f} | {args.batch / ms * 1e3:.0f} |")
+        t = dict(rows)
+        ratios.append((dtype, t["SoftMix op, XLA"] / t["floor: a + M*(b-a), XLA"],
+                       t["SoftMix layer, tf.function"] / t["keras MixUp, tf.function"],
+                       t["keras CutMix, tf.function"] / t["SoftMix layer, XLA"]))
+    print("\n| dtype | SoftMix-XLA / floor (<= 1.2) | SoftMix-tf.function / MixUp (<= 1.0) "
+          "| CutMix / SoftMix-XLA (>= 7) |")
+    print("|---|---:|---:|---:|")
+    for dtype, r1, r2, r3 in ratios:
+        print(f"| {dtype} | {r1:.2f} | {r2:.2f} | {r3:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
