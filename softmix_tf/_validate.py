@@ -38,7 +38,7 @@ METHODS = ("softmix", "cutmix", "mixup")
 
 def normalize_pair(value: Any, name: str) -> tuple[int, int]:
     """Returns `value` (an int or a pair of ints) as a pair of positive ints."""
-    if isinstance(value, bool):
+    if isinstance(value, bool | str | bytes | float):
         raise TypeError(f"`{name}` must be an int or a pair of ints. Received: {name}={value!r}")
     if hasattr(value, "__index__"):  # int or numpy integer
         pair = (value, value)
