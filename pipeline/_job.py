@@ -146,3 +146,204 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
 def exit_status(manifest: Mapping[str, Any]) -> int:
     """0 when the run finished; with `--on-error skip` failures are counted, not fatal."""
     return 0
+
+
+# --- Output life cycle shared by both engines -------------------------------------------
+#
+# Shards are written into a hidden staging folder inside OUT and moved into place only
+# after every shard exists; manifest.json is written last. A crashed run therefore
+# leaves no file under a finished-looking name.
+
+STAGING_DIR = ".softmix.tmp-staging"
+
+
+def staging_dir(config: Any) -> str:
+    import posixpath
+
+    return posixpath.join(config.out_dir, STAGING_DIR)
+
+
+def prepare_output(config: Any) -> None:
+    """Refuse or clear an existing dataset (see `_output.prepare_output_dir`), then stage."""
+    import tensorflow as tf
+
+    from ._output import prepare_output_dir
+
+    staging = staging_dir(config)
+    if config.overwrite and tf.io.gfile.exists(staging):
+        tf.io.gfile.rmtree(staging)
+    prepare_output_dir(config)
+    tf.io.gfile.makedirs(staging)
+
+
+def write_staged_shard(config: Any, index: int, num_shards: int,
+                       records: Iterable[tuple[str, bytes]]) -> Any:
+    """Write shard `index` of `num_shards` into the staging folder (atomic, sorted)."""
+    import posixpath
+
+    from ._sharding import shard_filename, write_shard
+
+    path = posixpath.join(staging_dir(config), shard_filename(config.name, index, num_shards))
+    try:
+        return write_shard(path, records, compression=config.compression)
+    except Exception as err:
+        raise RuntimeError(f"failed to write shard {index} of {num_shards} for "
+                           f"{config.out_dir!r}") from err
+
+
+def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
+                   class_names: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Write empty shards for indices no record went to, move all into OUT, then the
+    manifest (last). Returns the manifest."""
+    import dataclasses
+    import posixpath
+
+    import tensorflow as tf
+
+    from ._output import finalize_output
+    from ._sharding import shard_filename
+
+    by_index = {}
+    for info in shards:
+        for index in range(num_shards):
+            if info.file == shard_filename(config.name, index, num_shards):
+                by_index[index] = info
+    if len(by_index) != len(shards):
+        raise RuntimeError(f"Unexpected shard files {sorted(s.file for s in shards)} for "
+                           f"{num_shards} shards; an engine wrote a shard twice.")
+    for index in range(num_shards):
+        if index not in by_index:
+            by_index[index] = write_staged_shard(config, index, num_shards, [])
+    staging = staging_dir(config)
+    for info in by_index.values():
+        tf.io.gfile.rename(posixpath.join(staging, info.file),
+                           posixpath.join(config.out_dir, info.file), overwrite=True)
+    tf.io.gfile.rmtree(staging)
+    config_with_count = dataclasses.replace(config, num_shards=num_shards)
+    return finalize_output(config_with_count, list(by_index.values()), accounting,
+                           class_names, params)
+
+
+def tile_outcome(result: Any) -> tuple[Any, tuple[str, Any]]:
+    """`(anchor key, outcome)` of one example result, for per-tile accounting.
+
+    Outcomes are small: ("written", label) / ("read_failure", reason) /
+    ("partner_failure", reason); pixels are not carried.
+    """
+    from ._mixing import ExampleFailure
+
+    if isinstance(result, ExampleFailure):
+        kind = "read_failure" if result.source == "a" else "partner_failure"
+        return _key_tuple(result.spec.a.key), (kind, result.reason)
+    return _key_tuple(result.spec.a.key), ("written", np.asarray(result.label, dtype=np.float32))
+
+
+def _key_tuple(key: TileKey) -> tuple[str, int, int, int]:
+    # A plain tuple has a deterministic coder in every engine (a dataclass does not).
+    return (key.slide_id, key.level, key.x, key.y)
+
+
+def tile_accounting(key: Any, outcomes: Iterable[tuple[str, Any]]) -> Any:
+    """`Accounting` of one anchor tile from all its example outcomes."""
+    from ._output import Accounting
+
+    written, read_failure, partner_failures = [], None, 0
+    for kind, value in outcomes:
+        if kind == "written":
+            written.append(_Labelled(value))
+        elif kind == "read_failure":
+            read_failure = value
+        else:
+            partner_failures += 1
+    return Accounting.from_tile(None, written=written, read_failure=read_failure,
+                                partner_failures=partner_failures)
+
+
+class _Labelled:
+    """Stands in for a `MixedExample` in accounting: only its label is needed."""
+
+    __slots__ = ("label",)
+
+    def __init__(self, label: Any):
+        self.label = label
+
+
+# --- Progress and errors ------------------------------------------------------------------
+
+
+def report_progress(directory: str | None, count: int) -> None:
+    """Record `count` more examples mixed (workers append to a per-process file).
+
+    Works on local output only; on remote storage progress is the runner's own UI.
+    """
+    import os
+
+    if not directory or "://" in directory or not os.path.isdir(directory):
+        return
+    with open(os.path.join(directory, f"progress-{os.getpid()}"), "a") as handle:
+        handle.write(f"{count}\n")
+
+
+class progress_reporter:  # noqa: N801 - used as a context manager, reads like one
+    """Show a tqdm counter of mixed examples while a local run is going."""
+
+    def __init__(self, config: Any, *, enabled: bool = True, total: int | None = None):
+        self._directory = staging_dir(config)
+        self._enabled = enabled and "://" not in self._directory
+        self._total = total
+
+    def _count(self) -> int:
+        import glob
+        import os
+
+        total = 0
+        for path in glob.glob(os.path.join(self._directory, "progress-*")):
+            try:
+                with open(path) as handle:
+                    total += sum(int(line) for line in handle if line.strip())
+            except (OSError, ValueError):
+                continue
+        return total
+
+    def _poll(self) -> None:
+        from tqdm import tqdm
+
+        with tqdm(total=self._total, desc="examples mixed", unit="ex") as bar:
+            while not self._stop.wait(0.5):
+                bar.update(max(0, self._count() - bar.n))
+
+    def __enter__(self) -> progress_reporter:
+        import threading
+
+        if self._enabled:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._enabled:
+            self._stop.set()
+            self._thread.join()
+
+
+def reraise_pipeline_error(err: BaseException) -> None:
+    """Re-raise the `PipelineError` behind an engine's wrapped worker error, if any.
+
+    Beam and Dask wrap a worker's exception (sometimes only as text); the user should
+    see the original message naming the slide or tile and the fix.
+    """
+    import re
+
+    from .errors import PipelineError
+
+    seen = err
+    while seen is not None:
+        if isinstance(seen, PipelineError):
+            raise seen from err
+        seen = seen.__cause__ or seen.__context__
+    matches = re.findall(
+        r"(?:SlideError|TileReadError|ManifestError|PipelineError|OutputExistsError): "
+        r"([^\n]+)", str(err))
+    if matches:
+        raise PipelineError(matches[-1]) from err
