@@ -34,6 +34,9 @@ __all__ = [
 # A feature (saturation or intensity, scaled to [0, 1]) that varies less than this
 # over the whole image is treated as blank: Otsu would otherwise split pure noise.
 MIN_CONTRAST = 0.05
+# A low-contrast image is all tissue when its feature is at least this (a field fully
+# covered by stained tissue), and all background otherwise (glass, an empty channel).
+UNIFORM_TISSUE_LEVEL = 0.15
 
 
 def tile_grid(height: int, width: int, tile_size: int, stride: int | None = None) -> np.ndarray:
@@ -88,8 +91,11 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     The feature is smoothed (Gaussian, sigma 1 px) before scikit-image's
     `threshold_otsu`; the mask is then closed (disk of 1/64 of the shorter side) and
     its holes filled, so sparse stroma between stained structures counts as tissue.
-    An image whose feature varies by less than 0.05 (blank glass, an empty scan) has
-    no tissue: the result is all False rather than an error.
+    An image whose feature varies by less than 0.05 has nothing to threshold: it is
+    all background (blank glass, an empty scan: all False, not an error) unless the
+    feature is high everywhere (>= 0.15: a field fully covered by tissue). Likewise,
+    when the class below Otsu's threshold averages >= 0.15 it is not glass, and the
+    whole image is tissue.
 
     Args:
         image: ``[height, width, channels]`` (or ``[height, width]``), any dtype.
@@ -136,12 +142,18 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
         feature = values.mean(axis=-1)
     else:
         feature = 1.0 - values.mean(axis=-1)
-    if feature.size == 0 or float(np.ptp(feature)) < MIN_CONTRAST:
+    if feature.size == 0:
         return np.zeros(feature.shape, dtype=bool)
-    feature = gaussian(feature, sigma=1.0)
-    if float(np.ptp(feature)) < MIN_CONTRAST / 2:
-        return np.zeros(feature.shape, dtype=bool)
-    mask = feature > threshold_otsu(feature)
+    smooth = gaussian(feature, sigma=1.0)
+    if float(np.ptp(feature)) < MIN_CONTRAST or float(np.ptp(smooth)) < MIN_CONTRAST / 2:
+        # Nothing for Otsu to separate: all glass (or empty), or all tissue.
+        return np.full(feature.shape, float(feature.mean()) >= UNIFORM_TISSUE_LEVEL)
+    feature = smooth
+    threshold = threshold_otsu(feature)
+    mask = feature > threshold
+    if float(feature[~mask].mean()) >= UNIFORM_TISSUE_LEVEL:
+        # Otsu split tissue from tissue (e.g. light from dark stain): no glass in view.
+        return np.ones(feature.shape, dtype=bool)
     radius = max(1, min(mask.shape) // 64)
     # Pad with edge values so closing does not erode tissue that touches the border.
     padded = np.pad(mask, radius, mode="edge")

@@ -101,9 +101,9 @@ def write_ome_zarr(
                 storage_options={"chunks": chunks}, **kwargs)
     for name, label in (labels or {}).items():
         props = (label_properties or {}).get(name)
-        extra = {"properties": props} if props else {}
-        write_labels(label, group, name=name, axes="yx", fmt=fmt,
-                     scale_factors=tuple(scale_factors), **extra)
+        write_labels(label, group, name=name, axes="yx", fmt=fmt, scaler=None,
+                     scale_factors=tuple(scale_factors),
+                     label_metadata={"properties": props} if props else None)
     return path
 
 
