@@ -138,8 +138,11 @@ def _mirror_extend(image: np.ndarray, size: int) -> np.ndarray:
     while image.shape[0] < size or image.shape[1] < size:
         pad_y = min(image.shape[0], max(size - image.shape[0], 0))
         pad_x = min(image.shape[1], max(size - image.shape[1], 0))
-        image = np.pad(image, ((pad_y // 2, pad_y - pad_y // 2),
-                               (pad_x // 2, pad_x - pad_x // 2), (0, 0)), mode="symmetric")
+        image = np.pad(
+            image,
+            ((pad_y // 2, pad_y - pad_y // 2), (pad_x // 2, pad_x - pad_x // 2), (0, 0)),
+            mode="symmetric",
+        )
     return image[:size, :size]
 
 
@@ -201,9 +204,7 @@ def write_demo_data(
     if slide_size < 256:
         raise ValueError(f"`slide_size` must be >= 256. Received: slide_size={slide_size}")
     if format_version not in ("0.4", "0.5"):
-        raise ValueError(
-            f"`format_version` must be '0.4' or '0.5'. Received: {format_version!r}"
-        )
+        raise ValueError(f"`format_version` must be '0.4' or '0.5'. Received: {format_version!r}")
     out = pathlib.Path(out_dir).expanduser()
     manifest_path = out / "manifest.csv"
     slides_dir = out / "slides"
@@ -260,8 +261,15 @@ def write_demo_data(
             image, mpp, specimen = _place(glass, tissue, oy, ox), IHC_MPP, "skimage-ihc"
         slide_id = f"demo-{index:03d}-{label}"
         _write_slide(slides_dir / f"{slide_id}.ome.zarr", image, mpp, format_version)
-        rows.append((slide_id, f"slides/{slide_id}.ome.zarr", label, specimen,
-                     "cmu-1-small-region" if specimen == "cmu-1" else "skimage"))
+        rows.append(
+            (
+                slide_id,
+                f"slides/{slide_id}.ome.zarr",
+                label,
+                specimen,
+                "cmu-1-small-region" if specimen == "cmu-1" else "skimage",
+            )
+        )
     lines = ["slide_id,path,label,patient_id,source"] + [",".join(row) for row in rows]
     manifest_path.write_text("\n".join(lines) + "\n")
     (out / "SOURCES.txt").write_text(

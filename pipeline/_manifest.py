@@ -91,14 +91,14 @@ def _read_table(path: str, storage_options: dict[str, Any] | None) -> Any:
             ) from err
     if not data.strip():
         raise ManifestError(
-            f"manifest {path} is empty. Add a header 'slide_id,path,label' and one row per "
-            "slide."
+            f"manifest {path} is empty. Add a header 'slide_id,path,label' and one row per slide."
         )
     try:
         # First pass for the column names, then read every column as text so ids like
         # "007" keep their zeros.
-        header = pacsv.read_csv(pa.BufferReader(data), read_options=pacsv.ReadOptions(
-            block_size=1 << 16)).schema.names
+        header = pacsv.read_csv(
+            pa.BufferReader(data), read_options=pacsv.ReadOptions(block_size=1 << 16)
+        ).schema.names
         return pacsv.read_csv(
             pa.BufferReader(data),
             convert_options=pacsv.ConvertOptions(
@@ -159,8 +159,9 @@ def load_slide_manifest(
             f"{list(REQUIRED_COLUMNS)}. Received columns: {columns}."
         )
     if table.num_rows == 0:
-        raise ManifestError(f"manifest {path} is empty: it has a header but no slides. "
-                            "Add one row per slide.")
+        raise ManifestError(
+            f"manifest {path} is empty: it has a header but no slides. Add one row per slide."
+        )
     if group_column is not None and group_column not in columns:
         raise ManifestError(
             f"group column {group_column!r} is not in manifest {path}. "
@@ -203,8 +204,7 @@ def load_slide_manifest(
                 f"manifest {path} has unknown label(s) {unknown}; known classes are "
                 f"{list(names)}. Fix the labels or add the classes to class_names."
             )
-    base_dir = posixpath.dirname(path) if _is_url(path) else os.path.dirname(
-        os.path.abspath(path))
+    base_dir = posixpath.dirname(path) if _is_url(path) else os.path.dirname(os.path.abspath(path))
     extra = [c for c in columns if c not in REQUIRED_COLUMNS]
     slides = tuple(
         SlideRecord(

@@ -89,7 +89,9 @@ def _is_url(path: str) -> bool:
     return "://" in path
 
 
-def _parse_axes(raw: Any, slide_id: str, where: str) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
+def _parse_axes(
+    raw: Any, slide_id: str, where: str
+) -> tuple[tuple[str, ...], tuple[str | None, ...]]:
     """Axis names and units from a caller string ("yxc") or OME-NGFF axes metadata."""
     names: list[str] = []
     units: list[str | None] = []
@@ -186,7 +188,8 @@ class Slide:
                         f"{level}; only size 1 is supported. Pick one plane and write it as "
                         "its own image.",
                     )
-        channels = {int(a.shape[self.axes.index("c")]) if "c" in self.axes else 1 for a in self._arrays}
+        c = self.axes.index("c") if "c" in self.axes else None
+        channels = {int(a.shape[c]) if c is not None else 1 for a in self._arrays}
         if len(channels) != 1:
             raise SlideError(
                 slide_id,
@@ -346,8 +349,12 @@ class Slide:
                 "Use one of those names.",
             )
         group = self._group["labels"][chosen]
-        return _slide_from_group(group, f"{self.slide_id}/labels/{chosen}",
-                                 posixpath.join(self.path, "labels", chosen), None)
+        return _slide_from_group(
+            group,
+            f"{self.slide_id}/labels/{chosen}",
+            posixpath.join(self.path, "labels", chosen),
+            None,
+        )
 
 
 def _find_multiscales(attrs: Mapping[str, Any]) -> tuple[Mapping[str, Any], Any] | None:
@@ -364,9 +371,11 @@ def _scale_of(transforms: Any, ndim: int, slide_id: str, where: str) -> list[flo
     if transforms is None:
         return scale
     if not isinstance(transforms, Sequence):
-        raise SlideError(slide_id, "bad_metadata",
-                         f"coordinateTransformations of {where} must be a list. "
-                         f"Received: {transforms!r}")
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"coordinateTransformations of {where} must be a list. Received: {transforms!r}",
+        )
     for transform in transforms:
         if isinstance(transform, Mapping) and transform.get("type") == "scale":
             values = transform.get("scale")
@@ -393,40 +402,54 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
             "the image array itself and pass its axes (axes='yxc').",
         )
     ome, multiscales = found
-    if not isinstance(multiscales, Sequence) or not multiscales or not isinstance(
-        multiscales[0], Mapping
+    if (
+        not isinstance(multiscales, Sequence)
+        or not multiscales
+        or not isinstance(multiscales[0], Mapping)
     ):
-        raise SlideError(slide_id, "bad_metadata",
-                         f"'multiscales' in {path} must be a non-empty list of objects. "
-                         f"Received: {multiscales!r}. Rewrite the OME-NGFF metadata.")
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"'multiscales' in {path} must be a non-empty list of objects. "
+            f"Received: {multiscales!r}. Rewrite the OME-NGFF metadata.",
+        )
     multiscale = multiscales[0]
     datasets = multiscale.get("datasets")
     if not isinstance(datasets, Sequence) or not datasets:
-        raise SlideError(slide_id, "bad_metadata",
-                         f"multiscales[0] of {path} has no 'datasets'. Rewrite the OME-NGFF "
-                         "metadata with one dataset per pyramid level.")
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"multiscales[0] of {path} has no 'datasets'. Rewrite the OME-NGFF "
+            "metadata with one dataset per pyramid level.",
+        )
     raw_axes = axes if axes is not None else multiscale.get("axes")
     if raw_axes is None:
-        raise SlideError(slide_id, "bad_metadata",
-                         f"multiscales[0] of {path} has no 'axes' (OME-NGFF < 0.4). "
-                         "Pass axes= (e.g. axes='cyx').")
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"multiscales[0] of {path} has no 'axes' (OME-NGFF < 0.4). "
+            "Pass axes= (e.g. axes='cyx').",
+        )
     names, units = _parse_axes(raw_axes, slide_id, f"multiscales of {path}")
     if axes is not None and isinstance(multiscale.get("axes"), Sequence):
         _, meta_units = _parse_axes(multiscale["axes"], slide_id, f"multiscales of {path}")
         if len(meta_units) == len(names):
             units = meta_units
     ndim = len(names)
-    global_scale = _scale_of(multiscale.get("coordinateTransformations"), ndim, slide_id,
-                             f"multiscales[0] of {path}")
+    global_scale = _scale_of(
+        multiscale.get("coordinateTransformations"), ndim, slide_id, f"multiscales[0] of {path}"
+    )
     arrays = []
     scales: list[tuple[float, float] | None] = []
     y, x = names.index("y"), names.index("x")
     unit_y, unit_x = unit_to_micrometer(units[y]), unit_to_micrometer(units[x])
     for i, dataset in enumerate(datasets):
         if not isinstance(dataset, Mapping) or not isinstance(dataset.get("path"), str):
-            raise SlideError(slide_id, "bad_metadata",
-                             f"datasets[{i}] of {path} has no 'path'. Rewrite the OME-NGFF "
-                             "metadata.")
+            raise SlideError(
+                slide_id,
+                "bad_metadata",
+                f"datasets[{i}] of {path} has no 'path'. Rewrite the OME-NGFF metadata.",
+            )
         try:
             array = group[dataset["path"]]
         except (KeyError, FileNotFoundError) as err:
@@ -437,11 +460,15 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
                 "does not exist. Rewrite the metadata or the missing level.",
             ) from err
         if not isinstance(array, zarr.Array):
-            raise SlideError(slide_id, "bad_metadata",
-                             f"level {i} path {dataset['path']!r} of {path} is not an array.")
+            raise SlideError(
+                slide_id,
+                "bad_metadata",
+                f"level {i} path {dataset['path']!r} of {path} is not an array.",
+            )
         arrays.append(array)
-        scale = _scale_of(dataset.get("coordinateTransformations"), ndim, slide_id,
-                          f"datasets[{i}] of {path}")
+        scale = _scale_of(
+            dataset.get("coordinateTransformations"), ndim, slide_id, f"datasets[{i}] of {path}"
+        )
         scale = [a * b for a, b in zip(scale, global_scale, strict=True)]
         if unit_y is None or unit_x is None:
             scales.append(None)
@@ -493,16 +520,22 @@ def open_slide(
                 fs, fs_path = fsspec.core.url_to_fs(path_str, **options)
                 exists = fs.exists(fs_path)
             except (OSError, ValueError, ImportError) as err:
-                raise SlideError(slide_id, "missing",
-                                 f"cannot reach {path_str}: {err}. Check the URL and "
-                                 "storage_options (credentials, endpoint).") from err
+                raise SlideError(
+                    slide_id,
+                    "missing",
+                    f"cannot reach {path_str}: {err}. Check the URL and "
+                    "storage_options (credentials, endpoint).",
+                ) from err
         else:
             path_str = os.path.expanduser(path_str)
             exists = os.path.exists(path_str)
         if not exists:
-            raise SlideError(slide_id, "missing",
-                             f"{path_str} does not exist. Check the path in the manifest "
-                             "(relative paths are resolved against the manifest's directory).")
+            raise SlideError(
+                slide_id,
+                "missing",
+                f"{path_str} does not exist. Check the path in the manifest "
+                "(relative paths are resolved against the manifest's directory).",
+            )
     try:
         if is_store:
             node = zarr.open(store=path, mode="r")
@@ -511,14 +544,20 @@ def open_slide(
         else:
             node = zarr.open(store=path_str, mode="r")
     except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError) as err:
-        raise SlideError(slide_id, "not_zarr",
-                         f"{path_str} exists but is not a Zarr store (no zarr.json / .zgroup "
-                         f"/ .zarray found): {type(err).__name__}. Convert the slide to "
-                         "OME-Zarr, e.g. with bioformats2raw or ome_zarr.writer.") from err
+        raise SlideError(
+            slide_id,
+            "not_zarr",
+            f"{path_str} exists but is not a Zarr store (no zarr.json / .zgroup "
+            f"/ .zarray found): {type(err).__name__}. Convert the slide to "
+            "OME-Zarr, e.g. with bioformats2raw or ome_zarr.writer.",
+        ) from err
     except (ValueError, TypeError, OSError) as err:
-        raise SlideError(slide_id, "not_zarr",
-                         f"{path_str} could not be opened as Zarr ({type(err).__name__}: "
-                         f"{err}). Convert the slide to OME-Zarr.") from err
+        raise SlideError(
+            slide_id,
+            "not_zarr",
+            f"{path_str} could not be opened as Zarr ({type(err).__name__}: "
+            f"{err}). Convert the slide to OME-Zarr.",
+        ) from err
     if isinstance(node, zarr.Array):
         names_raw: Any = axes
         if names_raw is None:
@@ -609,8 +648,9 @@ class SlideCache:
         if slide is not None:
             self._slides.move_to_end(key)
             return slide
-        slide = open_slide(path, slide_id=slide_id, axes=self.axes,
-                           storage_options=self.storage_options or None)
+        slide = open_slide(
+            path, slide_id=slide_id, axes=self.axes, storage_options=self.storage_options or None
+        )
         self._slides[key] = slide
         while len(self._slides) > self.max_open:
             self._slides.popitem(last=False)
@@ -623,9 +663,15 @@ class SlideCache:
         self._slides.clear()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"max_open": self.max_open, "storage_options": self.storage_options,
-                "axes": self.axes}
+        return {
+            "max_open": self.max_open,
+            "storage_options": self.storage_options,
+            "axes": self.axes,
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["max_open"], storage_options=state["storage_options"],  # type: ignore[misc]
-                      axes=state["axes"])
+        self.__init__(
+            state["max_open"],
+            storage_options=state["storage_options"],  # type: ignore[misc]
+            axes=state["axes"],
+        )

@@ -161,9 +161,9 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     return ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
 
 
-def _box_bounds(starts: np.ndarray, tile_size: int, scale: float, size: int) -> tuple[
-    np.ndarray, np.ndarray
-]:
+def _box_bounds(
+    starts: np.ndarray, tile_size: int, scale: float, size: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Mask-pixel ranges [lo, hi) whose centres fall inside each tile (at least one pixel)."""
     lo = np.ceil(starts * scale - 0.5).astype(np.int64)
     hi = np.ceil((starts + tile_size) * scale - 0.5).astype(np.int64)

@@ -88,22 +88,34 @@ def write_ome_zarr(
     for position, name in enumerate(axes):
         if name in "tz":
             data = np.expand_dims(data, position)
-    chunks = tuple(
-        chunk if a in "yx" else data.shape[i] for i, a in enumerate(axes)
-    )
+    chunks = tuple(chunk if a in "yx" else data.shape[i] for i, a in enumerate(axes))
     kwargs: dict = {}
     if mpp is not None:
         kwargs["scale"] = {a: (mpp if a in "yx" else 1.0) for a in axes}
         kwargs["axes_units"] = {"y": unit, "x": unit}
     else:
         kwargs["scale"] = {a: 1.0 for a in axes}
-    write_image(data, group, scale_factors=tuple(scale_factors), axes=axes, fmt=fmt,
-                storage_options={"chunks": chunks}, **kwargs)
+    write_image(
+        data,
+        group,
+        scale_factors=tuple(scale_factors),
+        axes=axes,
+        fmt=fmt,
+        storage_options={"chunks": chunks},
+        **kwargs,
+    )
     for name, label in (labels or {}).items():
         props = (label_properties or {}).get(name)
-        write_labels(label, group, name=name, axes="yx", fmt=fmt, scaler=None,
-                     scale_factors=tuple(scale_factors),
-                     label_metadata={"properties": props} if props else None)
+        write_labels(
+            label,
+            group,
+            name=name,
+            axes="yx",
+            fmt=fmt,
+            scaler=None,
+            scale_factors=tuple(scale_factors),
+            label_metadata={"properties": props} if props else None,
+        )
     return path
 
 
@@ -144,8 +156,9 @@ def write_raw_multiscales(
         chunks = tuple(chunk if a in "yx" else data.shape[i] for i, a in enumerate(axes))
         group.create_array(level_path, data=np.ascontiguousarray(data), chunks=chunks)
         scale = [float(step) * (mpp or 1.0) if a in "yx" else 1.0 for a in axes]
-        datasets.append({"path": level_path,
-                         "coordinateTransformations": [{"type": "scale", "scale": scale}]})
+        datasets.append(
+            {"path": level_path, "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+        )
     axes_meta = []
     for a in axes:
         entry = {"name": a, "type": {"c": "channel", "t": "time"}.get(a, "space")}
@@ -205,12 +218,14 @@ def write_synthetic_dataset(
     expected, background, boxes_by_id = {}, {}, {}
     grid_tiles = (SYNTHETIC_SIZE // SYNTHETIC_TILE) ** 2
     for index, (slide_id, label, boxes) in enumerate(SYNTHETIC_SLIDES):
-        image = synthetic_tissue(SYNTHETIC_SIZE, SYNTHETIC_SIZE, boxes,
-                                 color=CLASS_COLORS[label], seed=index)
+        image = synthetic_tissue(
+            SYNTHETIC_SIZE, SYNTHETIC_SIZE, boxes, color=CLASS_COLORS[label], seed=index
+        )
         write_ome_zarr(root / "slides" / f"{slide_id}.ome.zarr", image, version=version)
         rows.append(f"{slide_id},slides/{slide_id}.ome.zarr,{label},patient-{index // 2}")
-        kept = sum((y1 - y0) // SYNTHETIC_TILE * ((x1 - x0) // SYNTHETIC_TILE)
-                   for y0, x0, y1, x1 in boxes)
+        kept = sum(
+            (y1 - y0) // SYNTHETIC_TILE * ((x1 - x0) // SYNTHETIC_TILE) for y0, x0, y1, x1 in boxes
+        )
         expected[slide_id] = kept
         background[slide_id] = grid_tiles - kept
         boxes_by_id[slide_id] = boxes
@@ -252,5 +267,4 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The real demo data (`write_demo_data`), 4 slides of 1024 px; returns the manifest."""
     from pipeline._demo import write_demo_data
 
-    return write_demo_data(tmp_path_factory.mktemp("demo"), num_slides=4, slide_size=1024,
-                           log=None)
+    return write_demo_data(tmp_path_factory.mktemp("demo"), num_slides=4, slide_size=1024, log=None)

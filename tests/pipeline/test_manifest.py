@@ -40,16 +40,21 @@ def test_csv_manifest(tmp_path):
 
 
 def test_given_class_names_set_the_order(tmp_path):
-    manifest = load_slide_manifest(_write(tmp_path, CSV),
-                                   class_names=["tumor", "normal", "other"])
+    manifest = load_slide_manifest(_write(tmp_path, CSV), class_names=["tumor", "normal", "other"])
     assert manifest.class_names == ("tumor", "normal", "other")
     assert [s.label_index for s in manifest.slides] == [0, 1, 0]
     assert manifest.class_counts()["other"] == 0
 
 
 def test_parquet_manifest(tmp_path):
-    table = pa.table({"slide_id": ["s1", "s2"], "path": ["x.zarr", "y.zarr"],
-                      "label": ["b", "a"], "age": [40, 50]})
+    table = pa.table(
+        {
+            "slide_id": ["s1", "s2"],
+            "path": ["x.zarr", "y.zarr"],
+            "label": ["b", "a"],
+            "age": [40, 50],
+        }
+    )
     pq.write_table(table, tmp_path / "m.parquet")
     manifest = load_slide_manifest(tmp_path / "m.parquet")
     assert manifest.class_names == ("a", "b")
@@ -73,10 +78,16 @@ def test_manifest_from_url_resolves_relative_paths_against_it():
         ("slide_id,label\na,x\n", {}, r"lacks required column\(s\) \['path'\]"),
         ("id,path,label\na,p,x\n", {}, r"lacks required column\(s\) \['slide_id'\].*Received"),
         ("slide_id,path,label\na,p,x\nb,q,y\na,r,x\n", {}, r"duplicate slide_id\(s\) \['a'\]"),
-        ("slide_id,path,label\na,p,x\nb,q,z\n", {"class_names": ["x", "y"]},
-         r"unknown label\(s\) \['z'\]; known classes are \['x', 'y'\]"),
-        ("slide_id,path,label\na,p,x\n", {"group_column": "patient"},
-         "group column 'patient' is not in manifest"),
+        (
+            "slide_id,path,label\na,p,x\nb,q,z\n",
+            {"class_names": ["x", "y"]},
+            r"unknown label\(s\) \['z'\]; known classes are \['x', 'y'\]",
+        ),
+        (
+            "slide_id,path,label\na,p,x\n",
+            {"group_column": "patient"},
+            "group column 'patient' is not in manifest",
+        ),
         ("slide_id,path,label\na,,x\n", {}, r"row 1 has empty \['path'\]"),
         ("slide_id,path,label\na,p,x\n", {"class_names": ["x", "x"]}, "distinct"),
     ],

@@ -31,8 +31,7 @@ def _crop(image: np.ndarray, step: int, x: int, y: int, w: int, h: int) -> np.nd
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 @pytest.mark.parametrize("axes", ["cyx", "tczyx", "czyx"])
 def test_ome_zarr_written_by_ome_zarr_py(tmp_path, image, version, axes):
-    path = write_ome_zarr(tmp_path / "s.ome.zarr", image, version=version, axes=axes,
-                          chunk=64)
+    path = write_ome_zarr(tmp_path / "s.ome.zarr", image, version=version, axes=axes, chunk=64)
     slide = open_slide(path, slide_id="s")
     assert slide.slide_id == "s"
     assert slide.num_levels == 3
@@ -51,8 +50,13 @@ def test_ome_zarr_written_by_ome_zarr_py(tmp_path, image, version, axes):
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
 @pytest.mark.parametrize("axes", ["yxc", "zyxc", "tyxc", "cyx"])
 def test_hand_written_multiscales_with_custom_paths(tmp_path, image, version, axes):
-    path = write_raw_multiscales(tmp_path / "s.zarr", image, axes=axes, version=version,
-                                 level_paths=["full", "half", "quarter"])
+    path = write_raw_multiscales(
+        tmp_path / "s.zarr",
+        image,
+        axes=axes,
+        version=version,
+        level_paths=["full", "half", "quarter"],
+    )
     slide = open_slide(path)
     assert slide.num_levels == 3 and slide.num_channels == 3
     for level, step in enumerate((1, 2, 4)):
@@ -75,8 +79,9 @@ def test_plain_zarr_array_with_caller_axes(tmp_path, image):
 
 
 def test_plain_zarr_v3_array_uses_dimension_names(tmp_path, image):
-    zarr.create_array(tmp_path / "a.zarr", data=image, chunks=(64, 64, 3),
-                      dimension_names=("y", "x", "c"))
+    zarr.create_array(
+        tmp_path / "a.zarr", data=image, chunks=(64, 64, 3), dimension_names=("y", "x", "c")
+    )
     slide = open_slide(tmp_path / "a.zarr")
     np.testing.assert_array_equal(slide.read_region(0, 0, 0, 10, 10), image[:10, :10])
 
@@ -98,8 +103,9 @@ def test_fsspec_memory_url(tmp_path, image, version):
     assert slide.path == url
     np.testing.assert_array_equal(slide.read_region(0, 64, 64, 64, 64), image[64:128, 64:128])
     key = TileKey("remote", 0, 128, 64)
-    np.testing.assert_array_equal(read_tile(SlideCache().get(url, "remote"), key, 64),
-                                  image[64:128, 128:192])
+    np.testing.assert_array_equal(
+        read_tile(SlideCache().get(url, "remote"), key, 64), image[64:128, 128:192]
+    )
     with pytest.raises(SlideError, match="does not exist") as info:
         open_slide("memory://bucket-none/absent.zarr", slide_id="r2")
     assert info.value.reason == "missing"
@@ -175,8 +181,9 @@ def test_label_image(tmp_path, image):
     assert slide.label_names() == ("classes",)
     label = slide.label_image()
     assert label is not None and label.num_channels == 1
-    np.testing.assert_array_equal(label.read_region(0, 140, 90, 20, 20)[..., 0],
-                                  labels[90:110, 140:160])
+    np.testing.assert_array_equal(
+        label.read_region(0, 140, 90, 20, 20)[..., 0], labels[90:110, 140:160]
+    )
     assert "image-label" in label.attributes
     with pytest.raises(SlideError, match="label image 'nope' not found"):
         slide.label_image("nope")
@@ -185,8 +192,9 @@ def test_label_image(tmp_path, image):
 
 
 def test_slide_cache_lru_and_pickle(synthetic_dataset):
-    paths = [synthetic_dataset.root / "slides" / f"{s}.ome.zarr" for s in
-             synthetic_dataset.slide_ids]
+    paths = [
+        synthetic_dataset.root / "slides" / f"{s}.ome.zarr" for s in synthetic_dataset.slide_ids
+    ]
     cache = SlideCache(max_open=2)
     first = cache.get(str(paths[0]), "syn-0")
     assert cache.get(str(paths[0]), "syn-0") is first
@@ -219,8 +227,9 @@ def test_not_a_zarr_store(tmp_path):
     (tmp_path / "slide.svs").write_bytes(b"not zarr")
     (tmp_path / "folder").mkdir()
     for path in (tmp_path / "folder", tmp_path / "slide.svs"):
-        with pytest.raises(SlideError, match="not a Zarr store|could not be opened as Zarr.*"
-                                             "Convert") as err:
+        with pytest.raises(
+            SlideError, match="not a Zarr store|could not be opened as Zarr.*Convert"
+        ) as err:
             open_slide(path, slide_id="x")
         assert _reason(err) == "not_zarr"
 
@@ -239,8 +248,10 @@ def test_group_without_multiscales(tmp_path):
         (lambda ms: ms["datasets"][1].update(path="missing"), "'missing'.*does not exist"),
         (lambda ms: ms["datasets"][0].pop("path"), r"datasets\[0\].*has no 'path'"),
         (lambda ms: ms.pop("axes"), "has no 'axes'"),
-        (lambda ms: ms["datasets"][0]["coordinateTransformations"][0].update(scale=[1.0]),
-         "must list 3 numbers"),
+        (
+            lambda ms: ms["datasets"][0]["coordinateTransformations"][0].update(scale=[1.0]),
+            "must list 3 numbers",
+        ),
         (lambda ms: ms.update(axes=[{"name": "y"}, {"name": "x"}]), "must list 2 numbers"),
     ],
 )
@@ -272,8 +283,11 @@ def test_unsupported_axes(tmp_path, image):
         open_slide(path)
     assert _reason(err) == "unsupported_axes"
     zarr.create_array(tmp_path / "a.zarr", data=image, chunks=(64, 64, 3))
-    for axes, match in (("yxq", "not supported"), ("ycc", "not supported"),
-                        ("yx", "name 2 dimensions")):
+    for axes, match in (
+        ("yxq", "not supported"),
+        ("ycc", "not supported"),
+        ("yx", "name 2 dimensions"),
+    ):
         with pytest.raises(SlideError, match=match) as err:
             open_slide(tmp_path / "a.zarr", axes=axes)
         assert _reason(err) == "unsupported_axes"
@@ -302,8 +316,9 @@ def test_corrupt_chunk(tmp_path, image):
     with pytest.raises(TileReadError, match="cannot read the tile.*corrupt") as err:
         read_tile(slide, key, 64)
     assert err.value.reason == "read_error" and err.value.tile == key
-    np.testing.assert_array_equal(read_tile(slide, TileKey("s", 0, 64, 0), 64),
-                                  image[0:64, 64:128])  # other chunks still read
+    np.testing.assert_array_equal(
+        read_tile(slide, TileKey("s", 0, 64, 0), 64), image[0:64, 64:128]
+    )  # other chunks still read
     clone = pickle.loads(pickle.dumps(err.value))
     assert clone.reason == "read_error" and str(clone) == str(err.value)
 

@@ -113,8 +113,9 @@ def test_tissue_fraction_exact():
     # One mask pixel is 16 x 16 level pixels; a tile counts the mask pixels whose
     # centres (8, 24, 40, ...) it contains.
     tiles = np.array([[0, 0], [0, 48], [16, 16], [16, 48], [32, 64], [0, 64]])
-    np.testing.assert_array_equal(tissue_fraction(mask, tiles, 32, (64, 128)),
-                                  [1.0, 0.5, 0.5, 0.25, 0.0, 0.0])
+    np.testing.assert_array_equal(
+        tissue_fraction(mask, tiles, 32, (64, 128)), [1.0, 0.5, 0.5, 0.25, 0.0, 0.0]
+    )
     assert tissue_fraction(mask, np.zeros((0, 2), int), 32, (64, 128)).shape == (0,)
 
 
@@ -194,8 +195,13 @@ def test_plan_slide_synthetic_counts(synthetic_dataset):
         for tile in plan.tiles:
             assert tile.label == record.label_index and tile.soft_label is None
             assert tile.key.level == 0 and tile.key.slide_id == record.slide_id
-            assert any(y0 <= tile.key.y and tile.key.y + 128 <= y1 and x0 <= tile.key.x
-                       and tile.key.x + 128 <= x1 for y0, x0, y1, x1 in boxes)
+            assert any(
+                y0 <= tile.key.y
+                and tile.key.y + 128 <= y1
+                and x0 <= tile.key.x
+                and tile.key.x + 128 <= x1
+                for y0, x0, y1, x1 in boxes
+            )
         assert pickle.loads(pickle.dumps(plan)) == plan
 
 
@@ -209,11 +215,13 @@ def test_plan_slide_tiles_are_exact_level_pixels(synthetic_dataset):
     for tile in plan.tiles:
         key = tile.key
         assert key.level == 1
-        np.testing.assert_array_equal(read_tile(slide, key, 64),
-                                      level[key.y : key.y + 64, key.x : key.x + 64])
+        np.testing.assert_array_equal(
+            read_tile(slide, key, 64), level[key.y : key.y + 64, key.x : key.x + 64]
+        )
     level0 = plan_slide(record, TileConfig(tile_size=128), on_error="fail")
-    image = synthetic_tissue(512, 512, synthetic_dataset.boxes["syn-0"],
-                             color=(190, 70, 150), seed=0)
+    image = synthetic_tissue(
+        512, 512, synthetic_dataset.boxes["syn-0"], color=(190, 70, 150), seed=0
+    )
     for tile in level0.tiles:
         np.testing.assert_array_equal(
             read_tile(slide, tile.key, 128),
@@ -263,12 +271,20 @@ def test_plan_slide_soft_labels(tmp_path):
     assert soft[(192, 0)] is None  # nothing labelled: the slide label applies
     assert all(t.label == 1 for t in plan.tiles)
     # Names in image-label properties take precedence over value order.
-    named = write_ome_zarr(tmp_path / "n.ome.zarr", image, labels={"classes": labels},
-                           label_properties={"classes": [
-                               {"label-value": 1, "class": "tumor"},
-                               {"label-value": 2, "class": "normal"}]})
-    plan = plan_slide(SlideRecord("n", str(named), "tumor", 1), config,
-                      class_names=("normal", "tumor"), on_error="fail")
+    named = write_ome_zarr(
+        tmp_path / "n.ome.zarr",
+        image,
+        labels={"classes": labels},
+        label_properties={
+            "classes": [{"label-value": 1, "class": "tumor"}, {"label-value": 2, "class": "normal"}]
+        },
+    )
+    plan = plan_slide(
+        SlideRecord("n", str(named), "tumor", 1),
+        config,
+        class_names=("normal", "tumor"),
+        on_error="fail",
+    )
     assert {(t.key.y, t.key.x): t.soft_label for t in plan.tiles}[(0, 0)] == (0.0, 1.0)
     with pytest.raises(ValueError, match="class_names"):
         plan_slide(record, config)
@@ -284,22 +300,45 @@ def test_plan_slide_soft_labels(tmp_path):
 
 def test_plan_slide_failures_skip_or_raise(synthetic_dataset, tmp_path):
     cases = [
-        (SlideRecord("gone", str(tmp_path / "gone.zarr"), "he", 0), TileConfig(), "missing",
-         "does not exist"),
-        (_record(synthetic_dataset, "syn-0"), TileConfig(level=7), "level_out_of_range",
-         r"level 7 does not exist"),
-        (_record(synthetic_dataset, "syn-0"), TileConfig(tile_size=128, tissue_level=9),
-         "level_out_of_range", "level 9 does not exist"),
-        (_record(synthetic_dataset, "syn-0"), TileConfig(tile_size=1024), "too_small",
-         r"smaller than one 1024x1024 tile. Use a smaller tile_size"),
+        (
+            SlideRecord("gone", str(tmp_path / "gone.zarr"), "he", 0),
+            TileConfig(),
+            "missing",
+            "does not exist",
+        ),
+        (
+            _record(synthetic_dataset, "syn-0"),
+            TileConfig(level=7),
+            "level_out_of_range",
+            r"level 7 does not exist",
+        ),
+        (
+            _record(synthetic_dataset, "syn-0"),
+            TileConfig(tile_size=128, tissue_level=9),
+            "level_out_of_range",
+            "level 9 does not exist",
+        ),
+        (
+            _record(synthetic_dataset, "syn-0"),
+            TileConfig(tile_size=1024),
+            "too_small",
+            r"smaller than one 1024x1024 tile. Use a smaller tile_size",
+        ),
     ]
     blank = write_ome_zarr(tmp_path / "blank.ome.zarr", synthetic_tissue(256, 256, []))
-    cases.append((SlideRecord("blank", str(blank), "he", 0), TileConfig(tile_size=64),
-                  "no_tissue", "tissue mask of level 2 is empty.*min_tissue=0"))
+    cases.append(
+        (
+            SlideRecord("blank", str(blank), "he", 0),
+            TileConfig(tile_size=64),
+            "no_tissue",
+            "tissue mask of level 2 is empty.*min_tissue=0",
+        )
+    )
     notzarr = tmp_path / "notzarr"
     notzarr.mkdir()
-    cases.append((SlideRecord("nz", str(notzarr), "he", 0), TileConfig(), "not_zarr",
-                  "not a Zarr store"))
+    cases.append(
+        (SlideRecord("nz", str(notzarr), "he", 0), TileConfig(), "not_zarr", "not a Zarr store")
+    )
     for record, config, reason, match in cases:
         plan = plan_slide(record, config)
         assert plan.failure == reason and plan.tiles == () and plan.slide_id == record.slide_id
@@ -323,8 +362,12 @@ def test_plan_slide_plain_array_with_cache_axes(tmp_path):
     image = synthetic_tissue(256, 256, [(0, 0, 256, 128)])
     zarr.create_array(tmp_path / "p.zarr", data=image, chunks=(64, 64, 3))
     cache = SlideCache(axes="yxc")
-    plan = plan_slide(SlideRecord("p", str(tmp_path / "p.zarr"), "he", 0),
-                      TileConfig(tile_size=64), slide_cache=cache, on_error="fail")
+    plan = plan_slide(
+        SlideRecord("p", str(tmp_path / "p.zarr"), "he", 0),
+        TileConfig(tile_size=64),
+        slide_cache=cache,
+        on_error="fail",
+    )
     assert sorted((t.key.y, t.key.x) for t in plan.tiles) == [
         (y, x) for y in (0, 64, 128, 192) for x in (0, 64)
     ]
