@@ -177,7 +177,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             path = write_preview(args.out, output=args.output, num_examples=args.num)
             print(f"preview: {path}")
             return 0
+    except PipelineError as err:
+        print(f"softmix: error: {err}", file=sys.stderr)
+        return 1
+    try:
         job = job_config_from_args(args)
+    except ValueError as err:  # a bad flag value: usage error, exit status 2
+        parser.error(str(err))
+    try:
         if args.command == "beam":
             from .beam_transforms import run_beam
 
@@ -192,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               progress=not args.no_progress)
     except PipelineError as err:
         print(f"softmix: error: {err}", file=sys.stderr)
-        return 2
+        return 1
     from ._job import exit_status, summary_table
 
     print(summary_table(result))

@@ -1,0 +1,99 @@
+"""`softmix preview OUT`: a PNG contact sheet of mixed examples, their masks and labels.
+
+Masks are not stored in the records; they are recomputed from each record's `seed` and
+the run's parameters (`manifest.json`) with `softmix_tf.softmix_mask`, which is the mask
+the job applied (examples left unmixed by `mix_prob`, and originals, have `lam == 0` and
+an empty mask).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+__all__ = ["write_preview"]
+
+_CAPTION = 34
+
+
+def _to_rgb8(image: np.ndarray) -> np.ndarray:
+    """Display form of a tile: RGB uint8 (first 3 channels, or grey for 1-2 channels)."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        lo, hi = float(np.min(image)), float(np.max(image))
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = ((image.astype(np.float64) - lo) * scale).round().astype(np.uint8)
+    if image.shape[-1] >= 3:
+        return image[..., :3]
+    return np.repeat(image[..., :1], 3, axis=-1)
+
+
+def write_preview(out_dir: str, *, output: str | None = None, num_examples: int = 16,
+                  tile_px: int = 160) -> str:
+    """Write a contact sheet of the first `num_examples` records of a finished run.
+
+    Each cell shows the mixed tile, its mask (white = from source b) and a caption with
+    `lam`, the soft label and both sources.
+
+    Args:
+        out_dir: output directory of a finished run (holds `manifest.json`).
+        output: PNG path; default `OUT/preview.png`.
+        num_examples: how many records to show.
+        tile_px: display size of each tile.
+
+    Returns:
+        The PNG path.
+    """
+    import tensorflow as tf
+    from PIL import Image, ImageDraw
+
+    import softmix_tf
+
+    from ._encoding import decode_example
+    from ._output import read_manifest
+
+    manifest = read_manifest(out_dir)
+    params: dict[str, Any] = manifest["params"]
+    mix = params["mix"]
+    class_names = manifest["class_names"]
+    compression = params.get("compression")
+    files = [os.path.join(out_dir, shard["file"]) for shard in manifest["shards"]]
+    dataset = tf.data.TFRecordDataset(files, compression_type=compression or "")
+    # A fixed-seed shuffle shows a spread of anchors, not only the first slide's tiles.
+    dataset = dataset.shuffle(1024, seed=0)
+    records = [decode_example(raw.numpy()) for raw in dataset.take(num_examples)]
+    if not records:
+        raise ValueError(f"No records to preview in {out_dir!r}: the run wrote 0 examples.")
+
+    cols = min(4, len(records))
+    rows = (len(records) + cols - 1) // cols
+    cell_w, cell_h = 2 * tile_px + 8, tile_px + _CAPTION + 8
+    sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, record in enumerate(records):
+        image = record["image"]
+        height, width = image.shape[:2]
+        if record["lam"] > 0:
+            mask = softmix_tf.softmix_mask(
+                np.asarray([record["seed"]], dtype=np.int64), (height, width),
+                grid=tuple(mix["grid"]), alpha=mix["alpha"], softness=mix["softness"],
+                ramp=mix["ramp"],
+            ).numpy()[0]
+        else:
+            mask = np.zeros((height, width), np.float32)
+        mask_rgb = np.repeat((mask * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
+        x0, y0 = (i % cols) * cell_w, (i // cols) * cell_h
+        for j, part in enumerate((_to_rgb8(image), mask_rgb)):
+            tile = Image.fromarray(part).resize((tile_px, tile_px), Image.NEAREST)
+            sheet.paste(tile, (x0 + j * (tile_px + 4), y0))
+        label = ", ".join(f"{n} {v:.2f}" for n, v in zip(class_names, record["label"]))
+        a, b = record["a/slide_id"], record["b/slide_id"]
+        a = a.decode() if isinstance(a, bytes) else a
+        b = b.decode() if isinstance(b, bytes) else b
+        draw.text((x0, y0 + tile_px + 2), f"lam {record['lam']:.3f} | {label}", fill="black")
+        draw.text((x0, y0 + tile_px + 16), f"a {a} | b {b}", fill="black")
+    path = output or os.path.join(out_dir, "preview.png")
+    sheet.save(path)
+    return path

@@ -1,0 +1,307 @@
+"""The Beam job: per-transform TestPipeline tests and end-to-end runs on real slides."""
+
+from __future__ import annotations
+
+import collections
+import json
+import pathlib
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.testing import test_pipeline
+from apache_beam.testing.util import assert_that, equal_to
+
+from pipeline import _job, _pairing
+from pipeline._encoding import decode_example
+from pipeline._manifest import load_slide_manifest
+from pipeline._mixing import mix_examples
+from pipeline._slides import SlideCache, open_slide
+from pipeline._tiling import plan_slide
+from pipeline.beam_transforms import (
+    EncodeExamples,
+    MixPairs,
+    PairTiles,
+    SlidesToPlans,
+    WriteShards,
+    local_pipeline_options,
+    run_beam,
+)
+from pipeline.cli import main as cli_main
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.errors import OutputExistsError, PipelineError
+
+TILE = TileConfig(tile_size=128)
+MIX = MixConfig(grid=(4, 4), softness=0.5, seed=7, batch_size=5)
+
+
+def _test_pipeline() -> test_pipeline.TestPipeline:
+    return test_pipeline.TestPipeline(options=local_pipeline_options())
+
+
+def _job_config(manifest, out, **overrides) -> JobConfig:
+    mix = dict(grid=(4, 4), softness=0.5, seed=7, batch_size=5)
+    mix.update(overrides.pop("mix", {}))
+    output = dict(out_dir=str(out), num_shards=3)
+    output.update(overrides.pop("output", {}))
+    return JobConfig(manifest=str(manifest), tile=overrides.pop("tile", TILE),
+                     mix=MixConfig(**mix), output=OutputConfig(**output))
+
+
+# Independent of the package's decoder: a plain tf.data parse of the README's schema.
+def _schema(num_classes: int) -> dict:
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/shape": tf.io.FixedLenFeature([3], tf.int64),
+        "image/dtype": tf.io.FixedLenFeature([], tf.string),
+        "label": tf.io.FixedLenFeature([num_classes], tf.float32),
+        "lam": tf.io.FixedLenFeature([], tf.float32),
+        "seed": tf.io.FixedLenFeature([2], tf.int64),
+    }
+    for source in "ab":
+        spec[f"{source}/slide_id"] = tf.io.FixedLenFeature([], tf.string)
+        for key in ("level", "x", "y", "label"):
+            spec[f"{source}/{key}"] = tf.io.FixedLenFeature([], tf.int64)
+    return spec
+
+
+def _read_records(out: pathlib.Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    files = [str(out / shard["file"]) for shard in manifest["shards"]]
+    spec = _schema(len(manifest["class_names"]))
+    records = []
+    for raw in tf.data.TFRecordDataset(files):
+        parsed = tf.io.parse_single_example(raw, spec)
+        record = {k: v.numpy() for k, v in parsed.items()}
+        assert record["image/format"] == b"png"
+        record["image"] = tf.io.decode_png(parsed["image/encoded"]).numpy()
+        records.append(record)
+    return records
+
+
+def _fingerprint(records: list[dict]) -> collections.Counter:
+    return collections.Counter(
+        (r["a/slide_id"], int(r["a/x"]), int(r["a/y"]), r["b/slide_id"], int(r["b/x"]),
+         int(r["b/y"]), float(r["lam"]), tuple(r["label"].tolist()), r["image"].tobytes())
+        for r in records
+    )
+
+
+# --- Per-transform tests (TestPipeline) ---------------------------------------------------
+
+
+def test_slides_to_plans_matches_plan_slide(synthetic_dataset):
+    manifest = load_slide_manifest(synthetic_dataset.manifest_path)
+    with _test_pipeline() as p:
+        plans = p | beam.Create(manifest.slides) | SlidesToPlans(TILE)
+        counts = plans | beam.Map(lambda plan: (plan.slide_id, len(plan.tiles),
+                                                plan.skipped_dict.get("background", 0)))
+        assert_that(counts, equal_to([
+            (sid, synthetic_dataset.expected_tiles[sid],
+             synthetic_dataset.expected_background[sid])
+            for sid in synthetic_dataset.slide_ids
+        ]))
+
+
+def test_pair_tiles_matches_driver_pairing(synthetic_dataset):
+    manifest = load_slide_manifest(synthetic_dataset.manifest_path)
+    plans = [plan_slide(record, TILE) for record in manifest.slides]
+    tiles = [tile for plan in plans for tile in plan.tiles]
+    expected = _pairing.pair_tiles(tiles, MIX, 2)
+    with _test_pipeline() as p:
+        side = beam.pvalue.AsSingleton(p | "Side" >> beam.Create([_job.reconcile_plans(plans)]))
+        specs, unpaired = p | "Plans" >> beam.Create(plans) | PairTiles(MIX, 2, side)
+        assert_that(specs, equal_to(expected), label="Specs")
+        assert_that(unpaired, equal_to([]), label="Unpaired")
+    assert len(expected) == synthetic_dataset.total_tiles
+
+
+def test_mix_pairs_and_encode_match_core(synthetic_dataset):
+    manifest = load_slide_manifest(synthetic_dataset.manifest_path)
+    plans = [plan_slide(record, TILE) for record in manifest.slides]
+    specs = _pairing.pair_tiles([t for plan in plans for t in plan.tiles], MIX, 2)
+    read = _job.make_tile_reader(manifest.slides, 128, SlideCache())
+    expected = {r.spec.example_id: r for r in mix_examples(specs, read, MIX, 2)}
+    with _test_pipeline() as p:
+        encoded = (p | beam.Create(specs) | MixPairs(manifest.slides, 128, MIX, 2)
+                   | EncodeExamples())
+        collected = encoded | beam.combiners.ToList()
+
+        def check(items):
+            items = dict(items[0])
+            assert sorted(items) == sorted(expected)
+            for example_id, payload in items.items():
+                record = decode_example(payload)
+                want = expected[example_id]
+                np.testing.assert_array_equal(record["image"], want.image)
+                np.testing.assert_allclose(record["label"], want.label, rtol=0, atol=0)
+                assert record["lam"] == pytest.approx(want.lam, abs=0)
+
+        assert_that(collected, check)
+
+
+def test_write_shards_names_and_contents(tmp_path):
+    config = OutputConfig(out_dir=str(tmp_path / "out"), num_shards=4)
+    _job.prepare_output(config)
+    records = [(f"id-{i:03d}", f"payload-{i}".encode()) for i in range(40)]
+    with _test_pipeline() as p:
+        infos = p | beam.Create(records) | WriteShards(config, 4)
+        assert_that(infos | beam.Map(lambda info: info.num_examples)
+                    | beam.CombineGlobally(sum), equal_to([40]))
+    staged = sorted(pathlib.Path(_job.staging_dir(config)).glob("*.tfrecord"))
+    assert [f.name for f in staged] == [f"softmix-{i:05d}-of-00004.tfrecord" for i in range(4)]
+    read_back = sorted(r.numpy() for r in tf.data.TFRecordDataset([str(f) for f in staged]))
+    assert read_back == sorted(payload for _, payload in records)
+
+
+# --- End to end ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_run(demo_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("beam") / "out"
+    job = _job_config(demo_dataset, out, tile=TileConfig(tile_size=128),
+                      mix=dict(keep_originals=True))
+    manifest = run_beam(job, progress=False)
+    return job, out, manifest
+
+
+def test_end_to_end_records_follow_the_schema(demo_run):
+    job, out, manifest = demo_run
+    records = _read_records(out)
+    acc = manifest["accounting"]
+    class_names = manifest["class_names"]
+    assert class_names == ["he", "ihc"]
+    assert len(records) == manifest["num_examples"] == sum(s["num_examples"]
+                                                           for s in manifest["shards"])
+    assert [s["file"] for s in manifest["shards"]] == [
+        f"softmix-{i:05d}-of-00003.tfrecord" for i in range(3)]
+    assert acc["tiles_total"] == acc["tiles_used"] + sum(acc["tiles_skipped"].values())
+    assert acc["tiles_skipped"].get("background", 0) > 0  # demo slides have glass
+    # keep_originals: each used tile is `a` of 1 mixed example + its original.
+    assert manifest["num_examples"] == 2 * acc["tiles_used"]
+    eye = np.eye(len(class_names), dtype=np.float32)
+    originals = 0
+    for r in records:
+        lam = float(r["lam"])
+        want = (1 - lam) * eye[r["a/label"]] + lam * eye[r["b/label"]]
+        np.testing.assert_allclose(r["label"], want, atol=1e-6)
+        assert 0.0 <= lam <= 1.0
+        originals += (r["a/slide_id"], r["a/x"], r["a/y"]) == (r["b/slide_id"], r["b/x"],
+                                                               r["b/y"]) and lam == 0
+    assert originals >= acc["tiles_used"]
+
+
+def test_end_to_end_pixels_lie_between_their_sources(demo_run, demo_dataset):
+    job, out, manifest = demo_run
+    slides = {rec.slide_id: rec.path for rec in load_slide_manifest(demo_dataset).slides}
+    records = _read_records(out)
+    opened = {sid: open_slide(path, slide_id=sid) for sid, path in slides.items()}
+    size = job.tile.tile_size
+    for r in records[:40]:
+        tile_a = opened[r["a/slide_id"].decode()].read_region(int(r["a/level"]), int(r["a/x"]),
+                                                              int(r["a/y"]), size, size)
+        tile_b = opened[r["b/slide_id"].decode()].read_region(int(r["b/level"]), int(r["b/x"]),
+                                                              int(r["b/y"]), size, size)
+        lo = np.minimum(tile_a, tile_b)
+        hi = np.maximum(tile_a, tile_b)
+        assert np.all(r["image"] >= lo) and np.all(r["image"] <= hi)
+        if r["lam"] == 0:
+            np.testing.assert_array_equal(r["image"], tile_a)
+
+
+def test_end_to_end_loads_with_tfds_and_read_dataset(demo_run):
+    import tensorflow_datasets as tfds
+
+    import pipeline
+
+    job, out, manifest = demo_run
+    builder = tfds.builder_from_directory(str(out))
+    assert builder.info.splits["train"].num_examples == manifest["num_examples"]
+    first = next(iter(builder.as_dataset(split="train")))
+    assert first["image"]["encoded"].dtype == tf.string
+    pairs = list(pipeline.read_dataset(str(out)).take(3))
+    assert pairs[0][0].shape == (128, 128, 3) and pairs[0][1].shape == (2,)
+
+
+def test_one_and_two_workers_write_identical_shards(synthetic_dataset, tmp_path):
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        run_beam(_job_config(synthetic_dataset.manifest_path, out), workers=workers,
+                 progress=False)
+        outs.append(out)
+    assert _fingerprint(_read_records(outs[0])) == _fingerprint(_read_records(outs[1]))
+    for shard in sorted(outs[0].glob("*.tfrecord")):
+        assert shard.read_bytes() == (outs[1] / shard.name).read_bytes()
+
+
+def test_refuses_existing_output_unless_overwrite(synthetic_dataset, tmp_path):
+    out = tmp_path / "out"
+    job = _job_config(synthetic_dataset.manifest_path, out)
+    run_beam(job, progress=False)
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_beam(job, progress=False)
+    again = _job_config(synthetic_dataset.manifest_path, out, output=dict(overwrite=True))
+    assert run_beam(again, progress=False)["num_examples"] == synthetic_dataset.total_tiles
+
+
+def _corrupt_level0(slide_root: pathlib.Path) -> int:
+    """Overwrite every level-0 chunk of an OME-Zarr v0.5 slide with garbage."""
+    meta = json.loads((slide_root / "zarr.json").read_text())
+    level0 = meta["attributes"]["ome"]["multiscales"][0]["datasets"][0]["path"]
+    chunks = [f for f in (slide_root / level0).rglob("*") if f.is_file()
+              and f.name != "zarr.json"]
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk")
+    return len(chunks)
+
+
+def test_bad_slides_are_counted_and_the_rest_is_done(synthetic_dataset_factory, tmp_path):
+    data = synthetic_dataset_factory()
+    assert _corrupt_level0(data.root / "slides" / "syn-1.ome.zarr") > 0
+    rows = data.manifest_path.read_text().splitlines()
+    rows.append("ghost,slides/ghost.ome.zarr,he,patient-9")
+    data.manifest_path.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["beam", "--manifest", str(data.manifest_path), "--out", str(out), "--tile-size",
+            "128", "--num-shards", "2", "--seed", "3", "--no-progress"]
+    assert cli_main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    acc = manifest["accounting"]
+    assert acc["slides_failed"] == {"ghost": "missing"}
+    assert acc["tiles_skipped"]["read_error"] == data.expected_tiles["syn-1"]
+    assert acc["tiles_total"] == acc["tiles_used"] + sum(acc["tiles_skipped"].values())
+    assert acc["tiles_total"] == data.total_tiles + sum(data.expected_background.values())
+    dropped = acc["examples_dropped"].get("partner_failed", 0)
+    assert manifest["num_examples"] == data.total_tiles - data.expected_tiles["syn-1"] - dropped
+    records = _read_records(out)
+    assert {r["a/slide_id"] for r in records} == {b"syn-0", b"syn-2", b"syn-3"}
+    assert b"syn-1" not in {r["b/slide_id"] for r in records}
+
+    fail_out = tmp_path / "fail"
+    assert cli_main(argv[:4] + [str(fail_out)] + argv[5:] + ["--on-error", "fail"]) == 1
+    assert not (fail_out / "manifest.json").exists()
+    assert not list(fail_out.glob("*.tfrecord"))
+
+
+def test_cli_help_and_preview(demo_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["beam", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--tile-size", "--stride", "--mpp", "--min-tissue", "--grid", "--softness",
+                 "--alpha", "--mix-prob", "--pairing", "--num-mixes", "--keep-originals",
+                 "--seed", "--num-shards", "--compression", "--workers", "--overwrite",
+                 "--on-error", "DataflowRunner"):
+        assert flag in text
+    _, out, _ = demo_run
+    png = tmp_path / "sheet.png"
+    assert cli_main(["preview", str(out), "--output", str(png), "--num", "6"]) == 0
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size[0] > 300 and image.size[1] > 100
