@@ -59,7 +59,8 @@ def _axis_lerp(
     idx0 = cell.copy()
     idx1 = cell.copy()
     weight = np.zeros(size, dtype=np.float64)
-    if transition > 0.0 and num_cells > 1:
+    # A pixel centre lies inside a window only when t > 1 (centres are 0.5 from edges).
+    if transition > 1.0 and num_cells > 1:
         half = transition / 2.0
         lower = edges[cell]
         upper = edges[cell + 1]
