@@ -45,9 +45,10 @@ _NAMESPACE = "softmix"
 class _PlanSlide(beam.DoFn):
     """Open one slide, tile it and filter background (pixels never leave the worker)."""
 
-    def __init__(self, config: TileConfig, on_error: str):
+    def __init__(self, config: TileConfig, on_error: str, class_names: Sequence[str] | None):
         self._config = config
         self._on_error = on_error
+        self._class_names = class_names
 
     def setup(self) -> None:
         from ._slides import SlideCache
@@ -57,7 +58,8 @@ class _PlanSlide(beam.DoFn):
     def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
         from ._tiling import plan_slide
 
-        plan = plan_slide(record, self._config, slide_cache=self._cache, on_error=self._on_error)
+        plan = plan_slide(record, self._config, slide_cache=self._cache, on_error=self._on_error,
+                          class_names=self._class_names)
         beam.metrics.Metrics.counter(_NAMESPACE, "slides_planned").inc()
         if plan.failure is not None:
             beam.metrics.Metrics.counter(_NAMESPACE, "slides_failed").inc()
@@ -71,18 +73,26 @@ class SlidesToPlans(beam.PTransform):
     """`SlideRecord`s -> `SlidePlan`s: tile keys of tissue, skip counts, slide failures.
 
     Slides fan out over workers with a Reshuffle; each worker opens its slides once.
+
+    Args:
+        config: tiling settings.
+        on_error: "skip" turns a bad slide into a failed plan; "fail" raises.
+        class_names: the run's classes (needed for soft labels from label images).
     """
 
-    def __init__(self, config: TileConfig, *, on_error: str = "skip"):
+    def __init__(self, config: TileConfig, *, on_error: str = "skip",
+                 class_names: Sequence[str] | None = None):
         super().__init__()
         self._config = config
         self._on_error = on_error
+        self._class_names = tuple(class_names) if class_names is not None else None
 
     def expand(self, records):
         return (
             records
             | "FanOutSlides" >> beam.Reshuffle()
-            | "PlanSlide" >> beam.ParDo(_PlanSlide(self._config, self._on_error))
+            | "PlanSlide" >> beam.ParDo(
+                _PlanSlide(self._config, self._on_error, self._class_names))
         )
 
 
@@ -283,7 +293,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
     plans = (
         pipeline
         | "Slides" >> beam.Create(list(slides))
-        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error)
+        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names)
     )
     all_plans = (
         plans

@@ -50,6 +50,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="minimum tissue fraction of a kept tile (default 0.5)")
     tiles.add_argument("--tissue-level", type=int, default=None,
                        help="level for the tissue mask (default: lowest resolution)")
+    tiles.add_argument("--label-image", default=None,
+                       help="name of an OME-NGFF labels/ image: per-tile soft labels from "
+                       "its class fractions (values 1..K = classes, 0 = unlabelled)")
 
     mix = parser.add_argument_group("mixing")
     mix.add_argument("--grid", default="4", help="cell grid, '4' or '4x6' (default 4)")
@@ -87,6 +90,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             mpp=args.mpp,
             min_tissue=args.min_tissue,
             tissue_level=args.tissue_level,
+            label_image=args.label_image,
         ),
         mix=MixConfig(
             grid=parse_grid(args.grid),
@@ -156,8 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
+    """Accept `--snake_case` spellings of our `--dashed-flags`.
+
+    Dataflow Flex Template parameters (deploy/dataflow/metadata.json) are snake_case
+    names passed as `--name=value`. Beam's own options (`--temp_location`) are left
+    alone because they are not ours.
+    """
+    ours = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                ours.update(s for a in sub._actions for s in a.option_strings)
+    out = []
+    for token in argv:
+        flag, eq, value = token.partition("=")
+        dashed = flag.replace("_", "-")
+        if flag.startswith("--") and "_" in flag and dashed in ours:
+            token = dashed + eq + value
+        out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = _normalize_flags(parser, sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "beam":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
