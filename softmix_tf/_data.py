@@ -50,6 +50,8 @@ def softmix_map_fn(
 
     def fn(index: tf.Tensor, *batch: Any) -> Any:
         batch_seed = tf.stack([tf.constant(seed, tf.int64), tf.cast(index, tf.int64)])
+        if len(batch) == 1 and isinstance(batch[0], tuple):  # enumerate() nests tuples
+            batch = batch[0]
         if len(batch) == 2:
             out = _batch.mix_within_batch(
                 {"images": batch[0], "labels": batch[1]}, batch_seed, **params

@@ -18,7 +18,8 @@ def oracle_axis_weights(size: int, num_cells: int, t: float, ramp: str) -> np.nd
         if t == 0:
             step = (centres >= edge).astype(np.float64)
         else:
-            r = np.clip((centres - (edge - t / 2)) / t, 0.0, 1.0)
+            with np.errstate(over="ignore"):  # subnormal softness: r overflows, then clips
+                r = np.clip((centres - (edge - t / 2)) / t, 0.0, 1.0)
             step = 0.5 - 0.5 * np.cos(np.pi * r) if ramp == "cosine" else r
         steps.append(step)
     steps.append(np.zeros(size))
