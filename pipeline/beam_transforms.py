@@ -171,7 +171,14 @@ class _MixDoFn(beam.DoFn):
         configure_tensorflow()
         import softmix_tf  # noqa: F401 - build TensorFlow state once per worker
 
-        self._read = _job.make_tile_reader(self._slides, self._tile_size, SlideCache())
+        read = _job.make_tile_reader(self._slides, self._tile_size, SlideCache())
+        tiles_read = beam.metrics.Metrics.counter(_NAMESPACE, "tiles_read")
+
+        def counted_read(key):
+            tiles_read.inc()
+            return read(key)
+
+        self._read = counted_read
 
     def process(self, batch: Sequence[ExampleSpec]):
         from ._mixing import mix_examples
