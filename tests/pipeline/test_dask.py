@@ -1,0 +1,299 @@
+"""Dask engine: same shards as Beam, 1 vs 2 workers, a killed worker, accounting, CLI.
+
+One 2-worker LocalCluster serves the module; the synthetic dataset (4 slides of
+512 px, 128 px tiles, 24 tiles of tissue) keeps every run to a few seconds.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import _job, _output, _pairing, _sharding
+from pipeline._keys import SlidePlan, TileKey, TileRecord
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.errors import PipelineError
+
+distributed = pytest.importorskip("distributed")
+
+from pipeline import dask_transforms  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+NUM_SHARDS = 3
+TILES_USED = 24  # conftest.SYNTHETIC_SLIDES: 6 + 4 + 8 + 6
+EXAMPLES = TILES_USED * 3  # num_mixes=2 plus the original
+
+
+def make_job(manifest: pathlib.Path | str, out: pathlib.Path, *, on_error: str = "skip",
+             num_shards: int = NUM_SHARDS) -> JobConfig:
+    return JobConfig(
+        manifest=str(manifest),
+        tile=TileConfig(tile_size=128),
+        mix=MixConfig(num_mixes=2, keep_originals=True, seed=7, batch_size=8),
+        output=OutputConfig(out_dir=str(out), num_shards=num_shards, on_error=on_error),
+    )
+
+
+def shard_bytes(out: pathlib.Path) -> dict[str, bytes]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {s["file"]: (out / s["file"]).read_bytes() for s in manifest["shards"]}
+
+
+def decoded_examples(out: pathlib.Path) -> list[tuple]:
+    """Every record as a comparable tuple (pixels included), sorted: a multiset."""
+    import tensorflow as tf
+
+    from pipeline._encoding import decode_example
+
+    rows = []
+    for name in sorted(shard_bytes(out)):
+        for raw in tf.data.TFRecordDataset(str(out / name)).as_numpy_iterator():
+            ex = decode_example(raw)
+            rows.append((ex["example_id"], ex["image"].tobytes(), ex["image"].shape,
+                         tuple(ex["label"].tolist()), float(ex["lam"]), ex["a/slide_id"],
+                         int(ex["a/x"]), int(ex["a/y"]), ex["b/slide_id"], int(ex["b/x"]),
+                         int(ex["b/y"]), tuple(ex["seed"].tolist())))
+    return sorted(rows)
+
+
+def manifest_with_ghost(dataset, directory: pathlib.Path) -> pathlib.Path:
+    """The synthetic manifest (absolute paths) plus a slide whose store does not exist."""
+    lines = dataset.manifest_path.read_text().strip().splitlines()
+    rows = [lines[0]]
+    for line in lines[1:]:
+        slide_id, path, rest = line.split(",", 2)
+        rows.append(f"{slide_id},{dataset.root / path},{rest}")
+    rows.append(f"ghost,{directory / 'ghost.ome.zarr'},he,patient-9")
+    manifest = directory / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def client():
+    cluster = dask_transforms.start_local_cluster(2, memory_limit="3GiB")
+    client = distributed.Client(cluster)
+    yield client
+    client.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def beam_run(synthetic_dataset, tmp_path_factory) -> pathlib.Path:
+    from pipeline.beam_transforms import run_beam
+
+    out = tmp_path_factory.mktemp("beam") / "out"
+    run_beam(make_job(synthetic_dataset.manifest_path, out), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def dask_run(client, synthetic_dataset, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+    out = tmp_path_factory.mktemp("dask") / "out"
+    manifest = dask_transforms.run_job(client, make_job(synthetic_dataset.manifest_path, out),
+                                       progress=False, examples_per_task=5)
+    return out, manifest
+
+
+def test_shards_are_byte_identical_to_beam(beam_run, dask_run):
+    dask_shards = shard_bytes(dask_run[0])
+    assert sorted(dask_shards) == [f"softmix-{i:05d}-of-{NUM_SHARDS:05d}.tfrecord"
+                                   for i in range(NUM_SHARDS)]
+    assert dask_shards == shard_bytes(beam_run)
+
+
+def test_decoded_examples_equal_beam(beam_run, dask_run):
+    examples = decoded_examples(dask_run[0])
+    assert len(examples) == EXAMPLES
+    assert len({row[0] for row in examples}) == EXAMPLES  # nothing duplicated
+    assert examples == decoded_examples(beam_run)
+
+
+def test_manifest_accounting_adds_up(beam_run, dask_run):
+    out, manifest = dask_run
+    assert json.loads((out / "manifest.json").read_text()) == manifest
+    acc = manifest["accounting"]
+    assert acc["tiles_total"] == acc["tiles_used"] + sum(acc["tiles_skipped"].values())
+    assert (acc["tiles_total"], acc["tiles_used"]) == (64, TILES_USED)
+    assert acc["tiles_skipped"] == {"background": 40}
+    assert acc["slides_failed"] == {}
+    assert acc["examples_written"] == manifest["num_examples"] == EXAMPLES
+    assert sum(s["num_examples"] for s in manifest["shards"]) == EXAMPLES
+    beam_manifest = json.loads((beam_run / "manifest.json").read_text())
+    assert acc == beam_manifest["accounting"]
+    assert manifest["params"]["engine"] == "dask"
+    assert not (out / _job.STAGING_DIR).exists()
+
+
+def test_worker_tensorflow_threads_are_capped(client, dask_run):
+    def threads():
+        import tensorflow as tf
+
+        return (os.environ.get("SOFTMIX_TF_THREADS"),
+                tf.config.threading.get_intra_op_parallelism_threads())
+
+    assert set(client.run(threads).values()) == {("1", 1)}
+
+
+def test_cli_one_worker_matches_two_workers(synthetic_dataset, dask_run, tmp_path, capsys):
+    from pipeline.cli import main
+
+    out = tmp_path / "out"
+    status = main(["dask", "--manifest", str(synthetic_dataset.manifest_path), "--out", str(out),
+                   "--tile-size", "128", "--num-mixes", "2", "--keep-originals", "--seed", "7",
+                   "--batch-size", "8", "--num-shards", str(NUM_SHARDS), "--workers", "1",
+                   "--memory-limit", "2GiB", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "dask dashboard: http://" in printed
+    assert "examples written" in printed and str(EXAMPLES) in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["params"]["workers"] == 1
+    assert shard_bytes(out) == shard_bytes(dask_run[0])
+    assert manifest["accounting"] == dask_run[1]["accounting"]
+
+
+def test_cli_refuses_existing_output(synthetic_dataset, dask_run, capsys):
+    from pipeline.cli import main
+
+    status = main(["dask", "--manifest", str(synthetic_dataset.manifest_path),
+                   "--out", str(dask_run[0]), "--scheduler", "tcp://127.0.0.1:1"])
+    assert status == 1  # refused before connecting to the (unreachable) scheduler
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_killed_worker_mid_run_gives_the_same_output(client, synthetic_dataset, dask_run,
+                                                       tmp_path):
+    def slow_reads(delay):
+        import pipeline._slides as slides
+
+        original = getattr(slides, "_test_original_read_tile", slides.read_tile)
+        slides._test_original_read_tile = original
+
+        def read_tile(*args, **kwargs):
+            time.sleep(delay)
+            return original(*args, **kwargs)
+
+        slides.read_tile = read_tile
+
+    def restore_reads():
+        import pipeline._slides as slides
+
+        slides.read_tile = getattr(slides, "_test_original_read_tile", slides.read_tile)
+
+    out = tmp_path / "out"
+    staging = out / _job.STAGING_DIR
+    state: dict = {}
+
+    def kill_once_started():
+        try:
+            deadline = time.monotonic() + 120
+            while not list(staging.glob("progress-*")) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            state["finished_before_kill"] = (out / "manifest.json").exists()
+            pids = client.run(os.getpid)
+            busy = {address: keys for address, keys in client.processing().items() if keys}
+            address = sorted(busy or pids)[0]
+            state["in_flight"] = list(busy.get(address, ()))
+            os.kill(pids[address], signal.SIGKILL)
+            state["killed"] = pids[address]
+        except Exception as err:  # surfaced by the asserts below
+            state["error"] = err
+
+    client.run(slow_reads, 0.15)
+    killer = threading.Thread(target=kill_once_started)
+    try:
+        killer.start()
+        manifest = dask_transforms.run_job(client, make_job(synthetic_dataset.manifest_path, out),
+                                           progress=False, examples_per_task=3)
+    finally:
+        killer.join()
+        client.wait_for_workers(2, timeout=120)
+        client.run(restore_reads)
+    assert "error" not in state, state.get("error")
+    assert state["finished_before_kill"] is False
+    assert any("softmix-" in str(key) for key in state["in_flight"])  # killed while busy
+    assert state["killed"] not in set(client.run(os.getpid).values())  # really restarted
+    assert shard_bytes(out) == shard_bytes(dask_run[0])
+    assert manifest["accounting"] == dask_run[1]["accounting"]
+    assert manifest["num_examples"] == EXAMPLES
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_missing_slide_is_counted_and_others_done(client, synthetic_dataset, tmp_path):
+    manifest_path = manifest_with_ghost(synthetic_dataset, tmp_path)
+    manifest = dask_transforms.run_job(client, make_job(manifest_path, tmp_path / "out"),
+                                       progress=False)
+    acc = manifest["accounting"]
+    assert acc["slides_failed"] == {"ghost": "missing"}
+    assert acc["tiles_used"] == TILES_USED
+    assert acc["tiles_total"] == acc["tiles_used"] + sum(acc["tiles_skipped"].values())
+    assert manifest["num_examples"] == EXAMPLES
+
+
+def test_on_error_fail_raises_pipeline_error_naming_the_slide(client, synthetic_dataset,
+                                                              tmp_path):
+    manifest_path = manifest_with_ghost(synthetic_dataset, tmp_path)
+    job = make_job(manifest_path, tmp_path / "out", on_error="fail")
+    with pytest.raises(PipelineError, match="ghost"):
+        dask_transforms.run_job(client, job, progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_memory_monitor_reports_each_worker(client, synthetic_dataset, tmp_path):
+    job = make_job(synthetic_dataset.manifest_path, tmp_path / "out", num_shards=1)
+    with dask_transforms.WorkerMemoryMonitor(client, interval=0.05) as monitor:
+        dask_transforms.run_job(client, job, progress=False)
+    workers = set(client.scheduler_info(n_workers=-1)["workers"])
+    assert set(monitor.peak_rss) == workers
+    assert monitor.peak_bytes >= max(monitor.peak_rss.values()) > 50 * 2**20
+
+
+def _tile(slide: str, x: int, label: int) -> TileRecord:
+    return TileRecord(TileKey(slide, 0, x, 0), label=label)
+
+
+def test_assign_shards_puts_each_example_in_its_shard_and_accounts_each_tile_once():
+    plans = [
+        SlidePlan("s1", tiles=tuple(_tile("s1", 128 * i, 0) for i in range(7)),
+                  skipped=(("background", 3),), num_channels=3, dtype="uint8"),
+        SlidePlan("s2", tiles=tuple(_tile("s2", 128 * i, 1) for i in range(5)),
+                  num_channels=3, dtype="uint8"),
+        SlidePlan("s3", failure="missing"),
+    ]
+    config = MixConfig(num_mixes=3, keep_originals=True, seed=3)
+    shards, split, unpaired = dask_transforms.assign_shards(plans, config, 2, 4)
+    tiles = [t for p in plans for t in p.tiles]
+    expected = _pairing.pair_tiles(tiles, config, 2)
+    got = sorted(spec for specs in shards.values() for spec in specs)
+    assert got == expected
+    for index, specs in shards.items():
+        assert specs == sorted(specs)
+        assert {_sharding.shard_for(s.example_id, 4) for s in specs} == {index}
+    where = collections.defaultdict(set)
+    for index, specs in shards.items():
+        for spec in specs:
+            where[_job._key_tuple(spec.a.key)].add(index)
+    assert split == {key for key, indices in where.items() if len(indices) > 1}
+    assert split  # 4 examples per tile over 4 shards: some anchors are split
+    assert unpaired == _output.Accounting()
+
+
+def test_assign_shards_counts_a_tile_without_partner():
+    plans = [SlidePlan("only", tiles=(_tile("only", 0, 0),), num_channels=3, dtype="uint8")]
+    shards, split, unpaired = dask_transforms.assign_shards(plans, MixConfig(), 1, 2)
+    assert shards == {} and split == frozenset()
+    assert unpaired.tiles_skipped == {"no_partner": 1}
+    assert unpaired.tiles_pending == -1
+    total = _output.Accounting.from_plan(plans[0]) + unpaired
+    total.check()
+    np.testing.assert_equal(total.tiles_used, 0)
