@@ -311,6 +311,7 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
         with tqdm(total=self._total, desc="examples mixed", unit="ex") as bar:
             while not self._stop.wait(0.5):
                 bar.update(max(0, self._count() - bar.n))
+            bar.update(max(0, self._count() - bar.n))  # the last examples, before closing
 
     def __enter__(self) -> progress_reporter:
         import threading
