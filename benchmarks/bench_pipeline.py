@@ -104,16 +104,18 @@ def main() -> None:
             ratio = f"{floor_rate / rate:.1f}x slower" if floor_rate and engine != "floor" else ""
             print(f"| {engine} | {workers} | {tiles} | {seconds:.1f} | {rate:.1f} | {ratio} |")
         if args.memory:
-            from pipeline.dask_transforms import measure_peak_worker_memory
+            from pipeline.dask_transforms import measure_peak_worker_rss
 
-            print("\n| slides | tiles used | peak worker RSS (MiB) |\n|---|---|---|")
+            print("\n| slides | tiles used | baseline worker RSS (MiB) | peak worker RSS (MiB) |")
+            print("|---|---|---|---|")
             for num_slides in (4, 16):
                 data = write_demo_data(root / f"mem-{num_slides}", num_slides=num_slides,
                                        log=None)
                 job = make_job(data, root / f"mem-out-{num_slides}", args.tile_size)
-                peak, manifest_out = measure_peak_worker_memory(job, workers=2)
+                manifest_out, memory = measure_peak_worker_rss(job, workers=2)
                 print(f"| {num_slides} | {manifest_out['accounting']['tiles_used']} | "
-                      f"{peak / 2**20:.0f} |", flush=True)
+                      f"{memory['baseline_rss_bytes'] / 2**20:.0f} | "
+                      f"{memory['peak_rss_bytes'] / 2**20:.0f} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -341,6 +341,8 @@ def reraise_pipeline_error(err: BaseException) -> None:
     seen = err
     while seen is not None:
         if isinstance(seen, PipelineError):
+            if seen is err:
+                raise err
             raise seen from err
         seen = seen.__cause__ or seen.__context__
     matches = re.findall(
