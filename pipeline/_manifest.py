@@ -137,10 +137,10 @@ def load_slide_manifest(
         ManifestError: missing file, empty manifest, missing columns, empty cells in
             required columns, duplicate slide ids, unknown labels or group column.
 
-    Example:
-        >>> manifest = load_slide_manifest("demo/manifest.csv")  # doctest: +SKIP
-        >>> manifest.class_names  # doctest: +SKIP
-        ('he', 'ihc')
+    Example (needs a manifest on disk, e.g. from ``softmix demo-data demo``)::
+
+        manifest = load_slide_manifest("demo/manifest.csv")
+        manifest.class_names  # ('he', 'ihc')
     """
     path = os.fspath(path)
     if not _is_url(path):

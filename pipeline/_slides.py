@@ -501,10 +501,10 @@ def open_slide(
         SlideError: reasons ``missing``, ``not_zarr``, ``bad_metadata``,
             ``unsupported_axes``.
 
-    Example:
-        >>> slide = open_slide("slides/s1.ome.zarr")  # doctest: +SKIP
-        >>> slide.read_region(0, x=0, y=0, width=256, height=256).shape  # doctest: +SKIP
-        (256, 256, 3)
+    Example (needs a slide on disk, e.g. from ``softmix demo-data demo``)::
+
+        slide = open_slide("demo/slides/demo-000-he.ome.zarr")
+        slide.read_region(0, x=0, y=0, width=256, height=256).shape  # (256, 256, 3)
     """
     is_store = not isinstance(path, str | os.PathLike)
     path_str = str(path) if not is_store else repr(path)
