@@ -358,6 +358,8 @@ def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> P
     for one worker, `multi_processing` with `workers` SDK worker processes otherwise.
     """
     args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")
         if workers > 1:
@@ -387,6 +389,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
     params = _job.job_params(job, "beam", workers=workers,
                              beam_options=[a for a in beam_args])
     options = local_pipeline_options(workers, beam_args)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with _job.progress_reporter(job.output, enabled=progress):
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params)

@@ -8,6 +8,7 @@ Unknown flags of `softmix beam` are Beam pipeline options and are passed through
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -183,6 +184,8 @@ def _normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Quiet TensorFlow's C++ start-up banners here and in worker processes (inherited).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
     argv = _normalize_flags(parser, sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
