@@ -305,3 +305,43 @@ def test_cli_help_and_preview(demo_run, tmp_path, capsys):
 
     with Image.open(png) as image:
         assert image.size[0] > 300 and image.size[1] > 100
+
+
+def test_cross_class_pairing_with_group_rule(synthetic_dataset, tmp_path):
+    out = tmp_path / "out"
+    job = _job_config(synthetic_dataset.manifest_path, out,
+                      mix=dict(pairing="cross-class", group_column="patient_id", num_mixes=2))
+    manifest = run_beam(job, progress=False)
+    records = _read_records(out)
+    assert len(records) == 2 * synthetic_dataset.total_tiles == manifest["num_examples"]
+    patient = {"syn-0": 0, "syn-1": 0, "syn-2": 1, "syn-3": 1}
+    for r in records:
+        assert r["a/label"] != r["b/label"]
+        assert patient[r["a/slide_id"].decode()] != patient[r["b/slide_id"].decode()]
+    assert manifest["params"]["mix"]["pairing"] == "cross-class"
+
+
+def test_mix_prob_zero_writes_the_anchor_tiles_unchanged(synthetic_dataset, tmp_path):
+    out = tmp_path / "out"
+    run_beam(_job_config(synthetic_dataset.manifest_path, out, mix=dict(mix_prob=0.0)),
+             progress=False)
+    slides = {rec.slide_id: rec.path
+              for rec in load_slide_manifest(synthetic_dataset.manifest_path).slides}
+    for r in _read_records(out):
+        assert r["lam"] == 0.0
+        slide = open_slide(slides[r["a/slide_id"].decode()])
+        np.testing.assert_array_equal(
+            r["image"], slide.read_region(0, int(r["a/x"]), int(r["a/y"]), 128, 128))
+        np.testing.assert_array_equal(r["label"], np.eye(2, dtype=np.float32)[r["a/label"]])
+
+
+def test_gzip_shards_read_back_without_tfds_metadata(synthetic_dataset, tmp_path):
+    import pipeline
+
+    out = tmp_path / "out"
+    manifest = run_beam(_job_config(synthetic_dataset.manifest_path, out,
+                                    output=dict(compression="GZIP")), progress=False)
+    assert not (out / "dataset_info.json").exists()
+    assert (out / manifest["shards"][0]["file"]).read_bytes()[:2] == b"\x1f\x8b"
+    records = list(pipeline.read_dataset(str(out), as_dict=True))
+    assert len(records) == manifest["num_examples"] == synthetic_dataset.total_tiles
