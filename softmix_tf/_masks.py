@@ -79,6 +79,20 @@ def _axis_lerp(
 
 WEIGHT_QUANTUM = 2.0**-12
 
+# Grids up to this many columns build the mask under XLA as an unrolled multiply-add.
+_MAX_UNROLLED_COLUMNS = 16
+
+
+def in_xla_context() -> bool:
+    """Whether ops built now are compiled by XLA (`jit_compile=True` or an XLA context)."""
+    if tf.executing_eagerly():
+        return False
+    try:
+        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - internal API moved: be safe, assume XLA
+        return True
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
 
 def axis_weights(size: int, num_cells: int, transition: float, ramp: str = "cosine") -> np.ndarray:
     """The partition of unity along one axis: float32 [size, num_cells] (`Wy` or `Wx`).
@@ -121,6 +135,16 @@ def masks_from_cells(
     # axis, so every product and sum below is exact in float32: the mask is bit-identical
     # in any summation order, with or without FMA, eagerly, under XLA, in any batch.
     rows = tf.einsum("hi,bij->bhj", wy, cells)
+    if grid[1] <= _MAX_UNROLLED_COLUMNS and in_xla_context():
+        # XLA's CPU batched dot is slow and would materialise [B, H, W]; a multiply-add
+        # over the few columns is elementwise, so XLA fuses it into the blend that reads
+        # it (the mask is never stored). Exact as above, so bit-identical to the einsum.
+        wx_np = axis_weights(image_size[1], grid[1], transition, ramp)
+        mask = None
+        for j in range(grid[1]):
+            term = rows[:, :, j : j + 1] * tf.constant(wx_np[:, j])
+            mask = term if mask is None else mask + term
+        return mask
     return tf.einsum("bhj,wj->bhw", rows, wx)
 
 

@@ -39,14 +39,7 @@ class SoftMixResult(NamedTuple):
     masks: tf.Tensor | None = None
 
 
-def _in_xla_context() -> bool:
-    if tf.executing_eagerly():
-        return False
-    try:
-        from tensorflow.python.ops import control_flow_util  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - internal API moved: be safe, assume XLA
-        return True
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+_in_xla_context = _masks.in_xla_context
 
 
 def _no_fma(keep: tf.Tensor, product: tf.Tensor) -> tf.Tensor:
@@ -54,11 +47,24 @@ def _no_fma(keep: tf.Tensor, product: tf.Tensor) -> tf.Tensor:
 
     XLA fuses `x + y * z` into an FMA, whose single rounding differs from TensorFlow's
     separate kernels by an ulp. Under XLA a select on `keep` (true wherever `product` is
-    not already 0) breaks the pattern at almost no cost; outside XLA the ops are never
-    contracted and the select would only cost a pass over the data.
+    not already 0) breaks the pattern; outside XLA the ops are never contracted and the
+    select would only cost a pass over the data. Used on small tensors (labels).
     """
     if _in_xla_context():
         return tf.where(keep, product, 0.0)
+    return product
+
+
+def _no_fma_bounded(product: tf.Tensor, bound: Any) -> tf.Tensor:
+    """`product` (never above `bound`), kept out of XLA's FMA contraction.
+
+    `minimum(product, bound)` is `product` itself, NaN and infinities included, when
+    `product <= bound` always holds; XLA cannot prove that, so the minimum stays between
+    the multiply and the add and breaks the FMA pattern. Much cheaper than a select on a
+    broadcast mask inside XLA's fused blend loop. Outside XLA it is `product`.
+    """
+    if _in_xla_context():
+        return tf.minimum(product, bound)
     return product
 
 
@@ -71,8 +77,12 @@ def _blend(a: tf.Tensor, b: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
         # Integers are exact in float32 (< 2**24), so `a + m * (b - a)` is exactly a at
         # m = 0, exactly b at m = 1 and always between them: after rounding it stays in
         # [min(a, b), max(a, b)], within the dtype's range, so no clip is needed.
-        return tf.cast(tf.round(af + _no_fma(m > 0.0, m * (bf - af))), dtype)
-    mixed = _no_fma(m < 1.0, (1.0 - m) * af) + _no_fma(m > 0.0, m * bf)
+        # |m * (b - a)| <= dtype.max < 2**16 + 1 for m in [0, 1].
+        bound = float(dtype.max) + 1.0
+        return tf.cast(tf.round(af + _no_fma_bounded(m * (bf - af), bound)), dtype)
+    # |(1 - m) * a| <= |a| and |m * b| <= |b| for m in [0, 1] (rounding is monotonic).
+    mixed = _no_fma_bounded((1.0 - m) * af, tf.abs(af) if _in_xla_context() else None)
+    mixed = mixed + _no_fma_bounded(m * bf, tf.abs(bf) if _in_xla_context() else None)
     # Rounding can step one ulp outside [a, b] (e.g. a == b); clamp back between sources.
     mixed = tf.clip_by_value(mixed, tf.minimum(af, bf), tf.maximum(af, bf))
     return tf.cast(mixed, dtype)
