@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/softmix demo-data demo_data --overwrite
 .venv/bin/softmix beam --manifest demo_data/manifest.csv --out demo_out --overwrite \
-  --workers 2 "$@"
+  "$@"
 .venv/bin/softmix preview demo_out
 echo "demo: shards and manifest in demo_out/, contact sheet in demo_out/preview.png"
