@@ -67,10 +67,12 @@ def make_tile_reader(
     """A `read_tile(key)` function over the run's slides, opened through `cache`."""
     from ._slides import read_tile
 
-    paths = {record.slide_id: record.path for record in slides}
+    records = {record.slide_id: record for record in slides}
 
     def read(key: TileKey) -> np.ndarray:
-        slide = cache.get(paths[key.slide_id], slide_id=key.slide_id)
+        record = records[key.slide_id]
+        slide = cache.get(record.path, slide_id=key.slide_id,
+                          axes=record.metadata_dict.get("axes") or None)
         return read_tile(slide, key, tile_size)
 
     return read

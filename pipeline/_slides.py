@@ -641,15 +641,20 @@ class SlideCache:
             collections.OrderedDict()
         )
 
-    def get(self, path: str, slide_id: str | None = None) -> Slide:
-        """The open slide at `path`, opening it (and evicting the oldest) if needed."""
+    def get(self, path: str, slide_id: str | None = None, axes: str | None = None) -> Slide:
+        """The open slide at `path`, opening it (and evicting the oldest) if needed.
+
+        `axes` (e.g. ``"yxc"``) overrides the cache-wide axes for this slide: the axis
+        order of a plain Zarr array, from the manifest's optional ``axes`` column.
+        """
         key = (str(path), slide_id)
         slide = self._slides.get(key)
         if slide is not None:
             self._slides.move_to_end(key)
             return slide
         slide = open_slide(
-            path, slide_id=slide_id, axes=self.axes, storage_options=self.storage_options or None
+            path, slide_id=slide_id, axes=axes or self.axes,
+            storage_options=self.storage_options or None,
         )
         self._slides[key] = slide
         while len(self._slides) > self.max_open:

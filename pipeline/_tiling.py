@@ -294,10 +294,11 @@ def _plan(
     slide_cache: SlideCache | None,
     class_names: Sequence[str] | None,
 ) -> SlidePlan:
+    axes = record.metadata_dict.get("axes") or None  # plain Zarr arrays: manifest column
     if slide_cache is not None:
-        slide = slide_cache.get(record.path, record.slide_id)
+        slide = slide_cache.get(record.path, record.slide_id, axes=axes)
     else:
-        slide = open_slide(record.path, slide_id=record.slide_id)
+        slide = open_slide(record.path, slide_id=record.slide_id, axes=axes)
     level = slide.level_for_mpp(config.mpp) if config.mpp is not None else config.level
     height, width = slide.level_shape(level)
     size = config.tile_size

@@ -73,9 +73,9 @@ class _LockedCache:
 
         self._cache = SlideCache()
 
-    def get(self, path: str, slide_id: str | None = None) -> Any:
+    def get(self, path: str, slide_id: str | None = None, axes: str | None = None) -> Any:
         with _CACHE_LOCK:
-            return self._cache.get(path, slide_id=slide_id)
+            return self._cache.get(path, slide_id=slide_id, axes=axes)
 
 
 def _worker_cache() -> _LockedCache:

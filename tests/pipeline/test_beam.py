@@ -345,3 +345,25 @@ def test_gzip_shards_read_back_without_tfds_metadata(synthetic_dataset, tmp_path
     assert (out / manifest["shards"][0]["file"]).read_bytes()[:2] == b"\x1f\x8b"
     records = list(pipeline.read_dataset(str(out), as_dict=True))
     assert len(records) == manifest["num_examples"] == synthetic_dataset.total_tiles
+
+
+def test_plain_zarr_arrays_with_axes_column(tmp_path):
+    """A manifest `axes` column gives the axis order of plain (non-OME) Zarr arrays."""
+    import zarr
+
+    rng = np.random.default_rng(1)
+    rows = ["slide_id,path,label,axes"]
+    for i, label in enumerate(["a", "b"]):
+        image = np.full((256, 256, 3), 240, np.uint8)
+        image[:, :128] = rng.integers(0, 200, size=(256, 128, 3), dtype=np.uint8)
+        array = zarr.create_array(str(tmp_path / f"p{i}.zarr"), shape=image.shape,
+                                  chunks=(64, 64, 3), dtype="uint8")
+        array[:] = image
+        rows.append(f"p{i},p{i}.zarr,{label},yxc")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    job = _job_config(tmp_path / "manifest.csv", out, tile=TileConfig(tile_size=64))
+    manifest = run_beam(job, progress=False)
+    assert manifest["accounting"]["tiles_used"] == 2 * 8  # left half of each 4x4 grid
+    for r in _read_records(out):
+        assert r["image"].shape == (64, 64, 3) and int(r["a/x"]) < 128
