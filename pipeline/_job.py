@@ -140,7 +140,7 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
         lines.append(f"{'slide failed: ' + slide_id:<28}{reason:>10}")
     hist = acc.get("class_histogram")
     if hist:
-        for name, weight in zip(manifest["class_names"], hist):
+        for name, weight in zip(manifest["class_names"], hist, strict=True):
             lines.append(f"{'label mass: ' + name:<28}{weight:>10.1f}")
     return "\n".join(lines)
 

@@ -88,7 +88,7 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
         for j, part in enumerate((_to_rgb8(image), mask_rgb)):
             tile = Image.fromarray(part).resize((tile_px, tile_px), Image.NEAREST)
             sheet.paste(tile, (x0 + j * (tile_px + 4), y0))
-        label = ", ".join(f"{n} {v:.2f}" for n, v in zip(class_names, record["label"]))
+        label = ", ".join(f"{n} {v:.2f}" for n, v in zip(class_names, record["label"], strict=True))
         a, b = record["a/slide_id"], record["b/slide_id"]
         a = a.decode() if isinstance(a, bytes) else a
         b = b.decode() if isinstance(b, bytes) else b

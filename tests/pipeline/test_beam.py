@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
-import shutil
 
 import apache_beam as beam
 import numpy as np
@@ -31,7 +30,7 @@ from pipeline.beam_transforms import (
 )
 from pipeline.cli import main as cli_main
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
-from pipeline.errors import OutputExistsError, PipelineError
+from pipeline.errors import OutputExistsError
 
 TILE = TileConfig(tile_size=128)
 MIX = MixConfig(grid=(4, 4), softness=0.5, seed=7, batch_size=5)
