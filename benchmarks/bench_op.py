@@ -56,6 +56,11 @@ def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]
         out = softmix_tf.softmix(a, b, ya, yb, seeds, grid=(4, 4), softness=0.5)
         return out.images, out.labels
 
+    def op_unfused(a, b, ya, yb, seeds):
+        out = softmix_tf.softmix(a, b, ya, yb, seeds, grid=(4, 4), softness=0.5,
+                                 fuse_with_xla=False)
+        return out.images, out.labels
+
     def floor(a, b, m):
         af, bf = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
         return tf.cast(af + m[..., None] * (bf - af), a.dtype)
@@ -70,6 +75,8 @@ def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]
     rows = [
         ("SoftMix op, XLA", _time(tf.function(op, jit_compile=True), (a, b, labels, labels, seeds), iters)),
         ("SoftMix op, tf.function", _time(tf.function(op), (a, b, labels, labels, seeds), iters)),
+        ("SoftMix op, tf.function, fuse_with_xla=False",
+         _time(tf.function(op_unfused), (a, b, labels, labels, seeds), iters)),
         ("SoftMix layer, XLA", _time(tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True), (a, labels), iters)),
         ("SoftMix layer, tf.function", _time(keras_call(layer), (a, labels), iters)),
         ("keras CutMix, tf.function", _time(keras_call(cutmix), (a, labels), max(3, iters // 3))),
