@@ -57,8 +57,9 @@ def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]
         return out.images, out.labels
 
     def op_unfused(a, b, ya, yb, seeds):
-        out = softmix_tf.softmix(a, b, ya, yb, seeds, grid=(4, 4), softness=0.5,
-                                 fuse_with_xla=False)
+        out = softmix_tf.softmix(
+            a, b, ya, yb, seeds, grid=(4, 4), softness=0.5, fuse_with_xla=False
+        )
         return out.images, out.labels
 
     def floor(a, b, m):
@@ -73,15 +74,30 @@ def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]
         return tf.function(lambda x, y: lyr({"images": x, "labels": y}, training=True))
 
     rows = [
-        ("SoftMix op, XLA", _time(tf.function(op, jit_compile=True), (a, b, labels, labels, seeds), iters)),
+        (
+            "SoftMix op, XLA",
+            _time(tf.function(op, jit_compile=True), (a, b, labels, labels, seeds), iters),
+        ),
         ("SoftMix op, tf.function", _time(tf.function(op), (a, b, labels, labels, seeds), iters)),
-        ("SoftMix op, tf.function, fuse_with_xla=False",
-         _time(tf.function(op_unfused), (a, b, labels, labels, seeds), iters)),
-        ("SoftMix layer, XLA", _time(tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True), (a, labels), iters)),
+        (
+            "SoftMix op, tf.function, fuse_with_xla=False",
+            _time(tf.function(op_unfused), (a, b, labels, labels, seeds), iters),
+        ),
+        (
+            "SoftMix layer, XLA",
+            _time(
+                tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True),
+                (a, labels),
+                iters,
+            ),
+        ),
         ("SoftMix layer, tf.function", _time(keras_call(layer), (a, labels), iters)),
         ("keras CutMix, tf.function", _time(keras_call(cutmix), (a, labels), max(3, iters // 3))),
         ("keras MixUp, tf.function", _time(keras_call(mixup), (a, labels), iters)),
-        ("floor: a + M*(b-a), XLA", _time(tf.function(floor, jit_compile=True), (a, b, masks), iters)),
+        (
+            "floor: a + M*(b-a), XLA",
+            _time(tf.function(floor, jit_compile=True), (a, b, masks), iters),
+        ),
     ]
     return rows
 
@@ -94,8 +110,10 @@ def main() -> None:
     args = parser.parse_args()
     iters = 5 if args.quick else 20
     devices = [d.device_type for d in tf.config.list_physical_devices()]
-    print(f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices {devices}, "
-          f"batch {args.batch}x{args.size}x{args.size}x3, median of {iters}\n")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices {devices}, "
+        f"batch {args.batch}x{args.size}x{args.size}x3, median of {iters}\n"
+    )
     print("| dtype | method | ms/batch | images/s |")
     print("|---|---|---:|---:|")
     ratios = []
@@ -104,11 +122,18 @@ def main() -> None:
         for name, ms in rows:
             print(f"| {dtype} | {name} | {ms:.1f} | {args.batch / ms * 1e3:.0f} |")
         t = dict(rows)
-        ratios.append((dtype, t["SoftMix op, XLA"] / t["floor: a + M*(b-a), XLA"],
-                       t["SoftMix layer, tf.function"] / t["keras MixUp, tf.function"],
-                       t["keras CutMix, tf.function"] / t["SoftMix layer, XLA"]))
-    print("\n| dtype | SoftMix-XLA / floor (<= 1.2) | SoftMix-tf.function / MixUp (<= 1.0) "
-          "| CutMix / SoftMix-XLA (>= 7) |")
+        ratios.append(
+            (
+                dtype,
+                t["SoftMix op, XLA"] / t["floor: a + M*(b-a), XLA"],
+                t["SoftMix layer, tf.function"] / t["keras MixUp, tf.function"],
+                t["keras CutMix, tf.function"] / t["SoftMix layer, XLA"],
+            )
+        )
+    print(
+        "\n| dtype | SoftMix-XLA / floor (<= 1.2) | SoftMix-tf.function / MixUp (<= 1.0) "
+        "| CutMix / SoftMix-XLA (>= 7) |"
+    )
     print("|---|---:|---:|---:|")
     for dtype, r1, r2, r3 in ratios:
         print(f"| {dtype} | {r1:.2f} | {r2:.2f} | {r3:.1f} |")

@@ -45,10 +45,16 @@ def floor(job: JobConfig) -> tuple[float, int]:
         for plan in plans:
             for tile in plan.tiles:
                 pixels = read(tile.key)
-                feature = {"image": tf.train.Feature(
-                    bytes_list=tf.train.BytesList(value=[pixels.tobytes()]))}
-                writer.write(tf.train.Example(
-                    features=tf.train.Features(feature=feature)).SerializeToString())
+                feature = {
+                    "image": tf.train.Feature(
+                        bytes_list=tf.train.BytesList(value=[pixels.tobytes()])
+                    )
+                }
+                writer.write(
+                    tf.train.Example(
+                        features=tf.train.Features(feature=feature)
+                    ).SerializeToString()
+                )
                 count += 1
     return time.perf_counter() - start, count
 
@@ -67,8 +73,12 @@ def run_engine(engine: str, job: JobConfig, workers: int) -> tuple[float, int]:
 
 
 def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int) -> JobConfig:
-    return JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=tile_size),
-                     mix=MixConfig(), output=OutputConfig(out_dir=str(out), overwrite=True))
+    return JobConfig(
+        manifest=str(manifest),
+        tile=TileConfig(tile_size=tile_size),
+        mix=MixConfig(),
+        output=OutputConfig(out_dir=str(out), overwrite=True),
+    )
 
 
 def main() -> None:
@@ -77,16 +87,18 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--engines", default="floor,beam,dask")
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument("--memory", action="store_true",
-                        help="also measure peak Dask worker RSS with 4 vs 16 slides")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure peak Dask worker RSS with 4 vs 16 slides",
+    )
     args = parser.parse_args()
     root = pathlib.Path(tempfile.mkdtemp(prefix="softmix-bench-"))
     try:
         manifest = write_demo_data(root / "data", num_slides=args.num_slides, log=None)
         rows = []
         for engine in args.engines.split(","):
-            for workers in ([1] if engine == "floor" else
-                            [int(w) for w in args.workers.split(",")]):
+            for workers in [1] if engine == "floor" else [int(w) for w in args.workers.split(",")]:
                 job = make_job(manifest, root / f"out-{engine}-{workers}", args.tile_size)
                 if engine == "floor":
                     seconds, tiles = floor(job)
@@ -95,8 +107,7 @@ def main() -> None:
                 rows.append((engine, workers, tiles, seconds))
                 print(f"{engine} x{workers}: {tiles} tiles in {seconds:.1f} s", flush=True)
         floor_rate = next((t / s for e, _, t, s in rows if e == "floor"), None)
-        print(f"\n{args.num_slides} demo slides, tile {args.tile_size}, "
-              f"{os.cpu_count()} CPUs\n")
+        print(f"\n{args.num_slides} demo slides, tile {args.tile_size}, {os.cpu_count()} CPUs\n")
         print("| engine | workers | tiles | seconds | tiles/s | vs floor |")
         print("|---|---|---|---|---|---|")
         for engine, workers, tiles, seconds in rows:
@@ -109,13 +120,15 @@ def main() -> None:
             print("\n| slides | tiles used | baseline worker RSS (MiB) | peak worker RSS (MiB) |")
             print("|---|---|---|---|")
             for num_slides in (4, 16):
-                data = write_demo_data(root / f"mem-{num_slides}", num_slides=num_slides,
-                                       log=None)
+                data = write_demo_data(root / f"mem-{num_slides}", num_slides=num_slides, log=None)
                 job = make_job(data, root / f"mem-out-{num_slides}", args.tile_size)
                 manifest_out, memory = measure_peak_worker_rss(job, workers=2)
-                print(f"| {num_slides} | {manifest_out['accounting']['tiles_used']} | "
-                      f"{memory['baseline_rss_bytes'] / 2**20:.0f} | "
-                      f"{memory['peak_rss_bytes'] / 2**20:.0f} |", flush=True)
+                print(
+                    f"| {num_slides} | {manifest_out['accounting']['tiles_used']} | "
+                    f"{memory['baseline_rss_bytes'] / 2**20:.0f} | "
+                    f"{memory['peak_rss_bytes'] / 2**20:.0f} |",
+                    flush=True,
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -176,7 +176,8 @@ def cells_to_mask(
     cells = tf.convert_to_tensor(cells)
     if cells.shape.rank != 3 or cells.shape[1] is None or cells.shape[2] is None:
         raise ValueError(
-            f"`cells` must be rank 3 [batch, gh, gw] with a static grid. Received: cells.shape={cells.shape}"
+            "`cells` must be rank 3 [batch, gh, gw] with a static grid. "
+            f"Received: cells.shape={cells.shape}"
         )
     if cells.dtype == tf.bool or cells.dtype.is_integer:
         cells = tf.cast(tf.cast(cells, tf.bool), tf.float32)

@@ -118,9 +118,7 @@ def _mix_pixels(images_a, images_b, masks, maps_a, maps_b, return_masks):
 def _apply(
     images_a, images_b, labels_a, labels_b, masks, lam, maps_a, maps_b, return_masks
 ) -> SoftMixResult:
-    images, label_maps, masks = _mix_pixels(
-        images_a, images_b, masks, maps_a, maps_b, return_masks
-    )
+    images, label_maps, masks = _mix_pixels(images_a, images_b, masks, maps_a, maps_b, return_masks)
     return SoftMixResult(
         images=images,
         labels=_mix_labels(labels_a, labels_b, lam),
@@ -226,8 +224,23 @@ FUSE_WITH_XLA = True
 
 
 def _mix(
-    images_a, images_b, labels_a, labels_b, seeds, *, method, grid, patch_size, alpha,
-    softness, ramp, mix_prob, label_maps_a, label_maps_b, return_masks, grid_is_default,
+    images_a,
+    images_b,
+    labels_a,
+    labels_b,
+    seeds,
+    *,
+    method,
+    grid,
+    patch_size,
+    alpha,
+    softness,
+    ramp,
+    mix_prob,
+    label_maps_a,
+    label_maps_b,
+    return_masks,
+    grid_is_default,
     fuse_with_xla=None,
 ) -> SoftMixResult:
     images_a, images_b, labels_a, labels_b, maps_a, maps_b = _convert(
@@ -371,10 +384,22 @@ def softmix(
         ('uint8', TensorShape([2, 2]), TensorShape([2]))
     """
     return _mix(
-        images_a, images_b, labels_a, labels_b, seeds, method=method, grid=grid,
-        patch_size=patch_size, alpha=alpha, softness=softness, ramp=ramp,
-        mix_prob=mix_prob, label_maps_a=label_maps_a, label_maps_b=label_maps_b,
-        return_masks=return_masks, grid_is_default=_is_default_grid(grid),
+        images_a,
+        images_b,
+        labels_a,
+        labels_b,
+        seeds,
+        method=method,
+        grid=grid,
+        patch_size=patch_size,
+        alpha=alpha,
+        softness=softness,
+        ramp=ramp,
+        mix_prob=mix_prob,
+        label_maps_a=label_maps_a,
+        label_maps_b=label_maps_b,
+        return_masks=return_masks,
+        grid_is_default=_is_default_grid(grid),
         fuse_with_xla=fuse_with_xla,
     )
 
@@ -410,10 +435,23 @@ def mixup(
     Args and returns as `softmix` (`fuse_with_xla` included); `lam = p`.
     """
     return _mix(
-        images_a, images_b, labels_a, labels_b, seeds, method="mixup", grid=None,
-        patch_size=None, alpha=alpha, softness=0.0, ramp="cosine", mix_prob=mix_prob,
-        label_maps_a=label_maps_a, label_maps_b=label_maps_b, return_masks=return_masks,
-        grid_is_default=False, fuse_with_xla=fuse_with_xla,
+        images_a,
+        images_b,
+        labels_a,
+        labels_b,
+        seeds,
+        method="mixup",
+        grid=None,
+        patch_size=None,
+        alpha=alpha,
+        softness=0.0,
+        ramp="cosine",
+        mix_prob=mix_prob,
+        label_maps_a=label_maps_a,
+        label_maps_b=label_maps_b,
+        return_masks=return_masks,
+        grid_is_default=False,
+        fuse_with_xla=fuse_with_xla,
     )
 
 

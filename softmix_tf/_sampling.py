@@ -103,9 +103,7 @@ def _log_gamma_sample(words: tf.Tensor, alpha: float, counter: int) -> tf.Tensor
     v = 1.0 + c * z
     v = v * v * v
     log_v = tf.math.log(tf.maximum(v, 1e-30))
-    accept = tf.logical_and(
-        v > 0.0, tf.math.log(u3) < 0.5 * z * z + d - d * v + d * log_v
-    )
+    accept = tf.logical_and(v > 0.0, tf.math.log(u3) < 0.5 * z * z + d - d * v + d * log_v)
     # The first accepted attempt; all rejected (P < 1e-15) falls back to the mode, v = 1.
     attempt = tf.range(_NUM_ATTEMPTS, dtype=tf.int32)[tf.newaxis, :]
     first = tf.reduce_min(tf.where(accept, attempt, _NUM_ATTEMPTS), axis=1)

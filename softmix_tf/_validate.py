@@ -118,7 +118,8 @@ def check_alpha(alpha: Any) -> float:
     value = float(alpha)
     if not (value > 0.0 and math.isfinite(value)):
         raise ValueError(
-            f"`alpha` must be a positive, finite float (Beta(alpha, alpha)). Received: alpha={alpha!r}"
+            "`alpha` must be a positive, finite float (Beta(alpha, alpha)). "
+            f"Received: alpha={alpha!r}"
         )
     return value
 
@@ -159,7 +160,8 @@ def check_images(images_a: tf.Tensor, images_b: tf.Tensor) -> None:
             )
         if images.shape[1] is None or images.shape[2] is None:
             raise ValueError(
-                f"`{name}` must have a static height and width. Received: {name}.shape={images.shape}"
+                f"`{name}` must have a static height and width. "
+                f"Received: {name}.shape={images.shape}"
             )
     if images_a.dtype != images_b.dtype:
         raise TypeError(
@@ -182,7 +184,8 @@ def check_labels(labels_a: tf.Tensor, labels_b: tf.Tensor, batch: int | None) ->
             )
         if labels.shape.rank != 2:
             raise ValueError(
-                f"`{name}` must be rank 2 [batch, num_classes]. Received: {name}.shape={labels.shape}"
+                f"`{name}` must be rank 2 [batch, num_classes]. "
+                f"Received: {name}.shape={labels.shape}"
             )
         if batch is not None and labels.shape[0] is not None and labels.shape[0] != batch:
             raise ValueError(
@@ -202,7 +205,8 @@ def check_label_maps(
     if (maps_a is None) != (maps_b is None):
         raise ValueError(
             "Pass both `label_maps_a` and `label_maps_b`, or neither. "
-            f"Received: label_maps_a is None={maps_a is None}, label_maps_b is None={maps_b is None}"
+            f"Received: label_maps_a is None={maps_a is None}, "
+            f"label_maps_b is None={maps_b is None}"
         )
     if maps_a is None or maps_b is None:
         return

@@ -28,9 +28,7 @@ def grids_for(draw, image_size: tuple[int, int], max_cells: int = 8) -> tuple[in
 
 @st.composite
 def seed_arrays(draw, batch: int) -> np.ndarray:
-    return np.array(
-        [[draw(seeds_64), draw(seeds_64)] for _ in range(batch)], dtype=np.int64
-    )
+    return np.array([[draw(seeds_64), draw(seeds_64)] for _ in range(batch)], dtype=np.int64)
 
 
 @st.composite

@@ -46,9 +46,7 @@ def _assert_same(test, got, want):
 
 
 class FusedTest(tf.test.TestCase, parameterized.TestCase):
-    @parameterized.product(
-        dtype=DTYPES, method=["softmix", "cutmix", "mixup"], fuse=[True, False]
-    )
+    @parameterized.product(dtype=DTYPES, method=["softmix", "cutmix", "mixup"], fuse=[True, False])
     def test_bit_identical_to_eager(self, dtype, method, fuse):
         a, b, ya, yb, seeds = _batch(dtype=dtype)
         maps_a = np.random.default_rng(1).random((5, 16, 24), np.float32)
@@ -56,9 +54,16 @@ class FusedTest(tf.test.TestCase, parameterized.TestCase):
         if method == "mixup":
             op = lambda *x: softmix_tf.mixup(*x[:5], label_maps_a=x[5], label_maps_b=x[6], **kwargs)  # noqa: E731
         else:
-            op = lambda *x: softmix_tf.softmix(  # noqa: E731
-                *x[:5], grid=(4, 3), softness=0.6, method=method,
-                label_maps_a=x[5], label_maps_b=x[6], **kwargs,
+            op = (
+                lambda *x: softmix_tf.softmix(  # noqa: E731
+                    *x[:5],
+                    grid=(4, 3),
+                    softness=0.6,
+                    method=method,
+                    label_maps_a=x[5],
+                    label_maps_b=x[6],
+                    **kwargs,
+                )
             )
         args = (a, b, ya, yb, seeds, maps_a, maps_a[::-1])
         want = op(*args)
@@ -89,8 +94,10 @@ class FusedTest(tf.test.TestCase, parameterized.TestCase):
     def test_one_xla_function_per_config(self):
         a, b, ya, yb, seeds = _batch()
         op = lambda *x: softmix_tf.softmix(*x, grid=(4, 4), softness=0.25)  # noqa: E731
-        names = {tuple(_xla_functions(tf.function(op).get_concrete_function(a, b, ya, yb, seeds)))
-                 for _ in range(3)}
+        names = {
+            tuple(_xla_functions(tf.function(op).get_concrete_function(a, b, ya, yb, seeds)))
+            for _ in range(3)
+        }
         self.assertLen(names, 1)  # new outer functions reuse the cached nested one
 
     @parameterized.parameters("uint8", "float32")

@@ -35,20 +35,32 @@ class SoftMixLayerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllLessEqual(tf.reduce_sum(tf.cast(out["labels"] > 0, tf.int32), 1), 2)
 
     def test_get_config_round_trip(self):
-        layer = softmix_tf.SoftMix(grid=(3, 5), alpha=0.4, softness=0.2, ramp="linear",
-                                   mix_prob=0.7, method="softmix", seed=11, name="sm")
+        layer = softmix_tf.SoftMix(
+            grid=(3, 5),
+            alpha=0.4,
+            softness=0.2,
+            ramp="linear",
+            mix_prob=0.7,
+            method="softmix",
+            seed=11,
+            name="sm",
+        )
         config = layer.get_config()
         clone = softmix_tf.SoftMix.from_config(config)
         self.assertEqual(clone.get_config(), config)
-        for key, value in dict(grid=(3, 5), alpha=0.4, softness=0.2, ramp="linear",
-                               mix_prob=0.7, seed=11).items():
+        for key, value in dict(
+            grid=(3, 5), alpha=0.4, softness=0.2, ramp="linear", mix_prob=0.7, seed=11
+        ).items():
             self.assertEqual(config[key], value)
         revived = keras.layers.deserialize(keras.layers.serialize(layer))
         self.assertIsInstance(revived, softmix_tf.SoftMix)
         data = _data()
-        self.assertAllEqual(clone(data)["images"], softmix_tf.SoftMix(**{
-            k: config[k] for k in ("grid", "alpha", "softness", "ramp", "mix_prob", "seed")
-        })(data)["images"])
+        self.assertAllEqual(
+            clone(data)["images"],
+            softmix_tf.SoftMix(
+                **{k: config[k] for k in ("grid", "alpha", "softness", "ramp", "mix_prob", "seed")}
+            )(data)["images"],
+        )
 
     @parameterized.parameters(False, True)
     def test_inside_a_model(self, jit):
@@ -95,8 +107,9 @@ class DataHelpersTest(tf.test.TestCase):
         data = _data(batch=12, dtype="uint8")
         ds = tf.data.Dataset.from_tensor_slices((data["images"], data["labels"])).batch(4)
         first = [x for x, _ in softmix_tf.data.softmix_batches(ds, seed=7, grid=4)]
-        again = [x for x, _ in softmix_tf.data.softmix_batches(ds, seed=7, grid=4,
-                                                               num_parallel_calls=2)]
+        again = [
+            x for x, _ in softmix_tf.data.softmix_batches(ds, seed=7, grid=4, num_parallel_calls=2)
+        ]
         other = [x for x, _ in softmix_tf.data.softmix_batches(ds, seed=8, grid=4)]
         for x, y in zip(first, again, strict=True):
             self.assertAllEqual(x, y)

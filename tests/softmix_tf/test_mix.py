@@ -48,7 +48,9 @@ class SoftMixTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(out.labels.dtype, tf.float32)
         self.assertEqual(out.lam.dtype, tf.float32)
         mask = out.masks.numpy()
-        self.assertAllEqual(mask, softmix_tf.softmix_mask(seeds, (16, 24), grid=(4, 3), softness=0.6))
+        self.assertAllEqual(
+            mask, softmix_tf.softmix_mask(seeds, (16, 24), grid=(4, 3), softness=0.6)
+        )
         expected = oracle_mix(_np(a), _np(b), mask.astype(np.float64))
         if dtype.startswith("uint"):
             self.assertAllClose(out.images.numpy(), np.round(expected), atol=1, rtol=0)
@@ -126,8 +128,9 @@ class SoftMixTest(tf.test.TestCase, parameterized.TestCase):
         a, b, ya, yb, seeds = _batch(batch=9, size=(30, 20), dtype=dtype, seed=3)
 
         def op(a, b, ya, yb, seeds):
-            return softmix_tf.softmix(a, b, ya, yb, seeds, grid=(5, 4), alpha=0.7,
-                                      softness=0.9, return_masks=True)
+            return softmix_tf.softmix(
+                a, b, ya, yb, seeds, grid=(5, 4), alpha=0.7, softness=0.9, return_masks=True
+            )
 
         ref = op(a, b, ya, yb, seeds)
         # Bit-exact everywhere, except float images under XLA: within an ulp (XLA may
@@ -171,13 +174,15 @@ class SoftMixTest(tf.test.TestCase, parameterized.TestCase):
         a, b, ya, yb, seeds = _batch(batch=3)
         rng = np.random.default_rng(0)
         ia, ib = rng.integers(0, 4, (3, 16, 24)), rng.integers(0, 4, (3, 16, 24))
-        out = softmix_tf.softmix(a, b, ya, yb, seeds, label_maps_a=ia, label_maps_b=ib,
-                                 return_masks=True)
+        out = softmix_tf.softmix(
+            a, b, ya, yb, seeds, label_maps_a=ia, label_maps_b=ib, return_masks=True
+        )
         m = out.masks.numpy()
         self.assertAllEqual(out.label_maps, np.where(m > 0.5, ib, ia))
         fa, fb = np.eye(4, dtype=np.float32)[ia], np.eye(4, dtype=np.float32)[ib]
-        out = softmix_tf.softmix(a, b, ya, yb, seeds, label_maps_a=fa, label_maps_b=fb,
-                                 return_masks=True)
+        out = softmix_tf.softmix(
+            a, b, ya, yb, seeds, label_maps_a=fa, label_maps_b=fb, return_masks=True
+        )
         self.assertAllClose(out.label_maps, oracle_mix(fa, fb, m), atol=1e-6)
         self.assertAllClose(tf.reduce_sum(out.label_maps, -1), np.ones((3, 16, 24)), atol=1e-6)
 
@@ -192,8 +197,9 @@ class SoftMixTest(tf.test.TestCase, parameterized.TestCase):
         mix = softmix_tf.mixup(a, b, ya, yb, seeds, alpha=0.4, return_masks=True)
         lam = mix.lam.numpy()
         self.assertAllClose(mix.masks, np.broadcast_to(lam[:, None, None], (6, 16, 24)))
-        self.assertAllClose(mix.images, oracle_mix(a.numpy(), b.numpy(), mix.masks.numpy()),
-                            atol=1e-6)
+        self.assertAllClose(
+            mix.images, oracle_mix(a.numpy(), b.numpy(), mix.masks.numpy()), atol=1e-6
+        )
         self.assertAllEqual(
             softmix_tf.softmix(a, b, ya, yb, seeds, method="mixup", alpha=0.4).images, mix.images
         )
@@ -243,8 +249,14 @@ def _args(**over):
         (dict(images_a=np.zeros((8, 8, 3), np.float32)), {}, ValueError, "rank 4"),
         (dict(images_b=np.zeros((2, 8, 9, 3), np.float32)), {}, ValueError, "same shape"),
         (dict(images_b=np.zeros((2, 8, 8, 3), np.uint8)), {}, TypeError, "same dtype"),
-        (dict(images_a=np.zeros((2, 8, 8, 3), np.int32),
-              images_b=np.zeros((2, 8, 8, 3), np.int32)), {}, TypeError, "dtype"),
+        (
+            dict(
+                images_a=np.zeros((2, 8, 8, 3), np.int32), images_b=np.zeros((2, 8, 8, 3), np.int32)
+            ),
+            {},
+            TypeError,
+            "dtype",
+        ),
         (dict(labels_a=np.zeros((2,), np.float32)), {}, ValueError, "labels_a"),
         (dict(labels_a=np.zeros((3, 5), np.float32)), {}, ValueError, "labels_a"),
         (dict(labels_b=np.zeros((2, 4), np.float32)), {}, ValueError, "same shape"),
@@ -262,8 +274,12 @@ def _args(**over):
         ({}, dict(mix_prob=1.5), ValueError, "mix_prob"),
         ({}, dict(method="fmix"), ValueError, "method"),
         ({}, dict(label_maps_a=np.zeros((2, 8, 8))), ValueError, "label_maps"),
-        ({}, dict(label_maps_a=np.zeros((2, 4, 8)), label_maps_b=np.zeros((2, 4, 8))),
-         ValueError, "label_maps_a"),
+        (
+            {},
+            dict(label_maps_a=np.zeros((2, 4, 8)), label_maps_b=np.zeros((2, 4, 8))),
+            ValueError,
+            "label_maps_a",
+        ),
     ],
 )
 def test_errors(over, kwargs, error, match):

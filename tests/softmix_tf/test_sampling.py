@@ -75,9 +75,12 @@ class SampleCellsTest(tf.test.TestCase, parameterized.TestCase):
     def test_int32_seeds_and_all_64_bits(self):
         s32 = np.array([[1, 2], [-5, 7]], np.int32)
         self.assertAllEqual(
-            softmix_tf.sample_cells(s32, 8, 1.0), softmix_tf.sample_cells(s32.astype(np.int64), 8, 1.0)
+            softmix_tf.sample_cells(s32, 8, 1.0),
+            softmix_tf.sample_cells(s32.astype(np.int64), 8, 1.0),
         )
-        words = _sampling.seed_words(tf.constant([[2**40 + 3, 9], [3, 9], [3, 2**50 + 9]], tf.int64))
+        words = _sampling.seed_words(
+            tf.constant([[2**40 + 3, 9], [3, 9], [3, 2**50 + 9]], tf.int64)
+        )
         self.assertEqual(len({tuple(w) for w in words.numpy().tolist()}), 3)
         self.assertAllEqual(
             _sampling.words_to_seeds(words), [[2**40 + 3, 9], [3, 9], [3, 2**50 + 9]]
