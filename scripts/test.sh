@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Set up and run the whole test suite (doctests included).
+# Set up, lint (ruff) and run the whole test suite (doctests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export TF_CPP_MIN_LOG_LEVEL=2
+.venv/bin/ruff check --quiet pipeline softmix_tf tests benchmarks deploy
 .venv/bin/python -m pytest --doctest-modules pipeline softmix_tf tests "$@"
