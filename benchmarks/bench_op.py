@@ -22,16 +22,25 @@ import tensorflow as tf  # noqa: E402
 import softmix_tf  # noqa: E402
 
 
-def _time(fn, args, iters: int) -> float:
-    """Median ms per call (after two warm-up calls, which also trace/compile)."""
-    for _ in range(2):
-        _block(fn(*args))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        _block(fn(*args))
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def _time_interleaved(cases, iters: int) -> list[tuple[str, float]]:
+    """Median ms per call of each `(name, fn, args, iters)` case.
+
+    Calls are interleaved round by round (one call of each case per round, after two
+    warm-up calls that also trace/compile), so load changes on a shared machine hit
+    every case alike and the ratios between cases stay meaningful.
+    """
+    for _, fn, args, _ in cases:
+        for _ in range(2):
+            _block(fn(*args))
+    times: dict[str, list[float]] = {name: [] for name, *_ in cases}
+    for round_index in range(iters):
+        for name, fn, args, case_iters in cases:
+            if round_index >= case_iters:
+                continue
+            start = time.perf_counter()
+            _block(fn(*args))
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return [(name, statistics.median(times[name])) for name, *_ in cases]
 
 
 def _block(out) -> None:
@@ -73,32 +82,23 @@ def run(dtype: str, batch: int, size: int, iters: int) -> list[tuple[str, float]
     def keras_call(lyr):
         return tf.function(lambda x, y: lyr({"images": x, "labels": y}, training=True))
 
-    rows = [
-        (
-            "SoftMix op, XLA",
-            _time(tf.function(op, jit_compile=True), (a, b, labels, labels, seeds), iters),
-        ),
-        ("SoftMix op, tf.function", _time(tf.function(op), (a, b, labels, labels, seeds), iters)),
-        (
-            "SoftMix op, tf.function, fuse_with_xla=False",
-            _time(tf.function(op_unfused), (a, b, labels, labels, seeds), iters),
-        ),
+    op_args = (a, b, labels, labels, seeds)
+    cases = [
+        ("SoftMix op, XLA", tf.function(op, jit_compile=True), op_args, iters),
+        ("SoftMix op, tf.function", tf.function(op), op_args, iters),
+        ("SoftMix op, tf.function, fuse_with_xla=False", tf.function(op_unfused), op_args, iters),
         (
             "SoftMix layer, XLA",
-            _time(
-                tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True),
-                (a, labels),
-                iters,
-            ),
+            tf.function(lambda x, y: layer({"images": x, "labels": y}), jit_compile=True),
+            (a, labels),
+            iters,
         ),
-        ("SoftMix layer, tf.function", _time(keras_call(layer), (a, labels), iters)),
-        ("keras CutMix, tf.function", _time(keras_call(cutmix), (a, labels), max(3, iters // 3))),
-        ("keras MixUp, tf.function", _time(keras_call(mixup), (a, labels), iters)),
-        (
-            "floor: a + M*(b-a), XLA",
-            _time(tf.function(floor, jit_compile=True), (a, b, masks), iters),
-        ),
+        ("SoftMix layer, tf.function", keras_call(layer), (a, labels), iters),
+        ("keras CutMix, tf.function", keras_call(cutmix), (a, labels), max(3, iters // 3)),
+        ("keras MixUp, tf.function", keras_call(mixup), (a, labels), iters),
+        ("floor: a + M*(b-a), XLA", tf.function(floor, jit_compile=True), (a, b, masks), iters),
     ]
+    rows = _time_interleaved(cases, iters)
     return rows
 
 
@@ -112,7 +112,7 @@ def main() -> None:
     devices = [d.device_type for d in tf.config.list_physical_devices()]
     print(
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, devices {devices}, "
-        f"batch {args.batch}x{args.size}x{args.size}x3, median of {iters}\n"
+        f"batch {args.batch}x{args.size}x{args.size}x3, median of {iters} interleaved rounds\n"
     )
     print("| dtype | method | ms/batch | images/s |")
     print("|---|---|---:|---:|")
