@@ -390,10 +390,42 @@ def _scale_of(transforms: Any, ndim: int, slide_id: str, where: str) -> list[flo
     return scale
 
 
+def _bioformats2raw_series(group: Any) -> str | None:
+    """Path of the first image of a bioformats2raw layout, or None for other groups.
+
+    bioformats2raw (the usual converter from vendor WSI formats) writes each series as
+    an OME-Zarr image at ``0/``, ``1/``... under a root group marked with
+    ``"bioformats2raw.layout"`` (in ``attributes["ome"]`` for NGFF 0.5), and may list
+    the series paths in ``OME/``'s ``series`` attribute. The first series is the
+    full-resolution slide; the others are labels, macro or overview images.
+    """
+    attrs = dict(group.attrs)
+    ome = attrs.get("ome") if isinstance(attrs.get("ome"), Mapping) else {}
+    if "bioformats2raw.layout" not in attrs and "bioformats2raw.layout" not in ome:
+        return None
+    try:
+        series = list(group["OME"].attrs.get("series", []))
+    except (KeyError, FileNotFoundError):
+        series = []
+    return str(series[0]) if series else "0"
+
+
 def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) -> Slide:
     attrs = dict(group.attrs)
     found = _find_multiscales(attrs)
     if found is None:
+        series = _bioformats2raw_series(group)
+        if series is not None:
+            try:
+                image = group[series]
+            except (KeyError, FileNotFoundError) as err:
+                raise SlideError(
+                    slide_id,
+                    "bad_metadata",
+                    f"{path} has a bioformats2raw layout but no image at {series!r}. "
+                    "Re-run bioformats2raw, or point the manifest at the image group.",
+                ) from err
+            return _slide_from_group(image, slide_id, f"{path}/{series}", axes)
         raise SlideError(
             slide_id,
             "bad_metadata",

@@ -333,3 +333,30 @@ def test_nan_in_float_slide(tmp_path):
         read_tile(slide, TileKey("f", 0, 64, 64), 64)
     assert err.value.reason == "nan_pixels"
     np.testing.assert_array_equal(read_tile(slide, TileKey("f", 0, 0, 0), 64), data[:64, :64])
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+@pytest.mark.parametrize("with_series_list", [False, True])
+def test_bioformats2raw_layout_opens_the_first_series(tmp_path, version, with_series_list):
+    """bioformats2raw writes the slide at `0/` under a root marked with its layout."""
+    image = synthetic_tissue(256, 256, ((0, 0, 128, 256),), color=(190, 70, 150), seed=3)
+    root_path = tmp_path / "slide.ome.zarr"
+    zarr_format = 2 if version == "0.4" else 3
+    root = zarr.open_group(str(root_path), mode="w", zarr_format=zarr_format)
+    if version == "0.4":
+        root.attrs["bioformats2raw.layout"] = 3
+    else:
+        root.attrs["ome"] = {"version": "0.5", "bioformats2raw.layout": 3}
+    series = "0"
+    if with_series_list:
+        series = "s0"  # the OME group's series list, not the default "0", is followed
+        root.create_group("OME").attrs["series"] = [series]
+    write_ome_zarr(root_path / series, image, version=version)
+    slide = open_slide(str(root_path), slide_id="b2r")
+    assert slide.num_levels == 3 and slide.level_shape(0) == (256, 256)
+    np.testing.assert_array_equal(slide.read_region(0, 16, 32, 64, 64), image[32:96, 16:80])
+
+    empty = zarr.open_group(str(tmp_path / "empty.zarr"), mode="w", zarr_format=zarr_format)
+    empty.attrs["bioformats2raw.layout"] = 3
+    with pytest.raises(SlideError, match="bioformats2raw layout but no image"):
+        open_slide(str(tmp_path / "empty.zarr"), slide_id="e")
