@@ -685,7 +685,9 @@ class SlideCache:
             self._slides.move_to_end(key)
             return slide
         slide = open_slide(
-            path, slide_id=slide_id, axes=axes or self.axes,
+            path,
+            slide_id=slide_id,
+            axes=axes or self.axes,
             storage_options=self.storage_options or None,
         )
         self._slides[key] = slide
