@@ -366,3 +366,29 @@ def test_plain_zarr_arrays_with_axes_column(tmp_path):
     assert manifest["accounting"]["tiles_used"] == 2 * 8  # left half of each 4x4 grid
     for r in _read_records(out):
         assert r["image"].shape == (64, 64, 3) and int(r["a/x"]) < 128
+
+
+def test_label_image_gives_soft_labels_end_to_end(tmp_path):
+    """`--label-image`: tile labels are the class fractions of an OME-NGFF labels/ image."""
+    from .conftest import synthetic_tissue, write_ome_zarr
+
+    rows = ["slide_id,path,label"]
+    for i in range(2):
+        image = synthetic_tissue(256, 256, ((0, 0, 256, 256),), color=(190, 70, 150), seed=i)
+        classes = np.zeros((256, 256), np.uint8)
+        classes[:, :128] = 1  # left half: class 1 (index 0), right half: class 2 (index 1)
+        classes[:, 128:] = 2
+        classes[:, 96:128] = 2  # the tile at x=64..128 is 50/50
+        write_ome_zarr(tmp_path / f"l{i}.ome.zarr", image, labels={"classes": classes})
+        rows.append(f"l{i},l{i}.ome.zarr,{'normal' if i else 'tumor'}")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    argv = ["beam", "--manifest", str(tmp_path / "manifest.csv"), "--out", str(out),
+            "--tile-size", "64", "--min-tissue", "0", "--label-image", "classes",
+            "--class-names", "tumor,normal", "--mix-prob", "0", "--no-progress"]
+    assert cli_main(argv) == 0
+    records = _read_records(out)
+    assert len(records) == 2 * 16
+    expected = {0: [1.0, 0.0], 64: [0.5, 0.5], 128: [0.0, 1.0], 192: [0.0, 1.0]}
+    for r in records:
+        np.testing.assert_allclose(r["label"], expected[int(r["a/x"])], atol=1e-6)
