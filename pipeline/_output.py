@@ -62,6 +62,8 @@ __all__ = [
 
 MANIFEST_NAME = "manifest.json"
 TFDS_FILES = ("dataset_info.json", "features.json")
+# `softmix preview OUT` writes its contact sheet here; it belongs to the dataset.
+PREVIEW_NAME = "preview.png"
 PARTNER_FAILED = "partner_failed"
 _UNIT = float(1 << 32)
 NO_PARTNER = "no_partner"
@@ -256,7 +258,8 @@ def software_versions() -> dict[str, str]:
 
 
 def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST_NAME, *TFDS_FILES) or SHARD_PATTERN.match(name) is not None
+    return (name in (MANIFEST_NAME, PREVIEW_NAME, *TFDS_FILES)
+            or SHARD_PATTERN.match(name) is not None
             or (name.startswith(".") and TEMP_MARKER in name))
 
 

@@ -223,3 +223,12 @@ class JobConfig:
     mix: MixConfig
     output: OutputConfig
     class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        rows, cols = self.mix.grid
+        if max(rows, cols) > self.tile.tile_size:
+            raise ValueError(
+                "`grid` must fit the tile: at most one cell per pixel. "
+                f"Received: grid={self.mix.grid}, tile_size={self.tile.tile_size}. "
+                "Use a coarser grid or larger tiles."
+            )

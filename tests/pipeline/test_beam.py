@@ -392,3 +392,15 @@ def test_label_image_gives_soft_labels_end_to_end(tmp_path):
     expected = {0: [1.0, 0.0], 64: [0.5, 0.5], 128: [0.0, 1.0], 192: [0.0, 1.0]}
     for r in records:
         np.testing.assert_allclose(r["label"], expected[int(r["a/x"])], atol=1e-6)
+
+
+def test_preview_in_out_does_not_block_overwrite(synthetic_dataset, tmp_path):
+    out = tmp_path / "out"
+    run_beam(_job_config(synthetic_dataset.manifest_path, out), progress=False)
+    assert cli_main(["preview", str(out), "--num", "4"]) == 0
+    assert (out / "preview.png").exists()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_beam(_job_config(synthetic_dataset.manifest_path, out), progress=False)
+    again = _job_config(synthetic_dataset.manifest_path, out, output=dict(overwrite=True))
+    run_beam(again, progress=False)
+    assert not (out / "preview.png").exists()  # a stale preview is removed with the rest
