@@ -8,7 +8,6 @@ Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* these 
 from __future__ import annotations
 
 import collections
-import platform
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -95,7 +94,7 @@ def num_shards_for_job(job: JobConfig, plans: Sequence[SlidePlan]) -> int:
 
 
 def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
-    """Every option of the run plus software versions, for `manifest.json`'s `params`."""
+    """Every option of the run, for `manifest.json`'s `params`."""
     import dataclasses
 
     params: dict[str, Any] = {
@@ -108,21 +107,7 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
     }
     params["mix"]["grid"] = list(job.mix.grid)
     params.update(extra)
-    params["versions"] = software_versions()
-    return params
-
-
-def software_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    versions = {"python": platform.python_version()}
-    for dist in ("softmix", "tensorflow", "tensorflow-cpu", "apache-beam", "dask",
-                 "distributed", "zarr", "numpy", "ome-zarr"):
-        try:
-            versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
+    return params  # `_output.finalize_output` adds the software versions
 
 
 def summary_table(manifest: Mapping[str, Any]) -> str:

@@ -244,6 +244,7 @@ def software_versions() -> dict[str, str]:
         ("tensorflow", ("tensorflow", "tensorflow-cpu")),
         ("numpy", ("numpy",)),
         ("zarr", ("zarr",)),
+        ("ome-zarr", ("ome-zarr",)),
         ("apache-beam", ("apache-beam",)),
         ("dask", ("dask",)),
         ("distributed", ("distributed",)),
