@@ -79,18 +79,20 @@ def make_tile_reader(
 
 def num_shards_for_job(job: JobConfig, plans: Sequence[SlidePlan]) -> int:
     """Number of shards: `--num-shards`, or the estimate that meets `--shard-size-mb`."""
+    from ._sharding import num_shards_for
+
     if job.output.num_shards is not None:
         return job.output.num_shards
     usable = [plan for plan in plans if plan.failure is None and plan.tiles]
-    num_tiles = sum(len(plan.tiles) for plan in usable)
-    per_tile = job.mix.num_mixes + int(job.mix.keep_originals)
     if not usable:
         return 1
+    num_examples = sum(len(plan.tiles) for plan in usable) * (
+        job.mix.num_mixes + int(job.mix.keep_originals)
+    )
     itemsize = np.dtype(usable[0].dtype).itemsize
-    # Raw size is an upper bound; PNG of tissue typically halves it.
+    # Raw size is an upper bound; PNG of tissue typically takes ~60% of it.
     bytes_per_example = job.tile.tile_size**2 * usable[0].num_channels * itemsize * 0.6
-    total_mb = num_tiles * per_tile * bytes_per_example / 2**20
-    return max(1, int(np.ceil(total_mb / job.output.shard_size_mb)))
+    return num_shards_for(num_examples, bytes_per_example, job.output.shard_size_mb)
 
 
 def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
