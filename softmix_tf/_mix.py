@@ -115,10 +115,9 @@ def _mix_pixels(images_a, images_b, masks, maps_a, maps_b, return_masks):
     return images, label_maps, masks
 
 
-def _apply(
-    images_a, images_b, labels_a, labels_b, masks, lam, maps_a, maps_b, return_masks
-) -> SoftMixResult:
-    images, label_maps, masks = _mix_pixels(images_a, images_b, masks, maps_a, maps_b, return_masks)
+def _result(pixels, labels_a, labels_b, lam) -> SoftMixResult:
+    """`SoftMixResult` from the per-pixel part `(images, label_maps, masks)` and `lam`."""
+    images, label_maps, masks = pixels
     return SoftMixResult(
         images=images,
         labels=_mix_labels(labels_a, labels_b, lam),
@@ -126,6 +125,13 @@ def _apply(
         label_maps=label_maps,
         masks=masks,
     )
+
+
+def _apply(
+    images_a, images_b, labels_a, labels_b, masks, lam, maps_a, maps_b, return_masks
+) -> SoftMixResult:
+    pixels = _mix_pixels(images_a, images_b, masks, maps_a, maps_b, return_masks)
+    return _result(pixels, labels_a, labels_b, lam)
 
 
 def _convert(images_a, images_b, labels_a, labels_b, maps_a=None, maps_b=None):
@@ -272,14 +278,7 @@ def _mix(
         pixels = _fused_pixels(config)
     else:
         pixels = functools.partial(_pixels_from_source, config=config)
-    images, label_maps, masks = pixels(images_a, images_b, source, maps_a, maps_b)
-    return SoftMixResult(
-        images=images,
-        labels=_mix_labels(labels_a, labels_b, lam),
-        lam=lam,
-        label_maps=label_maps,
-        masks=masks,
-    )
+    return _result(pixels(images_a, images_b, source, maps_a, maps_b), labels_a, labels_b, lam)
 
 
 def _pixels_from_source(images_a, images_b, source, maps_a, maps_b, *, config):
