@@ -1,98 +1,22 @@
 """Engine-independent steps of one offline run, shared by the Beam and Dask adapters.
 
-Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* these run;
-*what* runs is here and in the pure modules (`_tiling`, `_pairing`, `_mixing`,
-`_encoding`, `_sharding`, `_output`).
+Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* the steps of
+`_stages` run; this module holds what surrounds them: the run's parameters, the output
+directory's life cycle (staging, publishing), progress and error reporting.
 """
 
 from __future__ import annotations
 
-import collections
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from ._keys import SlidePlan, SlideRecord, TileKey
 from .config import JobConfig
 
 __all__ = [
     "exit_status",
     "job_params",
-    "make_tile_reader",
-    "num_shards_for_job",
-    "reconcile_plans",
     "summary_table",
 ]
-
-
-def reconcile_plans(plans: Iterable[SlidePlan]) -> tuple[SlidePlan, ...]:
-    """Fail the slides whose channel count or dtype differs from the run's majority.
-
-    Tiles of one run are mixed with each other, so they must share `[C]` and dtype.
-    The majority (ties broken by the sorted value) wins; the others are reported under
-    `slides_failed` with reason ``"incompatible_pixels"`` instead of crashing the mix.
-
-    Returns:
-        All plans, sorted by slide id, with incompatible ones turned into failures.
-    """
-    plans = sorted(plans, key=lambda plan: plan.slide_id)
-    kinds = collections.Counter(
-        (plan.num_channels, plan.dtype) for plan in plans if plan.failure is None and plan.tiles
-    )
-    if len(kinds) <= 1:
-        return tuple(plans)
-    majority = sorted(kinds.items(), key=lambda item: (-item[1], item[0]))[0][0]
-    out = []
-    for plan in plans:
-        kind = (plan.num_channels, plan.dtype)
-        if plan.failure is None and plan.tiles and kind != majority:
-            plan = SlidePlan(
-                slide_id=plan.slide_id,
-                failure="incompatible_pixels",
-                message=(
-                    f"slide {plan.slide_id!r} has {kind[0]} channels of {kind[1]}, but most "
-                    f"slides of this run have {majority[0]} channels of {majority[1]}; run "
-                    "slides of different channel layouts as separate jobs."
-                ),
-            )
-        out.append(plan)
-    return tuple(out)
-
-
-def make_tile_reader(
-    slides: Sequence[SlideRecord], tile_size: int, cache: Any
-) -> Callable[[TileKey], np.ndarray]:
-    """A `read_tile(key)` function over the run's slides, opened through `cache`."""
-    from ._slides import read_tile
-
-    records = {record.slide_id: record for record in slides}
-
-    def read(key: TileKey) -> np.ndarray:
-        record = records[key.slide_id]
-        slide = cache.get(record.path, slide_id=key.slide_id,
-                          axes=record.metadata_dict.get("axes") or None)
-        return read_tile(slide, key, tile_size)
-
-    return read
-
-
-def num_shards_for_job(job: JobConfig, plans: Sequence[SlidePlan]) -> int:
-    """Number of shards: `--num-shards`, or the estimate that meets `--shard-size-mb`."""
-    from ._sharding import num_shards_for
-
-    if job.output.num_shards is not None:
-        return job.output.num_shards
-    usable = [plan for plan in plans if plan.failure is None and plan.tiles]
-    if not usable:
-        return 1
-    num_examples = sum(len(plan.tiles) for plan in usable) * (
-        job.mix.num_mixes + int(job.mix.keep_originals)
-    )
-    itemsize = np.dtype(usable[0].dtype).itemsize
-    # Raw size is an upper bound; PNG of tissue typically takes ~60% of it.
-    bytes_per_example = job.tile.tile_size**2 * usable[0].num_channels * itemsize * 0.6
-    return num_shards_for(num_examples, bytes_per_example, job.output.shard_size_mb)
 
 
 def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
@@ -123,6 +47,14 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
     ]
     for reason, count in sorted(acc["tiles_skipped"].items()):
         lines.append(f"{'tiles skipped: ' + reason:<28}{count:>10}")
+    if "chunks_read" in acc:
+        amplification = acc.get("read_amplification")
+        lines += [
+            f"{'chunks read':<28}{acc['chunks_read']:>10}",
+            f"{'bytes read':<28}{acc['bytes_read']:>10}",
+            f"{'read amplification':<28}"
+            f"{'n/a' if amplification is None else f'{amplification:.3f}':>10}",
+        ]
     for slide_id, reason in sorted(acc["slides_failed"].items()):
         lines.append(f"{'slide failed: ' + slide_id:<28}{reason:>10}")
     hist = acc.get("class_histogram")
@@ -211,50 +143,6 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
     return finalize_output(config_with_count, list(by_index.values()), accounting,
                            class_names, params)
-
-
-def tile_outcome(result: Any) -> tuple[Any, tuple[str, Any]]:
-    """`(anchor key, outcome)` of one example result, for per-tile accounting.
-
-    Outcomes are small: ("written", label) / ("read_failure", reason) /
-    ("partner_failure", reason); pixels are not carried.
-    """
-    from ._mixing import ExampleFailure
-
-    if isinstance(result, ExampleFailure):
-        kind = "read_failure" if result.source == "a" else "partner_failure"
-        return _key_tuple(result.spec.a.key), (kind, result.reason)
-    return _key_tuple(result.spec.a.key), ("written", np.asarray(result.label, dtype=np.float32))
-
-
-def _key_tuple(key: TileKey) -> tuple[str, int, int, int]:
-    # A plain tuple has a deterministic coder in every engine (a dataclass does not).
-    return (key.slide_id, key.level, key.x, key.y)
-
-
-def tile_accounting(key: Any, outcomes: Iterable[tuple[str, Any]]) -> Any:
-    """`Accounting` of one anchor tile from all its example outcomes."""
-    from ._output import Accounting
-
-    written, read_failure, partner_failures = [], None, 0
-    for kind, value in outcomes:
-        if kind == "written":
-            written.append(_Labelled(value))
-        elif kind == "read_failure":
-            read_failure = value
-        else:
-            partner_failures += 1
-    return Accounting.from_tile(None, written=written, read_failure=read_failure,
-                                partner_failures=partner_failures)
-
-
-class _Labelled:
-    """Stands in for a `MixedExample` in accounting: only its label is needed."""
-
-    __slots__ = ("label",)
-
-    def __init__(self, label: Any):
-        self.label = label
 
 
 # --- Progress and errors ------------------------------------------------------------------

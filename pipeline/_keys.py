@@ -107,6 +107,9 @@ class SlidePlan:
         message: human-readable detail for `failure`.
         num_channels: channel count of the slide (0 when failed).
         dtype: numpy dtype name of the pixels ("" when failed).
+        chunk_shape: (height, width) of the tiled level's chunks.
+        chunks_read, bytes_read, requests: what planning fetched from the slide's
+            store (metadata and the tissue level), for the run's read accounting.
     """
 
     slide_id: str
@@ -116,6 +119,10 @@ class SlidePlan:
     message: str = ""
     num_channels: int = 0
     dtype: str = ""
+    chunk_shape: tuple[int, int] = (0, 0)
+    chunks_read: int = 0
+    bytes_read: int = 0
+    requests: int = 0
 
     @property
     def skipped_dict(self) -> dict[str, int]:

@@ -91,6 +91,12 @@ class Accounting:
             `class_histogram` for floats).
         examples_written: examples handed to the shard writer.
         examples_dropped: reason -> examples not written (e.g. ``partner_failed``).
+        chunks_read: chunk fetches from the slide stores (planning and packing).
+        bytes_read: compressed bytes fetched from the slide stores (all levels,
+            metadata and tissue detection included).
+        bytes_needed: compressed bytes of the distinct chunks that hold a kept tile
+            (the denominator of `read_amplification`).
+        requests: every request sent to the slide stores (metadata, chunks, misses).
     """
 
     tiles_total: int = 0
@@ -101,6 +107,10 @@ class Accounting:
     class_mass: tuple[int, ...] = ()
     examples_written: int = 0
     examples_dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    chunks_read: int = 0
+    bytes_read: int = 0
+    bytes_needed: int = 0
+    requests: int = 0
 
     @classmethod
     def from_plan(cls, plan: SlidePlan) -> Accounting:
@@ -108,7 +118,9 @@ class Accounting:
         skipped = {k: v for k, v in sorted(plan.skipped_dict.items()) if v}
         failed = {plan.slide_id: plan.failure} if plan.failure is not None else {}
         return cls(tiles_total=plan.num_tiles_total, tiles_skipped=skipped,
-                   tiles_pending=len(plan.tiles), slides_failed=failed)
+                   tiles_pending=len(plan.tiles), slides_failed=failed,
+                   chunks_read=plan.chunks_read, bytes_read=plan.bytes_read,
+                   requests=plan.requests)
 
     @classmethod
     def from_tile(
@@ -171,6 +183,10 @@ class Accounting:
                 class_mass=_add_hist(out.class_mass, other.class_mass),
                 examples_written=out.examples_written + other.examples_written,
                 examples_dropped=_add_counts(out.examples_dropped, other.examples_dropped),
+                chunks_read=out.chunks_read + other.chunks_read,
+                bytes_read=out.bytes_read + other.bytes_read,
+                bytes_needed=out.bytes_needed + other.bytes_needed,
+                requests=out.requests + other.requests,
             )
         return out
 
@@ -213,7 +229,19 @@ class Accounting:
             "class_histogram": [round(v, 6) for v in histogram],
             "examples_written": self.examples_written,
             "examples_dropped": dict(sorted(self.examples_dropped.items())),
+            "chunks_read": self.chunks_read,
+            "bytes_read": self.bytes_read,
+            "bytes_needed": self.bytes_needed,
+            "read_amplification": self.read_amplification,
+            "store_requests": self.requests,
         }
+
+    @property
+    def read_amplification(self) -> float | None:
+        """`bytes_read` / compressed bytes of the distinct chunks holding a kept tile."""
+        if self.bytes_needed <= 0:
+            return None
+        return round(self.bytes_read / self.bytes_needed, 4)
 
 
 def _flat(label: Any) -> list[float]:

@@ -26,6 +26,7 @@ from ._keys import stable_hash
 __all__ = [
     "SHARD_PATTERN",
     "ShardInfo",
+    "concat_shards",
     "filepath_template",
     "num_shards_for",
     "shard_filename",
@@ -160,3 +161,30 @@ def write_shard(
             tf.io.gfile.remove(temp)
         raise RuntimeError(f"failed to write shard {path!r}") from err
     return ShardInfo(file=base, num_examples=len(unique), num_bytes=tf.io.gfile.stat(path).length)
+
+
+def concat_shards(path: str, parts: Iterable[str], *, compression: str | None = None) -> ShardInfo:
+    """Stream the records of the uncompressed TFRecord files `parts`, in order, into `path`.
+
+    Memory stays at one record whatever the shard size; the file appears under `path`
+    only when complete (temporary name + rename).
+
+    Returns:
+        `ShardInfo` of the written file.
+    """
+    options = _options(compression)
+    directory, base = posixpath.split(path)
+    temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+    count = 0
+    try:
+        with tf.io.TFRecordWriter(temp, options=options) as writer:
+            for part in parts:
+                for record in tf.data.TFRecordDataset(part).as_numpy_iterator():
+                    writer.write(record)
+                    count += 1
+        tf.io.gfile.rename(temp, path, overwrite=True)
+    except Exception as err:
+        if tf.io.gfile.exists(temp):
+            tf.io.gfile.remove(temp)
+        raise RuntimeError(f"failed to write shard {path!r}") from err
+    return ShardInfo(file=base, num_examples=count, num_bytes=tf.io.gfile.stat(path).length)

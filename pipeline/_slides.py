@@ -199,6 +199,7 @@ class Slide:
             )
         self.num_channels = channels.pop()
         self.dtype = np.dtype(self._arrays[0].dtype)
+        self.read_stats: Any = None  # a `_store.ReadStats` when opened by `open_slide`
 
     def __repr__(self) -> str:
         return (
@@ -228,6 +229,12 @@ class Slide:
         """(height, width) of `level` in pixels."""
         self._check_level(level)
         return self._shapes[level]
+
+    def chunk_shape(self, level: int) -> tuple[int, int]:
+        """(height, width) of the chunks of `level` (for sharded arrays, the shards)."""
+        array = self.level_array(level)
+        chunks = getattr(array, "shards", None) or array.chunks
+        return int(chunks[self.axes.index("y")]), int(chunks[self.axes.index("x")])
 
     def mpp(self, level: int) -> tuple[float, float] | None:
         """(y, x) microns per pixel of `level`, or None when the slide has no units."""
@@ -568,13 +575,18 @@ def open_slide(
                 f"{path_str} does not exist. Check the path in the manifest "
                 "(relative paths are resolved against the manifest's directory).",
             )
+    from ._store import CountingStore
+
     try:
         if is_store:
-            node = zarr.open(store=path, mode="r")
+            store = path
         elif _is_url(path_str):
-            node = zarr.open(store=path_str, mode="r", storage_options=options or None)
+            store = zarr.storage.FsspecStore.from_url(
+                path_str, storage_options=options or None, read_only=True)
         else:
-            node = zarr.open(store=path_str, mode="r")
+            store = zarr.storage.LocalStore(path_str, read_only=True)
+        counting = CountingStore(store)
+        node = zarr.open(store=counting, mode="r")
     except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError) as err:
         raise SlideError(
             slide_id,
@@ -611,9 +623,13 @@ def open_slide(
                 f"axes={''.join(names)!r} name {len(names)} dimensions but the array at "
                 f"{path_str} has shape {node.shape}. Pass one axis name per dimension.",
             )
-        return Slide(slide_id, path_str, [node], names, [None], attributes=dict(node.attrs))
+        slide = Slide(slide_id, path_str, [node], names, [None], attributes=dict(node.attrs))
+        slide.read_stats = counting.stats
+        return slide
     axes_arg = "".join(axes) if axes is not None and not isinstance(axes, str) else axes
-    return _slide_from_group(node, slide_id, path_str, axes_arg)
+    slide = _slide_from_group(node, slide_id, path_str, axes_arg)
+    slide.read_stats = counting.stats
+    return slide
 
 
 def read_tile(slide: Slide, key: TileKey, tile_size: int) -> np.ndarray:

@@ -37,6 +37,10 @@ MIN_CONTRAST = 0.05
 # A low-contrast image is all tissue when its feature is at least this (a field fully
 # covered by stained tissue), and all background otherwise (glass, an empty channel).
 UNIFORM_TISSUE_LEVEL = 0.15
+# More tiles than this on one slide means the metadata is wrong (a 100k px slide at
+# 256 px holds ~150k tiles): the slide fails with "bad_metadata" instead of the
+# planner trying to allocate the claimed area.
+MAX_GRID_TILES = 50_000_000
 
 
 def tile_grid(height: int, width: int, tile_size: int, stride: int | None = None) -> np.ndarray:
@@ -309,8 +313,19 @@ def _plan(
             f"level {level} is {height}x{width} pixels, smaller than one {size}x{size} tile. "
             "Use a smaller tile_size or a higher-resolution level.",
         )
-    tiles_yx = tile_grid(height, width, size, config.step)
-    keep = np.ones(len(tiles_yx), dtype=bool)
+    step = config.step
+    rows = (height - size) // step + 1
+    cols = (width - size) // step + 1
+    if rows * cols > MAX_GRID_TILES:
+        raise SlideError(
+            record.slide_id,
+            "bad_metadata",
+            f"level {level} claims {height}x{width} pixels, i.e. {rows * cols:,} tiles of "
+            f"{size} px at stride {step}, more than the {MAX_GRID_TILES:,} one slide may "
+            "hold. The shape in the metadata is probably wrong; fix it or use a coarser "
+            "level.",
+        )
+    mask = None
     if config.min_tissue > 0:
         tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
         slide.level_shape(tissue_level)  # range check, with a clear error
@@ -325,7 +340,7 @@ def _plan(
                 f"cannot read level {tissue_level} for the tissue mask "
                 f"({type(err).__name__}: {err}). Re-export the slide.",
             ) from err
-        mask = tissue_mask(thumbnail)
+        mask = tissue_mask(thumbnail, mode=getattr(config, "tissue_mode", "auto"))
         if not mask.any():
             raise SlideError(
                 record.slide_id,
@@ -333,9 +348,18 @@ def _plan(
                 f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
                 "Check the slide, or set min_tissue=0 to keep every tile.",
             )
-        fractions = tissue_fraction(mask, tiles_yx, size, (height, width))
-        keep = fractions >= config.min_tissue
-    kept = tiles_yx[keep]
+    # Row by row, so planning memory follows the tiles kept, not the claimed area.
+    xs = np.arange(cols, dtype=np.int64) * step
+    kept_rows, rejected = [], 0
+    for row in range(rows):
+        row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
+        if mask is not None:
+            keep = tissue_fraction(mask, row_yx, size, (height, width)) >= config.min_tissue
+            rejected += int((~keep).sum())
+            row_yx = row_yx[keep]
+        if len(row_yx):
+            kept_rows.append(row_yx)
+    kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
     soft: list[tuple[float, ...] | None] = [None] * len(kept)
     if config.label_image is not None:
         if class_names is None:
@@ -353,13 +377,17 @@ def _plan(
         )
         for (y, x), soft_label in zip(kept.tolist(), soft, strict=True)
     )
-    rejected = int((~keep).sum())
+    stats = slide.read_stats
     return SlidePlan(
         slide_id=record.slide_id,
         tiles=tuple(tiles),
         skipped=(("background", rejected),) if rejected else (),
         num_channels=slide.num_channels,
         dtype=slide.dtype.name,
+        chunk_shape=slide.chunk_shape(level),
+        chunks_read=stats.chunks_read if stats is not None else 0,
+        bytes_read=stats.bytes_read if stats is not None else 0,
+        requests=stats.requests if stats is not None else 0,
     )
 
 

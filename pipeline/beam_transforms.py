@@ -1,14 +1,16 @@
 """Apache Beam adapter: the offline SoftMix job as composite PTransforms.
 
-    manifest rows -> SlidesToPlans -> PairTiles -> MixPairs -> EncodeExamples
-                  -> WriteShards (+ accounting) -> manifest.json
+    manifest rows -> SlidesToPlans -> PlansToStrips (tile packs) -> PairStrips
+                  -> MixBuckets -> WriteShards (+ accounting) -> manifest.json
 
-Each transform only wires the pure core (`_tiling`, `_pairing`, `_mixing`,
-`_encoding`, `_sharding`, `_output`) into Beam; nothing here computes anything the
-Dask adapter does not compute the same way. Only coordinates (`TileRecord`,
-`ExampleSpec`) travel until `MixPairs` reads pixels on the worker that mixes them;
-slide stores are opened once per worker (`DoFn.setup`), TensorFlow is initialised once
-per worker too.
+Each transform only wires the steps of `_stages` (and through them `_tiling`,
+`_packing`, `_pairing`, `_mixing`, `_encoding`, `_sharding`, `_output`) into Beam;
+nothing here computes anything the Dask adapter does not compute the same way. Only
+coordinates travel through Beam: strips carry tile records, the one shuffle carries
+pair specs to their bucket, and pixels go from the slides into the tile packs and
+from the packs into the bucket files (see `pipeline._packing`). The run layout and
+pairing table (one entry per slide) are singleton side inputs; no step holds all
+tiles of the run. `Reshuffle`s fan slides and strips out over the workers.
 
 Local runs use Beam's portable `FnApiRunner` (in-process or multi-process): Beam
 2.77's `DirectRunner` would first try to download the Prism runner binary.
@@ -23,15 +25,14 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from . import _job, _output, _pairing, _sharding
-from ._keys import ExampleSpec, SlidePlan, SlideRecord
-from ._mixing import ExampleFailure
+from . import _job, _output
+from ._keys import SlidePlan, SlideRecord
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
 
 __all__ = [
-    "EncodeExamples",
-    "MixPairs",
-    "PairTiles",
+    "MixBuckets",
+    "PairStrips",
+    "PlansToStrips",
     "SlidesToPlans",
     "WriteShards",
     "build_pipeline",
@@ -50,17 +51,13 @@ class _PlanSlide(beam.DoFn):
         self._on_error = on_error
         self._class_names = class_names
 
-    def setup(self) -> None:
-        from ._slides import SlideCache
-
-        self._cache = SlideCache()
-
     def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
-        from ._tiling import plan_slide
+        from ._stages import plan_task
 
-        plan = plan_slide(record, self._config, slide_cache=self._cache, on_error=self._on_error,
-                          class_names=self._class_names)
+        plan = plan_task(record, self._config, self._on_error, self._class_names)
         beam.metrics.Metrics.counter(_NAMESPACE, "slides_planned").inc()
+        beam.metrics.Metrics.counter(_NAMESPACE, "chunks_read").inc(plan.chunks_read)
+        beam.metrics.Metrics.counter(_NAMESPACE, "bytes_read").inc(plan.bytes_read)
         if plan.failure is not None:
             beam.metrics.Metrics.counter(_NAMESPACE, "slides_failed").inc()
         beam.metrics.Metrics.counter(_NAMESPACE, "tiles_kept").inc(len(plan.tiles))
@@ -96,174 +93,162 @@ class SlidesToPlans(beam.PTransform):
         )
 
 
-_UNPAIRED = "unpaired"
+class _PackStrip(beam.DoFn):
+    """Pack one strip: read its chunks once, cut and compress its tiles."""
+
+    def __init__(self, staging: str, read_cache_mb: float):
+        self._staging = staging
+        self._read_cache_mb = read_cache_mb
+
+    def process(self, task):
+        from ._stages import pack_task
+
+        result = pack_task(task, self._staging, self._read_cache_mb)
+        counter = beam.metrics.Metrics.counter
+        counter(_NAMESPACE, "strips_packed").inc()
+        counter(_NAMESPACE, "chunks_read").inc(result.chunks_read)
+        counter(_NAMESPACE, "bytes_read").inc(result.bytes_read)
+        counter(_NAMESPACE, "bytes_needed").inc(result.bytes_needed)
+        counter(_NAMESPACE, "tiles_read").inc(len(result.tiles))
+        for _, count in result.skipped:
+            counter(_NAMESPACE, "tiles_skipped").inc(count)
+        yield result
 
 
-class _PairDoFn(beam.DoFn):
-    """Per plan: the examples of its tiles; tiles with no partner go to `_UNPAIRED`."""
+class PlansToStrips(beam.PTransform):
+    """`SlidePlan`s -> `StripResult`s: every kept tile read once into the tile packs.
 
-    def __init__(self, config: MixConfig, num_classes: int):
-        self._config = config
-        self._num_classes = num_classes
-        self._index_source: object = None
-
-    def process(self, plan: SlidePlan, plans: Sequence[SlidePlan]):
-        if self._index_source is not plans:
-            self._reconciled = {p.slide_id: p for p in plans}
-            tiles = [tile for p in plans if p.failure is None for tile in p.tiles]
-            self._index = _pairing.PairingIndex(tiles, self._config, self._num_classes)
-            self._index_source = plans
-        reconciled = self._reconciled[plan.slide_id]
-        if reconciled.failure is not None:
-            return
-        for tile in reconciled.tiles:
-            specs = self._index.examples_for(tile)
-            if not specs:
-                yield beam.pvalue.TaggedOutput(_UNPAIRED, _output.Accounting.from_tile(tile))
-            yield from specs
-
-
-class PairTiles(beam.PTransform):
-    """`SlidePlan`s -> `ExampleSpec`s, one per example to write.
-
-    Every worker builds the same `PairingIndex` from the full, reconciled list of tile
-    coordinates (a side input), so partners depend only on `(seed, tile ids)`, never
-    on bundling or workers.
+    A plan is cut into strips (chunk columns, `_packing.split_plan`) that fan out over
+    the workers, so one slide's reading is spread over several workers too.
 
     Args:
-        config: pairing and mixing parameters.
-        num_classes: number of classes.
-        plans: singleton side input: the reconciled list of all slide plans
-            (`_job.reconcile_plans`).
-
-    Returns:
-        A tuple `(specs, unpaired)`: the example specs, and an `Accounting` per tile
-        that got no partner (counted under skip reason "no_partner").
+        slides: the manifest's slide records.
+        tile_size: tile side in pixels.
+        staging: the run's staging directory (packs are written under it).
+        read_cache_mb: decoded pixels a strip task holds at once.
     """
 
-    def __init__(self, config: MixConfig, num_classes: int, plans: Any):
+    def __init__(self, slides: Sequence[SlideRecord], tile_size: int, staging: str,
+                 read_cache_mb: float):
         super().__init__()
-        self._config = config
-        self._num_classes = num_classes
-        self._plans = plans
+        self._records = {record.slide_id: record for record in slides}
+        self._tile_size = tile_size
+        self._staging = staging
+        self._read_cache_mb = read_cache_mb
 
     def expand(self, plans):
-        outputs = plans | "Pair" >> beam.ParDo(
-            _PairDoFn(self._config, self._num_classes), self._plans
-        ).with_outputs(_UNPAIRED, main="specs")
-        return outputs.specs, outputs[_UNPAIRED]
+        from ._packing import split_plan
+
+        records, size = self._records, self._tile_size
+        return (
+            plans
+            | "SplitPlan" >> beam.FlatMap(lambda p: split_plan(records[p.slide_id], p, size))
+            | "FanOutStrips" >> beam.Reshuffle()
+            | "PackStrip" >> beam.ParDo(_PackStrip(self._staging, self._read_cache_mb))
+        )
 
 
-class _MixDoFn(beam.DoFn):
-    def __init__(self, slides: Sequence[SlideRecord], tile_size: int, config: MixConfig,
-                 num_classes: int, on_error: str, progress_dir: str | None = None):
-        self._progress_dir = progress_dir
-        self._slides = tuple(slides)
-        self._tile_size = tile_size
+_ACCOUNTING = "accounting"
+
+
+class _PairStrip(beam.DoFn):
+    def process(self, result, layout, table):
+        from ._stages import pair_strip
+
+        pairs, accounting = pair_strip(result, layout, table)
+        yield beam.pvalue.TaggedOutput(_ACCOUNTING, accounting)
+        yield from pairs
+
+
+class PairStrips(beam.PTransform):
+    """`StripResult`s -> `((shard, bucket), PairSpec)`, partners drawn per strip.
+
+    Each worker holds the small run layout and pairing table (one entry per slide)
+    as side inputs, never the tiles of other strips.
+
+    Returns:
+        `(pairs, accounting)`: the keyed specs and one `Accounting` per strip.
+    """
+
+    def __init__(self, layout: Any, table: Any):
+        super().__init__()
+        self._layout = layout
+        self._table = table
+
+    def expand(self, strips):
+        outputs = strips | "Pair" >> beam.ParDo(
+            _PairStrip(), self._layout, self._table).with_outputs(_ACCOUNTING, main="pairs")
+        return outputs.pairs, outputs[_ACCOUNTING]
+
+
+class _MixBucket(beam.DoFn):
+    def __init__(self, config: MixConfig, num_classes: int, progress_dir: str | None):
         self._config = config
         self._num_classes = num_classes
-        self._on_error = on_error
+        self._progress_dir = progress_dir
 
     def setup(self) -> None:
         from ._mixing import configure_tensorflow
-        from ._slides import SlideCache
 
         configure_tensorflow()
         import softmix_tf  # noqa: F401 - build TensorFlow state once per worker
 
-        read = _job.make_tile_reader(self._slides, self._tile_size, SlideCache())
-        tiles_read = beam.metrics.Metrics.counter(_NAMESPACE, "tiles_read")
+    def process(self, item, layout):
+        from ._stages import mix_bucket
 
-        def counted_read(key):
-            tiles_read.inc()
-            return read(key)
-
-        self._read = counted_read
-
-    def process(self, batch: Sequence[ExampleSpec]):
-        from ._mixing import mix_examples
-
-        results = mix_examples(batch, self._read, self._config, self._num_classes,
-                               on_error=self._on_error)
-        _job.report_progress(self._progress_dir, len(results))
-        for result in results:
-            if isinstance(result, ExampleFailure):
-                beam.metrics.Metrics.counter(_NAMESPACE, "examples_failed").inc()
-            else:
-                beam.metrics.Metrics.counter(_NAMESPACE, "examples_mixed").inc()
-            yield result
+        bucket, specs = item
+        result = mix_bucket(bucket, specs, layout, self._config, self._num_classes,
+                            progress_dir=self._progress_dir)
+        beam.metrics.Metrics.counter(_NAMESPACE, "examples_mixed").inc(
+            result.accounting.examples_written)
+        yield result
 
 
-class MixPairs(beam.PTransform):
-    """`ExampleSpec`s -> `MixedExample`s (or `ExampleFailure`s): read tiles and mix.
+class MixBuckets(beam.PTransform):
+    """`((shard, bucket), PairSpec)` -> `BucketResult`: read from packs, mix, encode.
 
-    Specs are regrouped into batches of `config.batch_size`; the SoftMix op is
-    batch-invariant, so batch composition does not change any example.
+    Specs are grouped by bucket (a shuffle of coordinates only); each bucket's part
+    file is sorted by example id, so its bytes do not depend on the engine.
     """
 
-    def __init__(self, slides: Sequence[SlideRecord], tile_size: int, config: MixConfig,
-                 num_classes: int, *, on_error: str = "skip", progress_dir: str | None = None):
+    def __init__(self, config: MixConfig, num_classes: int, layout: Any, *,
+                 progress_dir: str | None = None):
         super().__init__()
-        self._dofn = _MixDoFn(slides, tile_size, config, num_classes, on_error, progress_dir)
-        self._batch_size = config.batch_size
+        self._dofn = _MixBucket(config, num_classes, progress_dir)
+        self._layout = layout
 
-    def expand(self, specs):
+    def expand(self, pairs):
         return (
-            specs
-            | "SpreadSpecs" >> beam.Reshuffle()
-            | "Batch" >> beam.BatchElements(
-                min_batch_size=self._batch_size, max_batch_size=self._batch_size
-            )
-            | "Mix" >> beam.ParDo(self._dofn)
+            pairs
+            | "GroupByBucket" >> beam.GroupByKey()
+            | "Mix" >> beam.ParDo(self._dofn, self._layout)
         )
-
-
-class EncodeExamples(beam.PTransform):
-    """`MixedExample`s -> `(example_id, serialized tf.train.Example)`."""
-
-    def expand(self, examples):
-        from ._encoding import encode_example
-
-        return examples | "Encode" >> beam.Map(
-            lambda example: (example.spec.example_id, encode_example(example))
-        )
-
-
-class _WriteShardDoFn(beam.DoFn):
-    def __init__(self, config: OutputConfig):
-        self._config = config
-
-    def process(self, item, num_shards: int):
-        index, records = item
-        info = _job.write_staged_shard(self._config, index, num_shards, list(records))
-        beam.metrics.Metrics.counter(_NAMESPACE, "examples_written").inc(info.num_examples)
-        yield info
 
 
 class WriteShards(beam.PTransform):
-    """`(example_id, bytes)` -> staged shard files; yields one `ShardInfo` per shard.
+    """`BucketResult`s -> staged shards (`ShardInfo`): a shard's parts concatenated."""
 
-    Records go to `shard_for(example_id)`, and each shard is sorted by example id, so
-    a shard's bytes do not depend on the engine, the workers or the bundling.
-
-    Args:
-        config: output settings.
-        num_shards: singleton side input (or int) with the number of shards.
-    """
-
-    def __init__(self, config: OutputConfig, num_shards: Any):
+    def __init__(self, config: OutputConfig, layout: Any):
         super().__init__()
         self._config = config
-        self._num_shards = num_shards
+        self._layout = layout
 
-    def expand(self, records):
+    def expand(self, buckets):
+        from ._stages import finalize_shard
+
+        config = self._config
+
+        def write(item, layout):
+            shard, parts = item
+            info = finalize_shard(shard, list(parts), layout.num_shards, config)
+            beam.metrics.Metrics.counter(_NAMESPACE, "examples_written").inc(info.num_examples)
+            return info
+
         return (
-            records
-            | "AssignShard" >> beam.Map(
-                lambda record, n: (_sharding.shard_for(record[0], n), record), self._num_shards
-            )
+            buckets
+            | "KeyByShard" >> beam.Map(lambda b: (b.shard, b))
             | "GroupByShard" >> beam.GroupByKey()
-            | "WriteShard" >> beam.ParDo(_WriteShardDoFn(self._config), self._num_shards)
+            | "ConcatShard" >> beam.Map(write, self._layout)
         )
 
 
@@ -281,8 +266,19 @@ class _AccountingFn(beam.CombineFn):
         return accumulator
 
 
+def _make_table(layout, mix: MixConfig, num_classes: int):
+    from ._pairing import PairingTable
+    from .errors import PipelineError
+
+    try:
+        return PairingTable(layout.counts(), mix, num_classes)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
+
+
 def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[SlideRecord],
-                   class_names: Sequence[str], params: dict[str, Any]):
+                   class_names: Sequence[str], params: dict[str, Any], *,
+                   examples_per_task: int | None = None):
     """Add the whole job to `pipeline`; the last step writes `manifest.json`.
 
     Args:
@@ -291,50 +287,58 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         slides: the manifest's slide records.
         class_names: the run's classes.
         params: the `params` entry of `manifest.json`.
+        examples_per_task: examples per mix bucket (default 128).
 
     Returns:
         A PCollection holding the manifest dict once written.
     """
+    from . import _stages
+
     num_classes = len(class_names)
     on_error = job.output.on_error
-    plans = (
+    staging = _job.staging_dir(job.output)
+    raw_plans = (
         pipeline
         | "Slides" >> beam.Create(list(slides))
         | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names)
     )
-    all_plans = (
-        plans
-        | "CollectPlans" >> beam.combiners.ToList()
-        | "Reconcile" >> beam.Map(_job.reconcile_plans)
+    majority = beam.pvalue.AsSingleton(
+        raw_plans
+        | "Kinds" >> beam.FlatMap(_stages.plan_kind)
+        | "CollectKinds" >> beam.combiners.ToList()
+        | "Majority" >> beam.Map(_stages.majority_kind)
     )
-    plans_side = beam.pvalue.AsSingleton(all_plans)
-    num_shards = all_plans | "NumShards" >> beam.Map(
-        lambda ps: _job.num_shards_for_job(job, ps)
-    )
-    num_shards_side = beam.pvalue.AsSingleton(num_shards)
+    plans = raw_plans | "Reconcile" >> beam.Map(_stages.reconcile_plan, majority)
+    strips = plans | "PlansToStrips" >> PlansToStrips(
+        slides, job.tile.tile_size, staging, job.read_cache_mb)
 
-    specs, unpaired = plans | "PairTiles" >> PairTiles(job.mix, num_classes, plans_side)
-    results = specs | "MixPairs" >> MixPairs(
-        slides, job.tile.tile_size, job.mix, num_classes, on_error=on_error,
-        progress_dir=_job.staging_dir(job.output),
+    def layout_of(summaries, kind):
+        channels, dtype = kind if kind is not None else (3, "uint8")
+        return _stages.build_layout(
+            summaries, slides, job, staging,
+            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
+            examples_per_task=examples_per_task)
+
+    layout_pc = (
+        strips
+        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles)))
+        | "CollectSizes" >> beam.combiners.ToList()
+        | "Layout" >> beam.Map(layout_of, majority)
     )
-    shards = (
-        results
-        | "Written" >> beam.Filter(lambda r: not isinstance(r, ExampleFailure))
-        | "EncodeExamples" >> EncodeExamples()
-        | "WriteShards" >> WriteShards(job.output, num_shards_side)
-    )
-    plan_accounting = all_plans | "PlanAccounting" >> beam.FlatMap(
-        lambda ps: [_output.Accounting.from_plan(p) for p in ps]
-    )
-    tile_accounting = (
-        results
-        | "TileOutcome" >> beam.Map(_job.tile_outcome)
-        | "GroupByTile" >> beam.GroupByKey()
-        | "TileAccounting" >> beam.MapTuple(_job.tile_accounting)
-    )
+    layout = beam.pvalue.AsSingleton(layout_pc)
+    table = beam.pvalue.AsSingleton(
+        layout_pc | "PairingTable" >> beam.Map(_make_table, job.mix, num_classes))
+    pairs, pair_accounting = strips | "PairStrips" >> PairStrips(layout, table)
+    buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, num_classes, layout,
+                                                 progress_dir=staging)
+    shards = buckets | "WriteShards" >> WriteShards(job.output, layout)
     accounting = (
-        (plan_accounting, tile_accounting, unpaired)
+        (
+            plans | "PlanAccounting" >> beam.Map(_output.Accounting.from_plan),
+            strips | "StripAccounting" >> beam.Map(_stages.strip_accounting),
+            pair_accounting,
+            buckets | "BucketAccounting" >> beam.Map(lambda b: b.accounting),
+        )
         | "AllAccounting" >> beam.Flatten()
         | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn())
     )
@@ -342,10 +346,10 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         pipeline
         | "Finish" >> beam.Create([None])
         | "Publish" >> beam.Map(
-            lambda _, infos, n, acc: _job.publish_output(
-                job.output, infos, n, acc, class_names, params),
+            lambda _, infos, lay, acc: _job.publish_output(
+                job.output, infos, lay.num_shards, acc, class_names, params),
             beam.pvalue.AsList(shards),
-            num_shards_side,
+            layout,
             beam.pvalue.AsSingleton(accounting),
         )
     )
@@ -368,7 +372,7 @@ def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> P
 
 
 def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, examples_per_task: int | None = None) -> dict[str, Any]:
     """Run the whole job on Beam and return the written manifest.
 
     Args:
@@ -376,6 +380,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         workers: local worker processes (ignored by remote runners).
         beam_args: extra Beam pipeline options, e.g. ``["--runner=DataflowRunner", ...]``.
         progress: show a progress counter for local runs.
+        examples_per_task: examples per mix bucket (default 128; never changes output).
 
     Raises:
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
@@ -392,7 +397,8 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with _job.progress_reporter(job.output, enabled=progress):
         pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params)
+        build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params,
+                       examples_per_task=examples_per_task)
         try:
             pipeline.run().wait_until_finish()
         except Exception as err:

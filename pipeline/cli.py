@@ -75,6 +75,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("execution")
     run.add_argument("--workers", type=int, default=1, help="local worker processes")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--read-cache-mb", type=float, default=256.0,
+                     help="decoded slide pixels one reading task holds at once; bounds "
+                     "worker memory whatever the slide size (default 256)")
 
 
 def job_config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -116,6 +119,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             on_error=args.on_error,
         ),
         class_names=class_names,
+        read_cache_mb=args.read_cache_mb,
     )
 
 

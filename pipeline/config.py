@@ -216,6 +216,7 @@ class JobConfig:
         mix: how tiles are paired and mixed.
         output: where and how shards are written.
         class_names: explicit class order; None = sorted distinct manifest labels.
+        read_cache_mb: decoded slide pixels one reading task holds at once (MiB).
     """
 
     manifest: str
@@ -223,8 +224,12 @@ class JobConfig:
     mix: MixConfig
     output: OutputConfig
     class_names: tuple[str, ...] | None = None
+    read_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
+        if not self.read_cache_mb > 0:
+            raise ValueError(
+                f"`read_cache_mb` must be > 0. Received: read_cache_mb={self.read_cache_mb}")
         rows, cols = self.mix.grid
         if max(rows, cols) > self.tile.tile_size:
             raise ValueError(

@@ -1,57 +1,39 @@
 """Dask adapter: the offline SoftMix job on a `distributed` cluster.
 
-    manifest rows -> plan tasks (one per slide) -> gather plans (coordinates only)
-                  -> reconcile + pair + assign shards on the client
-                  -> mix tasks (one per shard part) -> write tasks (one per shard)
+    manifest rows -> plan tasks (one per slide) -> strip tasks (pack each chunk column)
+                  -> run layout + pairing table on the client (one entry per slide)
+                  -> pair tasks (one per strip) -> bag shuffle of specs by bucket
+                  -> mix tasks (one per bucket) -> concat tasks (one per shard)
                   -> accounting + manifest.json on the client
 
-Like `beam_transforms`, this module only decides *where* the pure core runs
-(`_tiling.plan_slide`, `_pairing.PairingIndex`, `_mixing.mix_examples`,
-`_encoding.encode_example`, `_sharding.shard_for`, `_job.write_staged_shard`,
-`_job.tile_accounting`, `_job.publish_output`); it computes nothing itself.
-
-Why futures and not a bag or a dataframe: the shape of the graph depends on data
-(how many tiles survive tiling, how many shards), and pairing is global, so the job
-runs in two phases. Phase one maps `plan_slide` over the slides and brings back only
-coordinates (`SlidePlan`s, a few bytes per tile). The client then knows every
-example's shard (`shard_for(example_id, num_shards)`) before any pixel is read, so
-phase two is a plain fan-in per shard: mix tasks read, mix and encode a part of one
-shard; the shard's write task sorts and writes them (temporary name + rename, so a
-retried task never duplicates or truncates a shard). A bag would need a
-shuffle/groupby to regroup records by shard, which costs a full data exchange the
-client-side assignment makes unnecessary. No slide-sized array enters the graph:
-task arguments are `SlideRecord`s and `ExampleSpec`s, results are plans, encoded
-tile records and small per-tile outcomes. Shards are prioritised in order, so a
-shard's write runs as soon as its parts are done and worker memory holds about one
-shard per worker, however many slides the run has.
-
-Accounting: `Accounting.from_tile` must see all outcomes of an anchor tile at once.
-When all of an anchor's examples hash to one shard (always with `num_mixes=1` and no
-originals), that shard's write task accounts it; the outcomes of anchors split over
-several shards go back to the client, which groups them by anchor.
+Like `beam_transforms`, this module only decides *where* the steps of `_stages` run;
+it computes nothing itself. Futures carry the data-dependent phases (how many strips a
+slide has is known only after planning); the client only ever gathers small results:
+`(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
+shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
+(coordinates only) regrouped by bucket, is a `dask.bag` task shuffle. Pixels never
+enter the graph: they go from the slides into the tile packs and from the packs into
+the bucket files in the run's staging area (see `pipeline._packing` for why).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import math
+import operator
 import os
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from . import _job, _output, _pairing, _sharding
-from ._keys import ExampleSpec, SlidePlan, SlideRecord
-from .config import JobConfig, MixConfig, OutputConfig, TileConfig
+from . import _job, _output
+from .config import JobConfig, MixConfig
 from .errors import PipelineError
 
 __all__ = [
     "WorkerMemoryMonitor",
-    "assign_shards",
     "measure_peak_worker_rss",
-    "plan_slides",
     "run_dask",
     "run_job",
     "start_local_cluster",
@@ -59,128 +41,32 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# --- Worker side -----------------------------------------------------------------------
-
-_CACHE_LOCK = threading.Lock()
-_WORKER_CACHE: Any = None
-
-
-class _LockedCache:
-    """The worker process's `SlideCache`, safe for several worker threads."""
-
-    def __init__(self) -> None:
-        from ._slides import SlideCache
-
-        self._cache = SlideCache()
-
-    def get(self, path: str, slide_id: str | None = None, axes: str | None = None) -> Any:
-        with _CACHE_LOCK:
-            return self._cache.get(path, slide_id=slide_id, axes=axes)
-
-
-def _worker_cache() -> _LockedCache:
-    """One slide cache per worker process: a slide's store is opened once per worker."""
-    global _WORKER_CACHE
-    with _CACHE_LOCK:
-        if _WORKER_CACHE is None:
-            _WORKER_CACHE = _LockedCache()
-        return _WORKER_CACHE
-
-
-def _plan_task(record: SlideRecord, config: TileConfig, on_error: str,
-               class_names: Sequence[str]) -> SlidePlan:
-    from ._tiling import plan_slide
-
-    return plan_slide(record, config, slide_cache=_worker_cache(), on_error=on_error,
-                      class_names=class_names)
-
-
-def _mix_task(specs: Sequence[ExampleSpec], slides: Sequence[SlideRecord], tile_size: int,
-              config: MixConfig, num_classes: int, on_error: str, progress_dir: str | None
-              ) -> tuple[list[tuple[str, bytes]], list[tuple[Any, tuple[str, Any]]]]:
-    """Read, mix and encode a part of one shard: `(records, tile outcomes)`."""
-    from ._encoding import encode_example
-    from ._mixing import ExampleFailure, configure_tensorflow, mix_examples
-
-    configure_tensorflow()  # before TF builds its pools: SOFTMIX_TF_THREADS, default 1
-    read = _job.make_tile_reader(slides, tile_size, _worker_cache())
-    results = mix_examples(specs, read, config, num_classes, on_error=on_error)
-    _job.report_progress(progress_dir, len(results))
-    records = [(r.spec.example_id, encode_example(r)) for r in results
-               if not isinstance(r, ExampleFailure)]
-    return records, [_job.tile_outcome(r) for r in results]
-
-
-def _write_task(index: int, num_shards: int, config: OutputConfig, split_anchors: frozenset,
-                *parts: tuple[list, list]) -> tuple[Any, Any, dict[Any, list]]:
-    """Write one shard from its parts; account the anchors that live in it alone.
-
-    Returns:
-        `(ShardInfo, Accounting of this shard's unsplit anchors,
-        {anchor: outcomes} of its split anchors)`.
-    """
-    records = [record for part_records, _ in parts for record in part_records]
-    info = _job.write_staged_shard(config, index, num_shards, records)
-    by_anchor: dict[Any, list] = collections.defaultdict(list)
-    for _, outcomes in parts:
-        for key, outcome in outcomes:
-            by_anchor[key].append(outcome)
-    local = _output.Accounting.merge_all(
-        _job.tile_accounting(key, outcomes) for key, outcomes in by_anchor.items()
-        if key not in split_anchors
-    )
-    split = {key: outcomes for key, outcomes in by_anchor.items() if key in split_anchors}
-    return info, local, split
-
-
 # --- Client side -----------------------------------------------------------------------
 
 
-def plan_slides(client: Any, slides: Sequence[SlideRecord], config: TileConfig, *,
-                class_names: Sequence[str], on_error: str = "skip",
-                run_id: str | None = None) -> tuple[SlidePlan, ...]:
-    """Tile every slide on the workers; return the reconciled plans (coordinates only)."""
-    run_id = run_id or uuid.uuid4().hex[:8]
-    futures = client.map(_plan_task, list(slides),
-                         key=[f"softmix-plan-{run_id}-{i}" for i in range(len(slides))],
-                         config=config, on_error=on_error, class_names=tuple(class_names))
-    try:
-        return _job.reconcile_plans(client.gather(futures))
-    finally:
-        client.cancel(futures)
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
 
 
-def assign_shards(plans: Sequence[SlidePlan], config: MixConfig, num_classes: int,
-                  num_shards: int) -> tuple[dict[int, list[ExampleSpec]], frozenset, Any]:
-    """Pair the tiles of the reconciled `plans` and put each example in its shard.
-
-    Returns:
-        `(specs by shard index, anchors whose examples span several shards,
-        Accounting of tiles with no example)`; specs are sorted by example id.
-    """
-    usable = [plan for plan in plans if plan.failure is None]
-    index = _pairing.PairingIndex([t for p in usable for t in p.tiles], config, num_classes)
-    shards: dict[int, list[ExampleSpec]] = collections.defaultdict(list)
-    unpaired, split = [], set()
-    for plan in usable:
-        for tile in plan.tiles:
-            specs = index.examples_for(tile)
-            if not specs:
-                unpaired.append(_output.Accounting.from_tile(tile))
-            targets = {_sharding.shard_for(spec.example_id, num_shards) for spec in specs}
-            for spec in specs:
-                shards[_sharding.shard_for(spec.example_id, num_shards)].append(spec)
-            if len(targets) > 1:
-                split.add(_job._key_tuple(tile.key))
-    for specs in shards.values():
-        specs.sort()
-    return dict(shards), frozenset(split), _output.Accounting.merge_all(unpaired)
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]
 
 
-def _part_size(num_specs: int, batch_size: int, num_threads: int) -> int:
-    # At most 4 op batches per task (bounded task memory), but small jobs still spread
-    # over every worker thread. Batch-invariance keeps the output independent of this.
-    return max(1, min(4 * batch_size, math.ceil(num_specs / max(1, 2 * num_threads))))
+def _strip_size(result: Any) -> tuple[str, int, int]:
+    return (result.slide_id, result.strip, len(result.tiles))
+
+
+def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
+               progress_dir: str | None) -> Any:
+    from ._stages import mix_bucket
+
+    bucket, items = group
+    return mix_bucket(bucket, [spec for _, spec in items], layout, config, num_classes,
+                      progress_dir=progress_dir)
+
+
+def _bucket_key(item: tuple[Any, Any]) -> Any:
+    return item[0]
 
 
 def run_job(client: Any, job: JobConfig, *, progress: bool = True,
@@ -195,7 +81,7 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
         client: a connected `distributed.Client`.
         job: the run's configuration.
         progress: show a progress counter (local output only).
-        examples_per_task: examples per mix task; default: up to 4 op batches.
+        examples_per_task: examples per mix bucket (default 128).
         extra_params: more entries for the manifest's `params`.
 
     Raises:
@@ -220,71 +106,89 @@ def _prepare(job: JobConfig) -> Any:
 def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
                   examples_per_task: int | None,
                   extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
+    import dask
+    import dask.bag as db
+
+    from . import _stages
+    from ._packing import split_plan
+    from ._pairing import PairingTable
+
     class_names, slides = manifest.class_names, manifest.slides
     num_classes = len(class_names)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     params = _job.job_params(job, "dask", workers=len(workers), **dict(extra_params or {}))
     on_error = job.output.on_error
+    staging = _job.staging_dir(job.output)
     run_id = uuid.uuid4().hex[:8]
-    futures: list[Any] = []
+    held: list[Any] = []
     try:
-        plans = plan_slides(client, slides, job.tile, class_names=class_names,
-                            on_error=on_error, run_id=run_id)
-        num_shards = _job.num_shards_for_job(job, plans)
-        shards, split_anchors, unpaired = assign_shards(plans, job.mix, num_classes,
-                                                        num_shards)
-        num_specs = sum(len(specs) for specs in shards.values())
-        num_threads = sum(w.get("nthreads", 1) for w in workers.values())
-        part = examples_per_task or _part_size(num_specs, job.mix.batch_size, num_threads)
-        slide_records = {record.slide_id: record for record in slides}
-        progress_dir = _job.staging_dir(job.output)
-        for index in sorted(shards):
-            specs = shards[index]
-            priority = 2 * (num_shards - index)  # earlier shards first, writes asap
-            parts = []
-            for start in range(0, len(specs), part):
-                chunk = specs[start:start + part]
-                used = sorted({s.a.key.slide_id for s in chunk} | {s.b.key.slide_id
-                                                                     for s in chunk})
-                parts.append(client.submit(
-                    _mix_task, chunk, [slide_records[s] for s in used], job.tile.tile_size,
-                    job.mix, num_classes, on_error, progress_dir,
-                    key=f"softmix-mix-{run_id}-{index:05d}-{start:07d}", priority=priority,
-                    pure=False))
-            mine = frozenset(key for key in (_job._key_tuple(s.a.key) for s in specs)
-                             if key in split_anchors)
-            futures.append(client.submit(
-                _write_task, index, num_shards, job.output, mine, *parts,
-                key=f"softmix-write-{run_id}-{index:05d}", priority=priority + 1,
-                pure=False))
-        with _job.progress_reporter(job.output, enabled=progress, total=num_specs):
-            infos, parts_acc, split_outcomes = _gather_shards(client, futures)
+        # 1. Plan every slide; only (channels, dtype) come back to the client.
+        raw = client.map(_stages.plan_task, list(slides), config=job.tile, on_error=on_error,
+                         class_names=tuple(class_names),
+                         key=[f"softmix-plan-{run_id}-{i}" for i in range(len(slides))])
+        held += raw
+        kinds = [k for ks in client.gather(client.map(_stages.plan_kind, raw)) for k in ks]
+        majority = _stages.majority_kind(kinds)
+        plans = client.map(_stages.reconcile_plan, raw, majority=majority)
+        held += plans
+        plan_acc = client.gather(client.map(_output.Accounting.from_plan, plans))
+        # 2. Cut plans into strips on the workers and pack every strip.
+        strip_lists = client.map(split_plan, list(slides), plans,
+                                 tile_size=job.tile.tile_size)
+        held += strip_lists
+        sizes = client.gather(client.map(len, strip_lists))
+        tasks = [client.submit(operator.getitem, lst, i, pure=False)
+                 for lst, n in zip(strip_lists, sizes, strict=True) for i in range(n)]
+        held += tasks
+        results = client.map(_stages.pack_task, tasks, staging=staging,
+                             read_cache_mb=job.read_cache_mb, pure=False)
+        held += results
+        strip_acc = client.gather(client.map(_stages.strip_accounting, results))
+        summaries = client.gather(client.map(_strip_size, results))
+        # 3. The small run layout and pairing table, broadcast to every worker.
+        channels, dtype = majority if majority is not None else (3, "uint8")
+        layout = _stages.build_layout(
+            summaries, slides, job, staging,
+            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
+            examples_per_task=examples_per_task)
+        try:
+            table = PairingTable(layout.counts(), job.mix, num_classes)
+        except ValueError as err:
+            raise PipelineError(str(err)) from err
+        layout_f, table_f = client.scatter([layout, table], broadcast=True, hash=False)
+        # 4. Pair per strip, shuffle the (small) specs by bucket, mix each bucket.
+        paired = client.map(_stages.pair_strip, results, layout=layout_f, table=table_f)
+        held += paired
+        pair_acc = client.gather(client.map(_second, paired))
+        spec_lists = client.map(_first, paired)
+        held += spec_lists
+        num_buckets = layout.num_shards * layout.buckets_per_shard
+        bag = db.from_delayed([dask.delayed(lambda x: x)(f) for f in spec_lists])
+        grouped = bag.groupby(_bucket_key, shuffle="tasks",
+                              npartitions=max(1, min(num_buckets, len(spec_lists))))
+        mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
+        total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
+                                                   + int(job.mix.keep_originals))
+        with _job.progress_reporter(job.output, enabled=progress, total=total):
+            buckets = client.gather(client.compute(mixed))
+        # 5. Concatenate each shard's buckets.
+        by_shard: dict[int, list] = collections.defaultdict(list)
+        for bucket in buckets:
+            by_shard[bucket.shard].append(bucket)
+        infos = client.gather(client.map(
+            _stages.finalize_shard, sorted(by_shard), [by_shard[s] for s in sorted(by_shard)],
+            num_shards=layout.num_shards, config=job.output, pure=False))
     except PipelineError:
         raise
     except Exception as err:
         _job.reraise_pipeline_error(err)
         raise
     finally:
-        client.cancel(futures)
+        client.cancel(held)
     accounting = _output.Accounting.merge_all(
-        [_output.Accounting.from_plan(plan) for plan in plans] + parts_acc + [unpaired]
-        + [_job.tile_accounting(key, outs) for key, outs in sorted(split_outcomes.items())]
-    )
-    return _job.publish_output(job.output, infos, num_shards, accounting, class_names,
+        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets])
+    return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
                                params)
-
-
-def _gather_shards(client: Any, futures: Sequence[Any]) -> tuple[list, list, dict]:
-    from distributed import as_completed
-
-    infos, accountings = [], []
-    split: dict[Any, list] = collections.defaultdict(list)
-    for _, (info, local, outcomes) in as_completed(futures, with_results=True):
-        infos.append(info)
-        accountings.append(local)
-        for key, outs in outcomes.items():
-            split[key].extend(outs)
-    return infos, accountings, split
 
 
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,

@@ -1,0 +1,303 @@
+"""The engine-independent steps of one offline run; Beam and Dask only move their data.
+
+    slides --plan_task--> SlidePlan --split_plan--> StripTask --pack_task--> StripResult
+      StripResults --build_layout--> RunLayout (small: one entry per slide and strip)
+      StripResult + RunLayout --pair_strip--> (bucket, PairSpec)...   [shuffle by bucket]
+      bucket + PairSpecs --mix_bucket--> BucketResult (a sorted part file in staging)
+      shard + BucketResults --finalize_shard--> ShardInfo (parts concatenated)
+
+Only coordinates travel between steps: pixels go from the slides into the strips'
+tile packs (`_packing`) and from the packs into the bucket files. Every step is a pure
+function of its inputs and the run's seed, so the engine, the worker count and the
+grouping of work never change a byte of the output.
+
+Buckets: an example goes to shard ``shard_for(example_id, num_shards)`` and, inside
+it, to bucket ``stable_hash(example_id) % buckets_per_shard``; `buckets_per_shard`
+comes from the run's example count (never from the worker count), so that a bucket
+holds about `examples_per_task` examples. A shard is its buckets' part files
+concatenated in bucket order, each sorted by example id.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import math
+import posixpath
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ._keys import ExampleSpec, SlidePlan, SlideRecord, stable_hash
+from ._output import Accounting
+from ._packing import StripResult, StripTask, pack_path
+from .config import JobConfig, MixConfig, OutputConfig, TileConfig
+
+__all__ = [
+    "BucketResult",
+    "RunLayout",
+    "SlideLayout",
+    "build_layout",
+    "finalize_shard",
+    "mix_bucket",
+    "pack_task",
+    "pair_strip",
+    "plan_task",
+    "strip_accounting",
+]
+
+DEFAULT_EXAMPLES_PER_TASK = 128
+
+
+def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
+              class_names: Sequence[str]) -> SlidePlan:
+    """Tile one slide (opened afresh, so its read counters are this task's)."""
+    from ._tiling import plan_slide
+
+    return plan_slide(record, config, on_error=on_error, class_names=class_names)
+
+
+def majority_kind(kinds: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
+    """The most common (channels, dtype) of the usable slides (ties: smallest value)."""
+    counts = collections.Counter(kinds)
+    if not counts:
+        return None
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[0][0]
+
+
+def plan_kind(plan: SlidePlan) -> list[tuple[int, str]]:
+    """`[(channels, dtype)]` of a usable plan, `[]` otherwise (for `majority_kind`)."""
+    return [(plan.num_channels, plan.dtype)] if plan.failure is None and plan.tiles else []
+
+
+def reconcile_plan(plan: SlidePlan, majority: tuple[int, str] | None) -> SlidePlan:
+    """Fail a slide whose channel count or dtype differs from the run's majority.
+
+    Tiles of one run are mixed with each other, so they must share `[C]` and dtype;
+    the others are reported under `slides_failed: incompatible_pixels`.
+    """
+    kind = (plan.num_channels, plan.dtype)
+    if plan.failure is not None or not plan.tiles or majority is None or kind == majority:
+        return plan
+    return dataclasses.replace(
+        plan, tiles=(), failure="incompatible_pixels",
+        skipped=plan.skipped + (("incompatible_pixels", len(plan.tiles)),),
+        message=(f"slide {plan.slide_id!r} has {kind[0]} channels of {kind[1]}, but most "
+                 f"slides of this run have {majority[0]} channels of {majority[1]}; run "
+                 "slides of different channel layouts as separate jobs."))
+
+
+def pack_task(task: StripTask, staging: str, read_cache_mb: float,
+              transform: Any = None) -> StripResult:
+    """Pack one strip (see `_packing.pack_strip`)."""
+    from ._packing import pack_strip
+
+    return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform)
+
+
+def strip_accounting(result: StripResult) -> Accounting:
+    """The strip's unusable tiles (resolved) and its reads."""
+    skipped = dict(result.skipped)
+    return Accounting(tiles_skipped=skipped, tiles_pending=-sum(skipped.values()),
+                      chunks_read=result.chunks_read, bytes_read=result.bytes_read,
+                      bytes_needed=result.bytes_needed, requests=result.requests)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideLayout:
+    """Where a slide's usable tiles are: strips in order and their prefix sums."""
+
+    slide_id: str
+    label: int
+    group: str | None
+    strips: tuple[int, ...]
+    offsets: tuple[int, ...]  # len(strips) + 1; offsets[-1] = usable tiles
+
+    @property
+    def num_tiles(self) -> int:
+        return self.offsets[-1]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLayout:
+    """Everything the pairing and mixing steps need to know about the whole run.
+
+    One entry per slide (and strip), never per tile: it travels as a side input.
+    """
+
+    slides: Mapping[str, SlideLayout]
+    staging: str
+    num_shards: int
+    buckets_per_shard: int
+
+    def locate(self, slide_id: str, index: int) -> tuple[str, int]:
+        """`(pack, index in pack)` of usable tile `index` of `slide_id`."""
+        layout = self.slides[slide_id]
+        pos = bisect.bisect_right(layout.offsets, index) - 1
+        return (pack_path(self.staging, slide_id, layout.strips[pos]),
+                index - layout.offsets[pos])
+
+    def strip_offset(self, slide_id: str, strip: int) -> int:
+        layout = self.slides[slide_id]
+        return layout.offsets[layout.strips.index(strip)]
+
+    def bucket_of(self, example_id: str) -> tuple[int, int]:
+        from ._sharding import shard_for
+
+        return (shard_for(example_id, self.num_shards),
+                stable_hash("softmix.bucket", example_id) % self.buckets_per_shard)
+
+    def counts(self) -> list[Any]:
+        from ._pairing import SlideCounts
+
+        return [SlideCounts(s.slide_id, s.label, s.group, s.num_tiles)
+                for s in sorted(self.slides.values(), key=lambda s: s.slide_id)]
+
+
+def build_layout(strips: Iterable[tuple[str, int, int]], records: Sequence[SlideRecord],
+                 job: JobConfig, staging: str, *, tile_bytes: float,
+                 examples_per_task: int | None = None) -> RunLayout:
+    """The run's layout from `(slide_id, strip, usable tiles)` of every packed strip.
+
+    Args:
+        strips: one triple per strip with at least one usable tile.
+        records: the manifest's slides (labels, groups).
+        job: the run's configuration (sharding, mixing).
+        staging: the run's staging directory.
+        tile_bytes: approximate encoded bytes of one example (sizes the shards).
+        examples_per_task: examples per bucket; default `DEFAULT_EXAMPLES_PER_TASK`.
+    """
+    from ._sharding import num_shards_for
+
+    by_slide: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    for slide_id, strip, count in strips:
+        if count > 0:
+            by_slide[slide_id].append((strip, count))
+    records_by_id = {r.slide_id: r for r in records}
+    slides = {}
+    for slide_id, items in sorted(by_slide.items()):
+        items.sort()
+        offsets = [0]
+        for _, count in items:
+            offsets.append(offsets[-1] + count)
+        record = records_by_id[slide_id]
+        slides[slide_id] = SlideLayout(slide_id, record.label_index, record.group,
+                                       tuple(s for s, _ in items), tuple(offsets))
+    usable = sum(s.num_tiles for s in slides.values())
+    num_examples = usable * (job.mix.num_mixes + int(job.mix.keep_originals))
+    if job.output.num_shards is not None:
+        num_shards = job.output.num_shards
+    else:
+        num_shards = num_shards_for(max(num_examples, 1), tile_bytes, job.output.shard_size_mb)
+    per_task = examples_per_task or DEFAULT_EXAMPLES_PER_TASK
+    buckets = max(1, math.ceil(num_examples / num_shards / per_task))
+    return RunLayout(slides, staging, num_shards, buckets)
+
+
+def pair_strip(result: StripResult, layout: RunLayout, table: Any
+               ) -> tuple[list[tuple[tuple[int, int], Any]], Accounting]:
+    """The examples whose source `a` is a tile of this strip, keyed by bucket.
+
+    Returns:
+        `([(bucket, PairSpec)], Accounting)`: the accounting resolves each usable tile
+        of the strip as used, or skipped with reason ``no_partner``.
+    """
+    from ._output import NO_PARTNER
+
+    if not result.tiles:
+        return [], Accounting()
+    offset = layout.strip_offset(result.slide_id, result.strip)
+    out = []
+    used = unpaired = 0
+    for local, tile in enumerate(result.tiles):
+        specs = table.examples_for(tile, offset + local)
+        if specs:
+            used += 1
+        else:
+            unpaired += 1
+        out.extend((layout.bucket_of(spec.example_id), spec) for spec in specs)
+    accounting = Accounting(tiles_used=used, tiles_pending=-(used + unpaired),
+                            tiles_skipped={NO_PARTNER: unpaired} if unpaired else {})
+    return out, accounting
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketResult:
+    """A mixed bucket: its part file in staging and what it holds."""
+
+    shard: int
+    bucket: int
+    path: str
+    accounting: Accounting
+    pack_bytes_read: int = 0
+
+
+def bucket_path(staging: str, shard: int, bucket: int) -> str:
+    return posixpath.join(staging, "buckets", f"shard-{shard:05d}-bucket-{bucket:05d}.tfrecord")
+
+
+def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
+               config: MixConfig, num_classes: int, *, progress_dir: str | None = None
+               ) -> BucketResult:
+    """Read a bucket's tiles from the packs, mix, encode and write its part file."""
+    import tensorflow as tf
+
+    from ._encoding import encode_example
+    from ._job import report_progress
+    from ._mixing import configure_tensorflow, mix_examples
+    from ._packing import PackReader
+    from ._sharding import write_shard
+
+    configure_tensorflow()
+    reader = PackReader()
+    locations: dict[Any, tuple[str, int]] = {}
+    resolved = []
+    for spec in sorted(specs):
+        a_loc = layout.locate(spec.a.key.slide_id, spec.a_index)
+        locations[spec.a.key] = a_loc
+        if spec.is_original:
+            b = spec.a
+        else:
+            b_loc = layout.locate(spec.b_slide, spec.b_index)
+            slide = layout.slides[spec.b_slide]
+            b = reader.record(*b_loc, slide.label, slide.group)
+            locations[b.key] = b_loc
+        resolved.append(ExampleSpec(spec.example_id, spec.a, b, spec.mix_index, spec.seed))
+    keys = sorted(locations)
+    pixels = dict(zip(keys, reader.read_many([locations[k] for k in keys]), strict=True))
+    results = mix_examples(resolved, pixels.__getitem__, config, num_classes, on_error="fail")
+    records = [(r.spec.example_id, encode_example(r)) for r in results]
+    path = bucket_path(layout.staging, *bucket)
+    tf.io.gfile.makedirs(posixpath.dirname(path))
+    write_shard(path, records)
+    report_progress(progress_dir, len(results))
+    mass: tuple[int, ...] = ()
+    for result in results:
+        label = np.asarray(result.label, dtype=np.float64).reshape(-1)
+        mass = _add(mass, tuple(round(float(v) * float(1 << 32)) for v in label))
+    return BucketResult(bucket[0], bucket[1], path,
+                        Accounting(class_mass=mass, examples_written=len(results)))
+
+
+def _add(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
+    if len(x) < len(y):
+        x, y = y, x
+    return tuple(a + (y[i] if i < len(y) else 0) for i, a in enumerate(x))
+
+
+def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
+                   config: OutputConfig) -> Any:
+    """Concatenate a shard's bucket files (in bucket order) into the staged shard."""
+    from ._job import staging_dir
+    from ._sharding import concat_shards, shard_filename
+
+    parts = [b.path for b in sorted(buckets, key=lambda b: b.bucket)]
+    path = posixpath.join(staging_dir(config), shard_filename(config.name, shard, num_shards))
+    return concat_shards(path, parts, compression=config.compression)
+
+
+def example_bytes(num_channels: int, dtype: str, tile_size: int) -> float:
+    """Approximate encoded size of one example (PNG of tissue takes ~60% of raw)."""
+    return tile_size**2 * num_channels * np.dtype(dtype).itemsize * 0.6
