@@ -1,134 +1,246 @@
-"""End-to-end throughput of the offline job: Beam and Dask next to a no-framework floor.
+"""The offline job at slide scale: Beam and Dask next to a no-framework floor, one run.
 
-Run: `.venv/bin/python benchmarks/bench_pipeline.py [--num-slides 4] [--tile-size 256]
-[--engines floor,beam,dask] [--workers 1,2] [--memory]`.
+Run: `.venv/bin/python benchmarks/bench_pipeline.py --slide-size 8192 --slides 4
+[--latency-ms 20] [--engines floor,beam,dask] [--workers 1,2] [--memory]`.
 
-Every engine processes the same demo slides (`softmix demo-data`) and writes the same
-examples. The floor reads exactly the tiles the job uses from Zarr and writes them as
-TFRecords (raw bytes, no framework, no mixing, no PNG): the cost of the I/O alone.
-`--memory` also measures the peak RSS of the Dask workers for 4 vs 16 slides.
-Prints markdown tables of tiles/s (tiles used per wall-clock second, setup included).
+Slides come from `softmix demo-data --size N` (real H&E texture, OME-Zarr v0.5,
+1024-px chunks above 4096 px) and are cached under `.cache/bench/`. Every engine runs
+the same job (tile 256, grid 4, one mix per tile) and writes the same examples. The
+*floor* runs the very same steps (`pipeline._stages`: plan, pack chunk by chunk, pair,
+mix, PNG-encode, write) with no framework at all: a plain process pool of the same
+size. `--latency-ms` serves the slides through the `latency://` test filesystem
+(`pipeline.remote`), which adds that delay to every request, like a bucket.
+
+Reported per run: examples/s (wall clock, start-up included), the accounting's
+`chunks_read`, `bytes_read`, `read_amplification`, slide-store requests per example,
+the tile-pack ("shuffle") bytes, and the peak RSS of the busiest process of the run
+(driver and workers polled every 0.1 s). `--memory` compares the peak with 4 vs 16
+slides (Dask, 2 workers).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import csv
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from pipeline import _job  # noqa: E402
-from pipeline._demo import write_demo_data  # noqa: E402
-from pipeline._manifest import load_slide_manifest  # noqa: E402
-from pipeline._slides import SlideCache  # noqa: E402
-from pipeline._tiling import plan_slide  # noqa: E402
-from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def floor(job: JobConfig) -> tuple[float, int]:
-    """Plan, read every used tile once and write it raw to one TFRecord file."""
-    import tensorflow as tf
+class PeakRss:
+    """Poll the RSS of this process and all its descendants; keep the largest single one."""
 
-    start = time.perf_counter()
+    def __init__(self, interval: float = 0.1):
+        self.interval = interval
+        self.peak = 0
+
+    def _poll(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.wait(self.interval):
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    self.peak = max(self.peak, proc.memory_info().rss)
+                except psutil.Error:
+                    continue
+
+    def __enter__(self) -> PeakRss:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def demo_slides(size: int, count: int) -> pathlib.Path:
+    """`softmix demo-data` slides of `size` px (cached); returns the manifest path."""
+    directory = ROOT / ".cache" / "bench" / f"slides-{size}-{count}"
+    manifest = directory / "manifest.csv"
+    if not manifest.exists():
+        subprocess.run([sys.executable, "-m", "pipeline", "demo-data", str(directory),
+                        "--num-slides", str(count), "--size", str(size), "--overwrite"],
+                       check=True, cwd=ROOT)
+    return manifest
+
+
+def with_latency(manifest: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
+    """A copy of `manifest` whose slide paths go through the `latency://` filesystem."""
+    rows = list(csv.DictReader(manifest.open()))
+    for row in rows:
+        path = pathlib.Path(row["path"])
+        if not path.is_absolute():
+            path = (manifest.parent / path).resolve()
+        row["path"] = f"latency://{path}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int):
+    from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+
+    return JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=tile_size),
+                     mix=MixConfig(grid=(4, 4)),
+                     output=OutputConfig(out_dir=str(out), overwrite=True))
+
+
+# --- The floor: the same steps in a plain process pool ----------------------------------
+
+
+def _init_worker() -> None:
+    from pipeline._mixing import configure_tensorflow
+
+    configure_tensorflow()
+
+
+def run_floor(job, workers: int) -> dict:
+    """Plan, pack, pair, mix, encode and write with `workers` plain processes."""
+    import collections
+
+    from pipeline import _job, _stages
+    from pipeline._manifest import load_slide_manifest
+    from pipeline._output import Accounting
+    from pipeline._packing import split_plan
+    from pipeline._pairing import PairingTable
+
     manifest = load_slide_manifest(job.manifest)
-    cache = SlideCache()
-    plans = [plan_slide(record, job.tile, slide_cache=cache) for record in manifest.slides]
-    read = _job.make_tile_reader(manifest.slides, job.tile.tile_size, cache)
-    out = pathlib.Path(job.output.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    count = 0
-    with tf.io.TFRecordWriter(str(out / "floor.tfrecord")) as writer:
-        for plan in plans:
-            for tile in plan.tiles:
-                pixels = read(tile.key)
-                feature = {
-                    "image": tf.train.Feature(
-                        bytes_list=tf.train.BytesList(value=[pixels.tobytes()])
-                    )
-                }
-                writer.write(
-                    tf.train.Example(
-                        features=tf.train.Features(feature=feature)
-                    ).SerializeToString()
-                )
-                count += 1
-    return time.perf_counter() - start, count
+    names = manifest.class_names
+    staging = _job.staging_dir(job.output)
+    shutil.rmtree(job.output.out_dir, ignore_errors=True)
+    os.makedirs(staging)
+    records = {r.slide_id: r for r in manifest.slides}
+    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+        plans = list(pool.map(_stages.plan_task, manifest.slides,
+                              [job.tile] * len(records), ["skip"] * len(records),
+                              [tuple(names)] * len(records)))
+        tasks = [t for p in plans for t in split_plan(records[p.slide_id], p,
+                                                      job.tile.tile_size)]
+        strips = list(pool.map(_stages.pack_task, tasks, [staging] * len(tasks),
+                               [job.read_cache_mb] * len(tasks)))
+        layout = _stages.build_layout([(r.slide_id, r.strip, len(r.tiles)) for r in strips],
+                                      manifest.slides, job, staging,
+                                      tile_bytes=_stages.example_bytes(3, "uint8", 256))
+        table = PairingTable(layout.counts(), job.mix, len(names))
+        by_bucket = collections.defaultdict(list)
+        for result in strips:
+            pairs, _ = _stages.pair_strip(result, layout, table)
+            for bucket, spec in pairs:
+                by_bucket[bucket].append(spec)
+        keys = sorted(by_bucket)
+        buckets = list(pool.map(_stages.mix_bucket, keys, [by_bucket[k] for k in keys],
+                                [layout] * len(keys), [job.mix] * len(keys),
+                                [len(names)] * len(keys)))
+        shards = collections.defaultdict(list)
+        for bucket in buckets:
+            shards[bucket.shard].append(bucket)
+        list(pool.map(_stages.finalize_shard, sorted(shards),
+                      [shards[s] for s in sorted(shards)],
+                      [layout.num_shards] * len(shards), [job.output] * len(shards)))
+    acc = Accounting.merge_all([Accounting.from_plan(p) for p in plans]
+                               + [_stages.strip_accounting(r) for r in strips]
+                               + [b.accounting for b in buckets])
+    return {"num_examples": acc.examples_written, "accounting": acc.to_dict()}
 
 
-def run_engine(engine: str, job: JobConfig, workers: int) -> tuple[float, int]:
-    start = time.perf_counter()
+def run_engine(engine: str, job, workers: int) -> dict:
+    if engine == "floor":
+        return run_floor(job, workers)
     if engine == "beam":
         from pipeline.beam_transforms import run_beam
 
-        manifest = run_beam(job, workers=workers, progress=False)
-    else:
-        from pipeline.dask_transforms import run_dask
+        return run_beam(job, workers=workers, progress=False)
+    from pipeline.dask_transforms import run_dask
 
-        manifest = run_dask(job, workers=workers, progress=False)
-    return time.perf_counter() - start, manifest["accounting"]["tiles_used"]
+    return run_dask(job, workers=workers, progress=False)
 
 
-def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int) -> JobConfig:
-    return JobConfig(
-        manifest=str(manifest),
-        tile=TileConfig(tile_size=tile_size),
-        mix=MixConfig(),
-        output=OutputConfig(out_dir=str(out), overwrite=True),
-    )
+def measure(engine: str, job, workers: int) -> dict:
+    with PeakRss() as rss:
+        start = time.perf_counter()
+        manifest = run_engine(engine, job, workers)
+        seconds = time.perf_counter() - start
+    acc = manifest["accounting"]
+    examples = manifest["num_examples"]
+    return {
+        "engine": engine, "workers": workers, "examples": examples, "seconds": seconds,
+        "rate": examples / seconds, "chunks_read": acc["chunks_read"],
+        "bytes_read": acc["bytes_read"], "amplification": acc["read_amplification"],
+        "requests_per_example": acc.get("store_requests", 0) / max(1, examples),
+        "pack_bytes": acc.get("pack_bytes"), "peak_rss": rss.peak,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-slides", type=int, default=4)
+    parser.add_argument("--slide-size", type=int, default=8192)
+    parser.add_argument("--slides", type=int, default=4)
     parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="per-request latency of the simulated bucket (0: local disk)")
     parser.add_argument("--engines", default="floor,beam,dask")
     parser.add_argument("--workers", default="1,2")
-    parser.add_argument(
-        "--memory",
-        action="store_true",
-        help="also measure peak Dask worker RSS with 4 vs 16 slides",
-    )
+    parser.add_argument("--memory", action="store_true",
+                        help="also compare peak RSS with 4 vs 16 slides (Dask, 2 workers)")
     args = parser.parse_args()
+    manifest = demo_slides(args.slide_size, args.slides)
     root = pathlib.Path(tempfile.mkdtemp(prefix="softmix-bench-"))
+    if args.latency_ms > 0:
+        os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)
+        manifest = with_latency(manifest, root / "manifest-latency.csv")
+    rows = []
     try:
-        manifest = write_demo_data(root / "data", num_slides=args.num_slides, log=None)
-        rows = []
-        for engine in args.engines.split(","):
-            for workers in [1] if engine == "floor" else [int(w) for w in args.workers.split(",")]:
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for engine in args.engines.split(","):
                 job = make_job(manifest, root / f"out-{engine}-{workers}", args.tile_size)
-                if engine == "floor":
-                    seconds, tiles = floor(job)
-                else:
-                    seconds, tiles = run_engine(engine, job, workers)
-                rows.append((engine, workers, tiles, seconds))
-                print(f"{engine} x{workers}: {tiles} tiles in {seconds:.1f} s", flush=True)
-        floor_rate = next((t / s for e, _, t, s in rows if e == "floor"), None)
-        print(f"\n{args.num_slides} demo slides, tile {args.tile_size}, {os.cpu_count()} CPUs\n")
-        print("| engine | workers | tiles | seconds | tiles/s | vs floor |")
-        print("|---|---|---|---|---|---|")
-        for engine, workers, tiles, seconds in rows:
-            rate = tiles / seconds
-            ratio = f"{floor_rate / rate:.1f}x slower" if floor_rate and engine != "floor" else ""
-            print(f"| {engine} | {workers} | {tiles} | {seconds:.1f} | {rate:.1f} | {ratio} |")
+                row = measure(engine, job, workers)
+                rows.append(row)
+                print(f"{engine} x{workers}: {row['examples']} examples in "
+                      f"{row['seconds']:.1f} s", flush=True)
+        floors = {r["workers"]: r["rate"] for r in rows if r["engine"] == "floor"}
+        print(f"\n{args.slides} slides of {args.slide_size} px, tile {args.tile_size}, "
+              f"latency {args.latency_ms:g} ms/request, {os.cpu_count()} CPUs\n")
+        print("| engine | workers | examples | s | examples/s | vs floor | vs 1 worker "
+              "| chunks_read | bytes_read (MB) | read_amplification | requests/example "
+              "| peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        single = {r["engine"]: r["rate"] for r in rows if r["workers"] == 1}
+        for r in rows:
+            floor = floors.get(r["workers"])
+            vs_floor = f"{r['rate'] / floor:.2f}x" if floor else ""
+            vs_one = f"{r['rate'] / single[r['engine']]:.2f}x" if r["engine"] in single else ""
+            print(f"| {r['engine']} | {r['workers']} | {r['examples']} | {r['seconds']:.1f} "
+                  f"| {r['rate']:.1f} | {vs_floor} | {vs_one} | {r['chunks_read']} "
+                  f"| {r['bytes_read'] / 1e6:.1f} | {r['amplification']} "
+                  f"| {r['requests_per_example']:.2f} | {r['peak_rss'] / 2**20:.0f} |")
+        packs = [r["pack_bytes"] for r in rows if r.get("pack_bytes")]
+        if packs:
+            print(f"\ntile packs (the shuffle through staging): {packs[0] / 1e6:.1f} MB "
+                  "written once, read back ~2x (source a and partner b)")
         if args.memory:
-            from pipeline.dask_transforms import measure_peak_worker_rss
-
-            print("\n| slides | tiles used | baseline worker RSS (MiB) | peak worker RSS (MiB) |")
-            print("|---|---|---|---|")
-            for num_slides in (4, 16):
-                data = write_demo_data(root / f"mem-{num_slides}", num_slides=num_slides, log=None)
-                job = make_job(data, root / f"mem-out-{num_slides}", args.tile_size)
-                manifest_out, memory = measure_peak_worker_rss(job, workers=2)
-                print(
-                    f"| {num_slides} | {manifest_out['accounting']['tiles_used']} | "
-                    f"{memory['baseline_rss_bytes'] / 2**20:.0f} | "
-                    f"{memory['peak_rss_bytes'] / 2**20:.0f} |",
-                    flush=True,
-                )
+            print("\n| slides | examples | peak RSS (MiB), dask x2 |")
+            print("|---|---|---|")
+            for count in (4, 16):
+                data = demo_slides(args.slide_size, count)
+                row = measure("dask", make_job(data, root / f"mem-{count}", args.tile_size), 2)
+                print(f"| {count} | {row['examples']} | {row['peak_rss'] / 2**20:.0f} |",
+                      flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

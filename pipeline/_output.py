@@ -97,6 +97,7 @@ class Accounting:
         bytes_needed: compressed bytes of the distinct chunks that hold a kept tile
             (the denominator of `read_amplification`).
         requests: every request sent to the slide stores (metadata, chunks, misses).
+        pack_bytes: bytes of the tile packs (the compressed tiles staged for mixing).
     """
 
     tiles_total: int = 0
@@ -111,6 +112,7 @@ class Accounting:
     bytes_read: int = 0
     bytes_needed: int = 0
     requests: int = 0
+    pack_bytes: int = 0
 
     @classmethod
     def from_plan(cls, plan: SlidePlan) -> Accounting:
@@ -187,6 +189,7 @@ class Accounting:
                 bytes_read=out.bytes_read + other.bytes_read,
                 bytes_needed=out.bytes_needed + other.bytes_needed,
                 requests=out.requests + other.requests,
+                pack_bytes=out.pack_bytes + other.pack_bytes,
             )
         return out
 
@@ -234,6 +237,7 @@ class Accounting:
             "bytes_needed": self.bytes_needed,
             "read_amplification": self.read_amplification,
             "store_requests": self.requests,
+            "pack_bytes": self.pack_bytes,
         }
 
     @property

@@ -41,7 +41,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import os
 import posixpath
+import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -99,6 +101,7 @@ class StripResult:
         chunks_read, bytes_read, requests: fetched from the slide's store.
         bytes_needed: compressed bytes of the owned blocks that hold a kept tile.
         pack_bytes: bytes written to the pack.
+        reused: the pack was already complete and verified (a resumed run).
     """
 
     slide_id: str
@@ -112,6 +115,7 @@ class StripResult:
     requests: int = 0
     bytes_needed: int = 0
     pack_bytes: int = 0
+    reused: bool = False
 
 
 def _tile_blocks(x: int, y: int, tile_size: int, chunk_shape: tuple[int, int]
@@ -268,8 +272,12 @@ def pack_strip(task: StripTask, staging: str, *,
         if len(messages) < 5:
             messages.append(f"{tile.key}: {reason}: {message}")
 
+    kept = load_pack_result(task, path)
+    if kept is not None:
+        return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
     tf.io.gfile.makedirs(posixpath.dirname(path))
+    crc = 0
     with tf.io.gfile.GFile(path + ".bin", "wb") as out:
         for tile in in_read_order:
             x, y = tile.key.x, tile.key.y
@@ -302,11 +310,22 @@ def pack_strip(task: StripTask, staging: str, *,
                 continue
             if transform is not None:
                 pixels = transform(pixels)
-            blob = codec.encode(np.ascontiguousarray(pixels))
-            out.write(bytes(blob))
+            blob = bytes(codec.encode(np.ascontiguousarray(pixels)))
+            out.write(blob)
+            crc = zlib.crc32(blob, crc)
             entries[tile.key] = (offset, len(blob))
             offset += len(blob)
     readable = tuple(t for t in task.tiles if t.key in entries)
+    stats = slide.read_stats
+    needed = 0
+    for block in task.owned_blocks:
+        needed += sum(stats.sizes.get(k, 0) for k in _block_keys(slide, level, block))
+    result = StripResult(
+        slide_id=record.slide_id, strip=task.strip, tiles=readable, pack=path,
+        skipped=tuple(sorted(skipped.items())), messages=tuple(messages),
+        chunks_read=stats.chunks_read, bytes_read=stats.bytes_read, requests=stats.requests,
+        bytes_needed=needed, pack_bytes=offset,
+    )
     index = {
         "slide_id": record.slide_id,
         "strip": task.strip,
@@ -315,19 +334,74 @@ def pack_strip(task: StripTask, staging: str, *,
         "dtype": slide.dtype.name,
         "num_channels": slide.num_channels,
         "tiles": [[t.key.x, t.key.y, *entries[t.key], t.soft_label] for t in readable],
+        # Written after the data: what a resumed run checks before reusing the pack.
+        "task": _task_digest(task),
+        "bin_bytes": offset,
+        "bin_crc32": crc,
+        "result": {"skipped": result.skipped, "messages": result.messages,
+                   "chunks_read": result.chunks_read, "bytes_read": result.bytes_read,
+                   "requests": result.requests, "bytes_needed": result.bytes_needed},
     }
-    with tf.io.gfile.GFile(path + ".json", "w") as handle:
-        handle.write(json.dumps(index))
-    stats = slide.read_stats
-    needed = 0
-    for block in task.owned_blocks:
-        needed += sum(stats.sizes.get(k, 0) for k in _block_keys(slide, level, block))
+    _write_text_atomic(path + ".json", json.dumps(index))
+    return result
+
+
+def _task_digest(task: StripTask) -> str:
+    digest = stable_hash("strip", task.record, task.strip, task.tiles, task.tile_size,
+                         task.chunk_shape)
+    return f"{digest:016x}"
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    import tensorflow as tf
+
+    temp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temp, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+
+
+def file_crc32(path: str) -> tuple[int, int]:
+    """`(size, crc32)` of a file, read in 4 MiB blocks."""
+    import tensorflow as tf
+
+    crc, size = 0, 0
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        while block := handle.read(4 << 20):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return size, crc
+
+
+def load_pack_result(task: StripTask, path: str) -> StripResult | None:
+    """The result of an earlier, complete and verified packing of `task`, or None.
+
+    A pack is reused (by a resumed run, or a retried task) only when its index was
+    written for the same task and its data file has the recorded size and CRC32;
+    anything truncated or unverifiable is packed again.
+    """
+    import tensorflow as tf
+
+    if not tf.io.gfile.exists(path + ".json") or not tf.io.gfile.exists(path + ".bin"):
+        return None
+    try:
+        with tf.io.gfile.GFile(path + ".json", "r") as handle:
+            index = json.loads(handle.read())
+        if index.get("task") != _task_digest(task):
+            return None
+        if file_crc32(path + ".bin") != (index["bin_bytes"], index["bin_crc32"]):
+            return None
+        done = index["result"]
+    except (ValueError, KeyError, OSError, tf.errors.OpError):
+        return None
+    keys = {(x, y) for x, y, *_ in index["tiles"]}
+    readable = tuple(t for t in task.tiles if (t.key.x, t.key.y) in keys)
     return StripResult(
-        slide_id=record.slide_id, strip=task.strip, tiles=readable, pack=path,
-        skipped=tuple(sorted(skipped.items())), messages=tuple(messages),
-        chunks_read=stats.chunks_read, bytes_read=stats.bytes_read, requests=stats.requests,
-        bytes_needed=needed, pack_bytes=offset,
-    )
+        slide_id=task.record.slide_id, strip=task.strip, tiles=readable, pack=path,
+        skipped=tuple((r, n) for r, n in done["skipped"]), messages=tuple(done["messages"]),
+        chunks_read=done["chunks_read"], bytes_read=done["bytes_read"],
+        requests=done["requests"], bytes_needed=done["bytes_needed"],
+        pack_bytes=index["bin_bytes"], reused=True)
 
 
 class PackReader:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import json
 import math
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,7 +33,7 @@ import numpy as np
 
 from ._keys import ExampleSpec, SlidePlan, SlideRecord, stable_hash
 from ._output import Accounting
-from ._packing import StripResult, StripTask, pack_path
+from ._packing import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
 
 __all__ = [
@@ -102,7 +103,8 @@ def strip_accounting(result: StripResult) -> Accounting:
     skipped = dict(result.skipped)
     return Accounting(tiles_skipped=skipped, tiles_pending=-sum(skipped.values()),
                       chunks_read=result.chunks_read, bytes_read=result.bytes_read,
-                      bytes_needed=result.bytes_needed, requests=result.requests)
+                      bytes_needed=result.bytes_needed, requests=result.requests,
+                      pack_bytes=result.pack_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +233,7 @@ class BucketResult:
     bucket: int
     path: str
     accounting: Accounting
-    pack_bytes_read: int = 0
+    reused: bool = False
 
 
 def bucket_path(staging: str, shard: int, bucket: int) -> str:
@@ -250,11 +252,17 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     from ._packing import PackReader
     from ._sharding import write_shard
 
+    specs = sorted(specs)
+    path = bucket_path(layout.staging, *bucket)
+    digest = f"{stable_hash('bucket', [(s.example_id, s.seed) for s in specs]):016x}"
+    kept = _load_bucket(path, bucket, digest)
+    if kept is not None:
+        return kept
     configure_tensorflow()
     reader = PackReader()
     locations: dict[Any, tuple[str, int]] = {}
     resolved = []
-    for spec in sorted(specs):
+    for spec in specs:
         a_loc = layout.locate(spec.a.key.slide_id, spec.a_index)
         locations[spec.a.key] = a_loc
         if spec.is_original:
@@ -269,7 +277,6 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     pixels = dict(zip(keys, reader.read_many([locations[k] for k in keys]), strict=True))
     results = mix_examples(resolved, pixels.__getitem__, config, num_classes, on_error="fail")
     records = [(r.spec.example_id, encode_example(r)) for r in results]
-    path = bucket_path(layout.staging, *bucket)
     tf.io.gfile.makedirs(posixpath.dirname(path))
     write_shard(path, records)
     report_progress(progress_dir, len(results))
@@ -277,8 +284,33 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     for result in results:
         label = np.asarray(result.label, dtype=np.float64).reshape(-1)
         mass = _add(mass, tuple(round(float(v) * float(1 << 32)) for v in label))
+    size, crc = file_crc32(path)
+    sidecar = {"digest": digest, "num_examples": len(results), "bytes": size, "crc32": crc,
+               "class_mass": list(mass)}
+    _write_text_atomic(path + ".json", json.dumps(sidecar))
     return BucketResult(bucket[0], bucket[1], path,
                         Accounting(class_mass=mass, examples_written=len(results)))
+
+
+def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResult | None:
+    """A bucket file an earlier attempt completed and that still verifies, or None."""
+    import tensorflow as tf
+
+    try:
+        if not (tf.io.gfile.exists(path + ".json") and tf.io.gfile.exists(path)):
+            return None
+        with tf.io.gfile.GFile(path + ".json", "r") as handle:
+            sidecar = json.loads(handle.read())
+        if sidecar.get("digest") != digest:
+            return None
+        if file_crc32(path) != (sidecar["bytes"], sidecar["crc32"]):
+            return None
+    except (ValueError, KeyError, OSError, tf.errors.OpError):
+        return None
+    return BucketResult(bucket[0], bucket[1], path,
+                        Accounting(class_mass=tuple(sidecar["class_mass"]),
+                                   examples_written=sidecar["num_examples"]),
+                        reused=True)
 
 
 def _add(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
