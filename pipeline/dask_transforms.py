@@ -160,12 +160,10 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
         paired = client.map(_stages.pair_strip, results, layout=layout_f, table=table_f)
         held += paired
         pair_acc = client.gather(client.map(_second, paired))
-        spec_lists = client.map(_first, paired)
-        held += spec_lists
         num_buckets = layout.num_shards * layout.buckets_per_shard
-        bag = db.from_delayed([dask.delayed(lambda x: x)(f) for f in spec_lists])
+        bag = db.from_delayed([dask.delayed(_first)(p) for p in paired])
         grouped = bag.groupby(_bucket_key, shuffle="tasks",
-                              npartitions=max(1, min(num_buckets, len(spec_lists))))
+                              npartitions=max(1, min(num_buckets, len(paired))))
         mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
         total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
                                                    + int(job.mix.keep_originals))
