@@ -14,6 +14,7 @@ from collections.abc import Mapping
 __all__ = [
     "ExampleSpec",
     "MixedExample",
+    "PairSpec",
     "SlidePlan",
     "SlideRecord",
     "TileKey",
@@ -172,3 +173,35 @@ class MixedExample:
     image: object  # np.ndarray; typed loosely so this module stays numpy-free
     label: object  # np.ndarray float32 [K]
     lam: float
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class PairSpec:
+    """One output example as pairing emits it: the partner by position, not by record.
+
+    The pairing table knows only per-slide tile counts, so it names the partner `b`
+    as `(b_slide, b_index)`, its position in its slide's usable tiles sorted by
+    `TileKey`; the reader resolves it to a `TileRecord` (see `ExampleSpec`).
+
+    Attributes:
+        example_id: unique, stable id; sorts the records inside a shard.
+        a: first source (the anchor tile).
+        a_index: position of `a` among its slide's usable tiles (sorted by key).
+        b_slide: slide of the partner; `a`'s slide for an original.
+        b_index: position of the partner among `b_slide`'s usable tiles; equals
+            `a_index` for an original.
+        mix_index: 0..num_mixes-1, or -1 for the unmixed original.
+        seed: per-example stateless seed for the SoftMix op.
+    """
+
+    example_id: str
+    a: TileRecord
+    a_index: int
+    b_slide: str
+    b_index: int
+    mix_index: int
+    seed: tuple[int, int]
+
+    @property
+    def is_original(self) -> bool:
+        return self.mix_index < 0

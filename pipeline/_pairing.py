@@ -1,28 +1,61 @@
-"""Deterministic pairing of tiles: which tile is mixed with which, and with what seed.
+"""Deterministic, partitioned pairing of tiles: which tile is mixed with which, and with what seed.
 
-Everything here is a pure function of `(config.seed, the set of usable tile records)`.
-The order in which tiles arrive, how they are bundled, and how many workers run do not
-change the result, so Beam, Dask and reruns all produce the same `ExampleSpec`s.
+Pairing needs no tile records except the anchor's own. Every tile of a slide carries
+the slide's label and the slide's group, so the whole run is described, for pairing,
+by one small `SlideCounts` per slide (id, label, group, number of usable tiles). A
+slide's usable tiles are numbered ``0..num_tiles-1`` in `TileKey` order, and a partner
+is named by position: ``(slide_id, index)``. `PairingTable` holds only these counts
+(memory grows with the number of slides, never with the number of tiles), so any
+worker can draw the partners of the tiles of its own partition (a slide, a strip) and
+emit `PairSpec`s; the reader later turns ``(b_slide, b_index)`` into pixels.
 
-Randomness comes only from `stable_hash` of `(seed, purpose, tile key, mix_index)`;
-neither Python's salted `hash()` nor any global RNG is used.
+Everything here is a pure function of `(config.seed, the slide counts, the anchor's key
+and index)`. The order in which tiles arrive, how they are partitioned, and how many
+workers run do not change the result, so Beam, Dask and reruns all produce the same
+examples. Randomness comes only from `stable_hash` of `(seed, purpose, anchor key,
+mix_index)`; neither Python's salted `hash()` nor any global RNG is used.
 
-How a partner is drawn (O(K log N) per draw, K = number of classes):
+How a partner is drawn
+----------------------
 
-- The index keeps every tile in buckets (one over all tiles, one per class), each
-  sorted by `(block, key)`. A tile's *block* is its group when the group rule is on
-  and the tile has a group, else the tile alone. The tiles a partner must not come
-  from (the anchor itself and, with the group rule, its whole group) are therefore
-  one contiguous run `[lo, hi)` of each bucket, found by bisection.
-- A uniform draw over the `m = n - (hi - lo)` eligible tiles picks `r` in `[0, m)`
-  and maps it around the run: `r if r < lo else r + (hi - lo)`.
+*Eligible* tiles. For an anchor tile `a`, every usable tile of the run is eligible
+except:
 
-Policies:
+- `a` itself (never self-paired);
+- with the group rule (``config.group_column`` set) and ``a.group`` not None: every
+  tile of every slide whose group equals ``a.group`` (the anchor's own slide
+  included). Slides with group None are never excluded by the rule, and an anchor with
+  group None excludes only itself.
 
-- ``random``: uniform over every eligible tile (never the anchor itself).
-- ``cross-class``: uniform over the eligible tiles of the *other* classes (the class
-  is drawn with weight = its eligible count, then a tile within it).
-- ``balanced``: see `balanced_class_weights`.
+Policies (each mix ``mix_index`` of each anchor is one independent draw):
+
+- ``random``: uniform over all eligible tiles of the run: each eligible tile has
+  probability ``1 / m``, `m` the number of eligible tiles.
+- ``cross-class``: the partner class `c` (any class other than ``a.label``) is drawn
+  with probability proportional to ``e_c``, its number of eligible tiles; then a tile
+  uniformly among class `c`'s eligible tiles. Overall: uniform over the eligible tiles
+  of the *other* classes.
+- ``balanced``: the partner class `c` is drawn with probability proportional to
+  ``w_c = balanced_class_weights(class_counts)[c]`` (the anchor's class included),
+  restricted to classes with ``e_c > 0``; if every such class has weight 0, with
+  probability proportional to ``e_c`` instead. Then a tile uniformly among class `c`'s
+  eligible tiles. ``class_counts`` are the run's usable tiles per class.
+
+These distributions are the same as those of the former all-tiles index; the concrete
+partner drawn for a given seed is not (tiles are now enumerated per slide).
+
+Mechanics (O(K log S) per anchor, K classes, S slides). A *bucket* (one over all slides,
+one per class) lists its slides sorted by ``(block, slide_id)``, where a slide's block
+is its group when the group rule is on and the slide has a group, else the slide alone,
+with prefix sums of their tile counts; tile position ``p`` of a bucket is tile
+``p - prefix[s]`` of slide ``s``. The tiles an anchor excludes are one contiguous run
+``[lo, hi)`` of positions: the prefix range of its group's slides (found by bisection
+on the blocks), or the single position of the anchor. A draw takes
+``u64 = stable_hash(("softmix.pairing", seed, "tile", <anchor key>, mix_index))``,
+``r = (u64 * m) >> 64`` in ``[0, m)`` with ``m = n - (hi - lo)``, maps it around the
+run (``r if r < lo else r + (hi - lo)``), finds the slide by bisection on the prefix
+sums and returns ``(slide_id, r - prefix[s])``. Class draws use a second hash
+(purpose ``"class"``) as a uniform float in ``[0, 1)`` against the cumulative weights.
 
 Tiles with no eligible partner (a single tile, or every other tile in the anchor's
 group) get no mixed examples; with `keep_originals` they still get their original.
@@ -36,21 +69,42 @@ Example ids are ``"<slide>/L<level>/x<x>/y<y>#m<mix_index>"`` for mixed examples
 from __future__ import annotations
 
 import bisect
+import collections
+import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._keys import ExampleSpec, TileKey, TileRecord, stable_hash
+from ._keys import ExampleSpec, PairSpec, TileKey, TileRecord, stable_hash
 from .config import MixConfig
 
 __all__ = [
-    "PairingIndex",
+    "PairingTable",
+    "SlideCounts",
     "balanced_class_weights",
     "example_id",
+    "op_seed",
     "pair_tiles",
 ]
 
-_TWO_64 = 1 << 64
 _SEED_BITS_SHIFT = 2  # 64-bit hash >> 2 < 2**62: safe as a non-negative int64
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class SlideCounts:
+    """What pairing needs to know about one slide.
+
+    Attributes:
+        slide_id: the slide.
+        label: class index of the slide (every tile of the slide has it).
+        group: value of the group column (e.g. a patient id), or None.
+        num_tiles: usable tiles of the slide (>= 0), numbered 0..num_tiles-1 in
+            `TileKey` order.
+    """
+
+    slide_id: str
+    label: int
+    group: str | None
+    num_tiles: int
 
 
 def example_id(key: TileKey, mix_index: int) -> str:
@@ -62,6 +116,18 @@ def example_id(key: TileKey, mix_index: int) -> str:
     's1/L0/x256/y512#orig'
     """
     return f"{key}#orig" if mix_index < 0 else f"{key}#m{mix_index}"
+
+
+def op_seed(seed: int, key: TileKey, mix_index: int) -> tuple[int, int]:
+    """The stateless seed of an example (anchor `key`, `mix_index`): two ints in `[0, 2**62)`.
+
+    >>> s = op_seed(0, TileKey("s1", 0, 0, 0), 0)
+    >>> s == op_seed(0, TileKey("s1", 0, 0, 0), 0) and all(0 <= v < 2**62 for v in s)
+    True
+    """
+    parts = ("softmix.seed", seed, key.slide_id, key.level, key.x, key.y, mix_index)
+    return (stable_hash(*parts, 0) >> _SEED_BITS_SHIFT,
+            stable_hash(*parts, 1) >> _SEED_BITS_SHIFT)
 
 
 def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
@@ -103,11 +169,11 @@ def balanced_class_weights(class_counts: Sequence[int]) -> list[float]:
     return [round(w / norm, 15) for w in raw]
 
 
-def _block_id(tile: TileRecord, use_groups: bool) -> tuple[int, Any]:
-    # (0, group) and (1, key) never compare a group with a key: the first items differ.
-    if use_groups and tile.group is not None:
-        return (0, tile.group)
-    return (1, tile.key)
+def _block_id(slide_id: str, group: str | None, use_groups: bool) -> tuple[int, str]:
+    # (0, group) and (1, slide_id): a group block sorts apart from single-slide blocks.
+    if use_groups and group is not None:
+        return (0, group)
+    return (1, slide_id)
 
 
 def _draw_u64(seed: int, purpose: str, key: TileKey, mix_index: int) -> int:
@@ -116,77 +182,96 @@ def _draw_u64(seed: int, purpose: str, key: TileKey, mix_index: int) -> int:
 
 
 class _Bucket:
-    """Tiles sorted by (block, key) with the block ids kept apart for bisection."""
+    """Slides sorted by (block, slide_id), with prefix sums of their tile counts."""
 
-    __slots__ = ("blocks", "tiles")
+    __slots__ = ("blocks", "prefix", "slide_ids")
 
-    def __init__(self, entries: Iterable[tuple[tuple[int, Any], TileRecord]]):
-        entries = sorted(entries, key=lambda entry: (entry[0], entry[1].key))
+    def __init__(self, entries: Iterable[tuple[tuple[int, str], SlideCounts]]):
+        entries = sorted(entries, key=lambda entry: (entry[0], entry[1].slide_id))
         self.blocks = [block for block, _ in entries]
-        self.tiles = [tile for _, tile in entries]
+        self.slide_ids = [slide.slide_id for _, slide in entries]
+        self.prefix = [0]
+        for _, slide in entries:
+            self.prefix.append(self.prefix[-1] + slide.num_tiles)
 
     def __len__(self) -> int:
-        return len(self.tiles)
+        return self.prefix[-1]
 
-    def excluded(self, block: tuple[int, Any]) -> tuple[int, int]:
-        return bisect.bisect_left(self.blocks, block), bisect.bisect_right(self.blocks, block)
+    def excluded(self, block: tuple[int, str], anchor_index: int) -> tuple[int, int]:
+        """Tile positions `[lo, hi)` an anchor of `block` must not be paired with."""
+        lo = bisect.bisect_left(self.blocks, block)
+        if block[0] == 0:  # a group: all its slides
+            hi = bisect.bisect_right(self.blocks, block, lo)
+            return self.prefix[lo], self.prefix[hi]
+        if lo < len(self.blocks) and self.blocks[lo] == block:  # the anchor alone
+            position = self.prefix[lo] + anchor_index
+            return position, position + 1
+        return 0, 0  # the anchor's slide is not in this bucket
 
-    def draw(self, excluded: tuple[int, int], u64: int) -> TileRecord | None:
+    def draw(self, excluded: tuple[int, int], u64: int) -> tuple[str, int] | None:
         lo, hi = excluded
-        eligible = len(self.tiles) - (hi - lo)
+        eligible = self.prefix[-1] - (hi - lo)
         if eligible <= 0:
             return None
         r = (u64 * eligible) >> 64
-        return self.tiles[r if r < lo else r + (hi - lo)]
+        if r >= lo:
+            r += hi - lo
+        s = bisect.bisect_right(self.prefix, r) - 1
+        return self.slide_ids[s], r - self.prefix[s]
 
 
-class PairingIndex:
-    """All usable tiles of a run, indexed for deterministic partner draws.
+class PairingTable:
+    """Per-slide tile counts of a run, indexed for deterministic partner draws.
 
-    Build it once from every usable tile (coordinates and labels only, so ~10^6 tiles
-    fit in memory), then call `examples_for(tile)` for each tile, on any worker, in
-    any order: a Beam DoFn takes the index as a side input, a Dask task receives it
-    as an argument. The input order and duplicates of identical records do not
-    matter; the index sorts internally.
+    Build it once from the `SlideCounts` of every slide (a small side input: memory is
+    O(S) for S slides, whatever the number of tiles), then call
+    `examples_for(tile, index)` for the tiles of any partition, on any worker, in any
+    order. The input order of `slides` and duplicates of identical records do not matter.
 
     Args:
-        tiles: every usable `TileRecord` of the run (all slides).
+        slides: one `SlideCounts` per slide of the run (slides with 0 tiles allowed).
         config: the run's `MixConfig` (`seed`, `pairing`, `group_column`,
             `num_mixes`, `keep_originals` are used).
         num_classes: K, the number of class names of the run.
 
     Raises:
-        ValueError: a tile label outside `[0, num_classes)`, two different records
-            with the same key, or `cross-class` pairing when all tiles share one class.
+        ValueError: a label outside `[0, num_classes)`, a negative tile count, two
+            different records with the same slide id, or `cross-class` pairing when
+            all usable tiles share one class.
     """
 
-    def __init__(self, tiles: Iterable[TileRecord], config: MixConfig, num_classes: int):
+    def __init__(self, slides: Iterable[SlideCounts], config: MixConfig, num_classes: int):
         if num_classes < 1:
             raise ValueError(f"`num_classes` must be >= 1. Received: num_classes={num_classes}")
         self.config = config
         self.num_classes = num_classes
         self._use_groups = config.group_column is not None
-        unique = sorted(set(tiles))
-        for previous, current in zip(unique, unique[1:], strict=False):
-            if previous.key == current.key:
+        self._slides: dict[str, SlideCounts] = {}
+        for slide in slides:
+            known = self._slides.get(slide.slide_id)
+            if known is not None and known != slide:
                 raise ValueError(
-                    "Each tile key must appear in one record only. Received two records "
-                    f"for key={current.key}: {previous!r} and {current!r}."
+                    "Each slide must appear in one record only. Received two records "
+                    f"for slide_id={slide.slide_id!r}: {known!r} and {slide!r}."
                 )
-        for tile in unique:
-            if not 0 <= tile.label < num_classes:
+            if not 0 <= slide.label < num_classes:
                 raise ValueError(
-                    f"Tile label must be a class index in [0, {num_classes}). "
-                    f"Received: label={tile.label} for tile {tile.key}."
+                    f"Slide label must be a class index in [0, {num_classes}). "
+                    f"Received: label={slide.label} for slide {slide.slide_id!r}."
                 )
-        self._num_tiles = len(unique)
-        entries = [(_block_id(t, self._use_groups), t) for t in unique]
+            if slide.num_tiles < 0:
+                raise ValueError(
+                    f"`num_tiles` must be >= 0. Received: num_tiles={slide.num_tiles} "
+                    f"for slide {slide.slide_id!r}."
+                )
+            self._slides[slide.slide_id] = slide
+        entries = [(self._block(s), s) for s in self._slides.values() if s.num_tiles > 0]
         self._all = _Bucket(entries)
         self._by_class = [_Bucket(e for e in entries if e[1].label == c)
                           for c in range(num_classes)]
         self.class_counts = [len(b) for b in self._by_class]
         self.partner_class_weights = balanced_class_weights(self.class_counts)
-        if config.pairing == "cross-class" and config.num_mixes > 0 and unique:
+        if config.pairing == "cross-class" and config.num_mixes > 0 and len(self._all):
             present = [c for c, n in enumerate(self.class_counts) if n > 0]
             if len(present) < 2:
                 raise ValueError(
@@ -197,33 +282,50 @@ class PairingIndex:
                 )
 
     def __len__(self) -> int:
-        return self._num_tiles
+        """Usable tiles of the run."""
+        return len(self._all)
 
-    @classmethod
-    def from_chunks(
-        cls, chunks: Iterable[Iterable[TileRecord]], config: MixConfig, num_classes: int
-    ) -> PairingIndex:
-        """Build the index from several lists of tiles (e.g. one per slide)."""
-        return cls((t for chunk in chunks for t in chunk), config, num_classes)
+    @property
+    def num_slides(self) -> int:
+        return len(self._slides)
 
-    def partner_for(self, tile: TileRecord, mix_index: int) -> TileRecord | None:
-        """The partner (source `b`) of `tile`'s mix `mix_index`, or None if none is eligible."""
-        block = _block_id(tile, self._use_groups)
-        return self._partner(tile, mix_index, block)
+    def _block(self, slide: SlideCounts) -> tuple[int, str]:
+        return _block_id(slide.slide_id, slide.group, self._use_groups)
 
-    def _partner(
-        self, tile: TileRecord, mix_index: int, block: tuple[int, Any]
-    ) -> TileRecord | None:
+    def _check_anchor(self, anchor: TileRecord, anchor_index: int) -> tuple[int, str]:
+        slide = self._slides.get(anchor.key.slide_id)
+        if slide is None:
+            raise ValueError(
+                f"Tile {anchor.key} belongs to slide {anchor.key.slide_id!r}, which is not "
+                "in the pairing table. Build the table from the SlideCounts of every slide."
+            )
+        if not 0 <= anchor_index < slide.num_tiles:
+            raise ValueError(
+                f"`anchor_index` must be in [0, {slide.num_tiles}) for slide "
+                f"{slide.slide_id!r}. Received: anchor_index={anchor_index} for tile {anchor.key}."
+            )
+        if anchor.label != slide.label or anchor.group != slide.group:
+            raise ValueError(
+                f"Tile {anchor.key} has label={anchor.label}, group={anchor.group!r} but its "
+                f"slide has label={slide.label}, group={slide.group!r}; every tile of a slide "
+                "must carry the slide's label and group."
+            )
+        return self._block(slide)
+
+    def _exclusions(self, block: tuple[int, str], anchor_index: int) -> Any:
+        if self.config.pairing == "random":
+            return self._all.excluded(block, anchor_index)
+        return [b.excluded(block, anchor_index) for b in self._by_class]
+
+    def _draw(self, anchor: TileRecord, mix_index: int, excluded: Any) -> tuple[str, int] | None:
         seed = self.config.seed
         policy = self.config.pairing
         if policy == "random":
-            return self._all.draw(self._all.excluded(block), _draw_u64(seed, "tile", tile.key,
-                                                                       mix_index))
-        excluded = [b.excluded(block) for b in self._by_class]
+            return self._all.draw(excluded, _draw_u64(seed, "tile", anchor.key, mix_index))
         eligible = [len(b) - (hi - lo) for b, (lo, hi) in zip(self._by_class, excluded,
                                                                strict=True)]
         if policy == "cross-class":
-            weights = [float(n) if c != tile.label else 0.0 for c, n in enumerate(eligible)]
+            weights = [float(n) if c != anchor.label else 0.0 for c, n in enumerate(eligible)]
         else:  # balanced
             weights = [w if n > 0 else 0.0
                        for w, n in zip(self.partner_class_weights, eligible, strict=True)]
@@ -232,7 +334,7 @@ class PairingIndex:
         total = sum(weights)
         if total <= 0.0:
             return None
-        u = (_draw_u64(seed, "class", tile.key, mix_index) >> 11) / float(1 << 53) * total
+        u = (_draw_u64(seed, "class", anchor.key, mix_index) >> 11) / float(1 << 53) * total
         chosen = max(c for c, w in enumerate(weights) if w > 0)  # guards float round-off
         cumulative = 0.0
         for c, w in enumerate(weights):
@@ -241,41 +343,53 @@ class PairingIndex:
                 chosen = c
                 break
         return self._by_class[chosen].draw(
-            excluded[chosen], _draw_u64(seed, "tile", tile.key, mix_index)
+            excluded[chosen], _draw_u64(seed, "tile", anchor.key, mix_index)
         )
 
-    def op_seed(self, tile: TileRecord, mix_index: int) -> tuple[int, int]:
-        """The stateless seed of an example: two ints in `[0, 2**62)`."""
-        seed = self.config.seed
-        key = tile.key
-        parts = ("softmix.seed", seed, key.slide_id, key.level, key.x, key.y, mix_index)
-        return (stable_hash(*parts, 0) >> _SEED_BITS_SHIFT,
-                stable_hash(*parts, 1) >> _SEED_BITS_SHIFT)
+    def partner(self, anchor: TileRecord, anchor_index: int,
+                mix_index: int) -> tuple[str, int] | None:
+        """The partner (source `b`) of `anchor`'s mix `mix_index`.
 
-    def examples_for(self, tile: TileRecord) -> list[ExampleSpec]:
-        """Every example whose source `a` is `tile`, sorted by example id.
+        Args:
+            anchor: the tile (source `a`).
+            anchor_index: its position among its slide's usable tiles, sorted by key.
+            mix_index: 0..num_mixes-1.
+
+        Returns:
+            `(slide_id, index within that slide)`, or None if no tile is eligible.
+        """
+        block = self._check_anchor(anchor, anchor_index)
+        return self._draw(anchor, mix_index, self._exclusions(block, anchor_index))
+
+    def op_seed(self, anchor: TileRecord, mix_index: int) -> tuple[int, int]:
+        """The stateless seed of an example: two ints in `[0, 2**62)` (see `op_seed`)."""
+        return op_seed(self.config.seed, anchor.key, mix_index)
+
+    def examples_for(self, anchor: TileRecord, anchor_index: int) -> list[PairSpec]:
+        """Every example whose source `a` is `anchor`, sorted by example id.
 
         Returns `num_mixes` mixed examples (`mix_index` 0..n-1, skipping draws with no
         eligible partner) plus, with `keep_originals`, the original (`mix_index` -1,
-        `b == a`). An empty list means the tile has no eligible partner and originals
-        are off: count it as skipped with reason ``"no_partner"``.
+        `b` = the anchor itself). An empty list means the tile has no eligible partner
+        and originals are off: count it as skipped with reason ``"no_partner"``.
         """
-        block = _block_id(tile, self._use_groups)
+        block = self._check_anchor(anchor, anchor_index)
+        seed = self.config.seed
+        key = anchor.key
         specs = []
         if self.config.keep_originals:
-            specs.append(ExampleSpec(example_id(tile.key, -1), tile, tile, -1,
-                                     self.op_seed(tile, -1)))
-        for mix_index in range(self.config.num_mixes):
-            partner = self._partner(tile, mix_index, block)
-            if partner is not None:
-                specs.append(ExampleSpec(example_id(tile.key, mix_index), tile, partner,
-                                         mix_index, self.op_seed(tile, mix_index)))
+            specs.append(PairSpec(example_id(key, -1), anchor, anchor_index, key.slide_id,
+                                  anchor_index, -1, op_seed(seed, key, -1)))
+        if self.config.num_mixes > 0:
+            excluded = self._exclusions(block, anchor_index)
+            for mix_index in range(self.config.num_mixes):
+                partner = self._draw(anchor, mix_index, excluded)
+                if partner is not None:
+                    specs.append(PairSpec(example_id(key, mix_index), anchor, anchor_index,
+                                          partner[0], partner[1], mix_index,
+                                          op_seed(seed, key, mix_index)))
         specs.sort()
         return specs
-
-    def tiles(self) -> list[TileRecord]:
-        """Every indexed tile, sorted by key."""
-        return sorted(self._all.tiles, key=lambda t: t.key)
 
 
 def pair_tiles(
@@ -283,20 +397,59 @@ def pair_tiles(
 ) -> list[ExampleSpec]:
     """All examples of a run, sorted by example id (the eager reference of the engines).
 
+    Groups the tiles by slide, numbers each slide's tiles in key order, builds the
+    `PairingTable` from their counts and resolves each partner to its `TileRecord`.
+
     Args:
-        tiles: every usable tile, in any order.
+        tiles: every usable tile, in any order (identical duplicates are ignored).
         config: the run's `MixConfig`.
         num_classes: K.
 
     Returns:
         `ExampleSpec`s sorted by `example_id`.
 
+    Raises:
+        ValueError: two different records with the same key, a label outside
+            `[0, num_classes)`, tiles of one slide with different labels or groups,
+            or what `PairingTable` raises.
+
     >>> from pipeline.config import MixConfig
     >>> tiles = [TileRecord(TileKey("s", 0, x, 0), label=0) for x in (0, 256)]
     >>> [(e.example_id, str(e.b.key)) for e in pair_tiles(tiles, MixConfig(), 1)]
     [('s/L0/x0/y0#m0', 's/L0/x256/y0'), ('s/L0/x256/y0#m0', 's/L0/x0/y0')]
     """
-    index = PairingIndex(tiles, config, num_classes)
-    specs = [spec for tile in index.tiles() for spec in index.examples_for(tile)]
+    unique = sorted(set(tiles))
+    for previous, current in zip(unique, unique[1:], strict=False):
+        if previous.key == current.key:
+            raise ValueError(
+                "Each tile key must appear in one record only. Received two records "
+                f"for key={current.key}: {previous!r} and {current!r}."
+            )
+    by_slide: dict[str, list[TileRecord]] = collections.defaultdict(list)
+    for tile in unique:  # sorted by key, so each slide's list is in key order
+        if not 0 <= tile.label < num_classes:
+            raise ValueError(
+                f"Tile label must be a class index in [0, {num_classes}). "
+                f"Received: label={tile.label} for tile {tile.key}."
+            )
+        by_slide[tile.key.slide_id].append(tile)
+    counts = []
+    for slide_id, slide_tiles in by_slide.items():
+        first = slide_tiles[0]
+        for tile in slide_tiles:
+            if (tile.label, tile.group) != (first.label, first.group):
+                raise ValueError(
+                    f"Every tile of a slide must have the slide's label and group. Received "
+                    f"label={first.label}, group={first.group!r} for tile {first.key} but "
+                    f"label={tile.label}, group={tile.group!r} for tile {tile.key}."
+                )
+        counts.append(SlideCounts(slide_id, first.label, first.group, len(slide_tiles)))
+    table = PairingTable(counts, config, num_classes)
+    specs = []
+    for slide_tiles in by_slide.values():
+        for index, tile in enumerate(slide_tiles):
+            for spec in table.examples_for(tile, index):
+                b = tile if spec.is_original else by_slide[spec.b_slide][spec.b_index]
+                specs.append(ExampleSpec(spec.example_id, tile, b, spec.mix_index, spec.seed))
     specs.sort()
     return specs
