@@ -198,8 +198,13 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--memory", action="store_true",
                         help="also compare peak RSS with 4 vs 16 slides (Dask, 2 workers)")
+    parser.add_argument("--manifest", default=None,
+                        help="use these slides instead of `softmix demo-data` ones")
     args = parser.parse_args()
-    manifest = demo_slides(args.slide_size, args.slides)
+    if args.manifest:
+        manifest = pathlib.Path(args.manifest)
+    else:
+        manifest = demo_slides(args.slide_size, args.slides)
     root = pathlib.Path(tempfile.mkdtemp(prefix="softmix-bench-"))
     if args.latency_ms > 0:
         os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)

@@ -53,8 +53,22 @@ PNG_CHANNELS = (1, 3, 4)
 _SOURCE_FIELDS = ("slide_id", "level", "x", "y", "label")
 
 
-# zlib level for PNG: 3 is ~2.5x faster than the default 6, files 1-2% larger.
-PNG_COMPRESSION = 3
+# PNG encoding (imagecodecs/libpng): Paeth filter + zlib RLE strategy at level 1. On
+# 256-px H&E tissue tiles it takes ~2.0 ms and ~77 KB, where TensorFlow's encoder
+# (adaptive filters, level 3) takes ~4.2 ms and ~82 KB; PNG encoding is most of the
+# mixing step's time, so this halves it. Any PNG decoder reads the result.
+PNG_LEVEL = 1
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless PNG of uint8/uint16 ``[H, W, C]`` (C = 1, 3 or 4)."""
+    import imagecodecs
+
+    if image.shape[-1] == 1:
+        image = image[..., 0]
+    return imagecodecs.png_encode(np.ascontiguousarray(image), level=PNG_LEVEL,
+                                  strategy=imagecodecs.PNG.STRATEGY.RLE,
+                                  filter=imagecodecs.PNG.FILTER.PAETH)
 
 
 def choose_format(dtype: np.dtype | str, num_channels: int) -> str:
@@ -117,7 +131,7 @@ def encode_example(example: MixedExample, *, image_format: str | None = None) ->
             f"dtype={image.dtype.name}, channels={image.shape[-1]}. Use image_format='raw'."
         )
     if fmt == "png":
-        encoded = tf.io.encode_png(image, compression=PNG_COMPRESSION).numpy()
+        encoded = encode_png(image)
     else:
         encoded = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes()
     label = np.asarray(example.label, dtype=np.float32).reshape(-1)
