@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from ._keys import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
-from .errors import SlideError
+from .errors import SlideError, TileReadError
 
 __all__ = [
     "PackReader",
@@ -226,7 +226,7 @@ class _Band:
 
 def pack_strip(task: StripTask, staging: str, *,
                read_cache_mb: float = DEFAULT_READ_CACHE_MB,
-               transform: Any = None) -> StripResult:
+               transform: Any = None, on_error: str = "skip") -> StripResult:
     """Read the strip's tiles chunk by chunk and write them into its pack.
 
     Opens the slide afresh (its `ReadStats` then count exactly this task's reads).
@@ -237,9 +237,12 @@ def pack_strip(task: StripTask, staging: str, *,
         read_cache_mb: decoded pixels held at once (chunk rows read per selection).
         transform: optional ``f(tile) -> tile`` applied before packing (e.g. stain
             normalisation).
+        on_error: ``"skip"`` counts an unusable tile under its reason; ``"fail"``
+            raises `TileReadError`.
 
     Raises:
         SlideError: the slide cannot be opened (it was planned, so this is rare).
+        TileReadError: with ``on_error="fail"``, the first unusable tile.
     """
     import numcodecs
     import tensorflow as tf
@@ -268,6 +271,8 @@ def pack_strip(task: StripTask, staging: str, *,
     offset = 0
 
     def skip(tile: TileRecord, reason: str, message: str) -> None:
+        if on_error == "fail":
+            raise TileReadError(tile.key, reason, message)
         skipped[reason] += 1
         if len(messages) < 5:
             messages.append(f"{tile.key}: {reason}: {message}")

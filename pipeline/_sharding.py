@@ -17,7 +17,7 @@ import math
 import posixpath
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
 
@@ -26,7 +26,7 @@ from ._keys import stable_hash
 __all__ = [
     "SHARD_PATTERN",
     "ShardInfo",
-    "concat_shards",
+    "merge_shards",
     "filepath_template",
     "num_shards_for",
     "shard_filename",
@@ -163,25 +163,40 @@ def write_shard(
     return ShardInfo(file=base, num_examples=len(unique), num_bytes=tf.io.gfile.stat(path).length)
 
 
-def concat_shards(path: str, parts: Iterable[str], *, compression: str | None = None) -> ShardInfo:
-    """Stream the records of the uncompressed TFRecord files `parts`, in order, into `path`.
+def merge_shards(path: str, parts: Sequence[tuple[str, Sequence[str]]], *,
+                 compression: str | None = None) -> ShardInfo:
+    """Merge sorted, uncompressed TFRecord files into the shard `path`, sorted by id.
 
-    Memory stays at one record whatever the shard size; the file appears under `path`
-    only when complete (temporary name + rename).
+    Args:
+        path: the shard to write.
+        parts: `(file, example ids of its records in file order)`; each file's ids
+            are sorted. The result is every record sorted by example id, so it does
+            not depend on how the examples were split into parts.
+        compression: None or ``"GZIP"`` for the shard.
+
+    Memory stays at one record per part whatever the shard size; the file appears
+    under `path` only when complete (temporary name + rename).
 
     Returns:
         `ShardInfo` of the written file.
     """
+    import heapq
+
     options = _options(compression)
     directory, base = posixpath.split(path)
     temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+
+    def stream(file: str, ids: Sequence[str]):
+        records = tf.data.TFRecordDataset(file).as_numpy_iterator()
+        yield from zip(ids, records, strict=True)
+
     count = 0
     try:
         with tf.io.TFRecordWriter(temp, options=options) as writer:
-            for part in parts:
-                for record in tf.data.TFRecordDataset(part).as_numpy_iterator():
-                    writer.write(record)
-                    count += 1
+            merged = heapq.merge(*(stream(f, ids) for f, ids in parts), key=lambda r: r[0])
+            for _, record in merged:
+                writer.write(record)
+                count += 1
         tf.io.gfile.rename(temp, path, overwrite=True)
     except Exception as err:
         if tf.io.gfile.exists(temp):

@@ -12,10 +12,10 @@ function of its inputs and the run's seed, so the engine, the worker count and t
 grouping of work never change a byte of the output.
 
 Buckets: an example goes to shard ``shard_for(example_id, num_shards)`` and, inside
-it, to bucket ``stable_hash(example_id) % buckets_per_shard``; `buckets_per_shard`
-comes from the run's example count (never from the worker count), so that a bucket
-holds about `examples_per_task` examples. A shard is its buckets' part files
-concatenated in bucket order, each sorted by example id.
+it, to bucket ``stable_hash(example_id) % buckets_per_shard``, so that a bucket holds
+about `examples_per_task` examples. Each bucket's part file is sorted by example id and
+a shard is its buckets merged by example id: its bytes depend only on which examples it
+holds, never on the bucket size, the engine or the worker count.
 """
 
 from __future__ import annotations
@@ -90,12 +90,13 @@ def reconcile_plan(plan: SlidePlan, majority: tuple[int, str] | None) -> SlidePl
                  "slides of different channel layouts as separate jobs."))
 
 
-def pack_task(task: StripTask, staging: str, read_cache_mb: float,
+def pack_task(task: StripTask, staging: str, read_cache_mb: float, on_error: str = "skip",
               transform: Any = None) -> StripResult:
     """Pack one strip (see `_packing.pack_strip`)."""
     from ._packing import pack_strip
 
-    return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform)
+    return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
+                      on_error=on_error)
 
 
 def strip_accounting(result: StripResult) -> Accounting:
@@ -286,7 +287,7 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
         mass = _add(mass, tuple(round(float(v) * float(1 << 32)) for v in label))
     size, crc = file_crc32(path)
     sidecar = {"digest": digest, "num_examples": len(results), "bytes": size, "crc32": crc,
-               "class_mass": list(mass)}
+               "class_mass": list(mass), "ids": sorted(r.spec.example_id for r in results)}
     _write_text_atomic(path + ".json", json.dumps(sidecar))
     return BucketResult(bucket[0], bucket[1], path,
                         Accounting(class_mass=mass, examples_written=len(results)))
@@ -321,13 +322,22 @@ def _add(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
 
 def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
                    config: OutputConfig) -> Any:
-    """Concatenate a shard's bucket files (in bucket order) into the staged shard."""
-    from ._job import staging_dir
-    from ._sharding import concat_shards, shard_filename
+    """Merge a shard's bucket files into the staged shard, sorted by example id.
 
-    parts = [b.path for b in sorted(buckets, key=lambda b: b.bucket)]
+    The shard's bytes depend only on which examples it holds, never on how they
+    were bucketed (`examples_per_task`) or which engine mixed them.
+    """
+    import tensorflow as tf
+
+    from ._job import staging_dir
+    from ._sharding import merge_shards, shard_filename
+
+    parts = []
+    for bucket in sorted(buckets, key=lambda b: b.bucket):
+        with tf.io.gfile.GFile(bucket.path + ".json", "r") as handle:
+            parts.append((bucket.path, json.loads(handle.read())["ids"]))
     path = posixpath.join(staging_dir(config), shard_filename(config.name, shard, num_shards))
-    return concat_shards(path, parts, compression=config.compression)
+    return merge_shards(path, parts, compression=config.compression)
 
 
 def example_bytes(num_channels: int, dtype: str, tile_size: int) -> float:

@@ -96,14 +96,15 @@ class SlidesToPlans(beam.PTransform):
 class _PackStrip(beam.DoFn):
     """Pack one strip: read its chunks once, cut and compress its tiles."""
 
-    def __init__(self, staging: str, read_cache_mb: float):
+    def __init__(self, staging: str, read_cache_mb: float, on_error: str):
         self._staging = staging
         self._read_cache_mb = read_cache_mb
+        self._on_error = on_error
 
     def process(self, task):
         from ._stages import pack_task
 
-        result = pack_task(task, self._staging, self._read_cache_mb)
+        result = pack_task(task, self._staging, self._read_cache_mb, self._on_error)
         counter = beam.metrics.Metrics.counter
         counter(_NAMESPACE, "strips_packed").inc()
         counter(_NAMESPACE, "chunks_read").inc(result.chunks_read)
@@ -129,12 +130,13 @@ class PlansToStrips(beam.PTransform):
     """
 
     def __init__(self, slides: Sequence[SlideRecord], tile_size: int, staging: str,
-                 read_cache_mb: float):
+                 read_cache_mb: float, *, on_error: str = "skip"):
         super().__init__()
         self._records = {record.slide_id: record for record in slides}
         self._tile_size = tile_size
         self._staging = staging
         self._read_cache_mb = read_cache_mb
+        self._on_error = on_error
 
     def expand(self, plans):
         from ._packing import split_plan
@@ -144,7 +146,8 @@ class PlansToStrips(beam.PTransform):
             plans
             | "SplitPlan" >> beam.FlatMap(lambda p: split_plan(records[p.slide_id], p, size))
             | "FanOutStrips" >> beam.Reshuffle()
-            | "PackStrip" >> beam.ParDo(_PackStrip(self._staging, self._read_cache_mb))
+            | "PackStrip" >> beam.ParDo(
+                _PackStrip(self._staging, self._read_cache_mb, self._on_error))
         )
 
 
@@ -310,7 +313,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
     )
     plans = raw_plans | "Reconcile" >> beam.Map(_stages.reconcile_plan, majority)
     strips = plans | "PlansToStrips" >> PlansToStrips(
-        slides, job.tile.tile_size, staging, job.read_cache_mb)
+        slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=on_error)
 
     def layout_of(summaries, kind):
         channels, dtype = kind if kind is not None else (3, "uint8")

@@ -44,6 +44,10 @@ logger = logging.getLogger(__name__)
 # --- Client side -----------------------------------------------------------------------
 
 
+def _identity(value: Any) -> Any:
+    return value
+
+
 def _first(pair: tuple[Any, Any]) -> Any:
     return pair[0]
 
@@ -141,7 +145,7 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
                  for lst, n in zip(strip_lists, sizes, strict=True) for i in range(n)]
         held += tasks
         results = client.map(_stages.pack_task, tasks, staging=staging,
-                             read_cache_mb=job.read_cache_mb, pure=False)
+                             read_cache_mb=job.read_cache_mb, on_error=on_error, pure=False)
         held += results
         strip_acc = client.gather(client.map(_stages.strip_accounting, results))
         summaries = client.gather(client.map(_strip_size, results))
@@ -155,7 +159,11 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
             table = PairingTable(layout.counts(), job.mix, num_classes)
         except ValueError as err:
             raise PipelineError(str(err)) from err
-        layout_f, table_f = client.scatter([layout, table], broadcast=True, hash=False)
+        # Tasks, not `scatter`: a scattered value is lost with its worker, a task's
+        # result is recomputed.
+        layout_f = client.submit(_identity, layout, key=f"softmix-layout-{run_id}")
+        table_f = client.submit(_identity, table, key=f"softmix-table-{run_id}")
+        held += [layout_f, table_f]
         # 4. Pair per strip, shuffle the (small) specs by bucket, mix each bucket.
         paired = client.map(_stages.pair_strip, results, layout=layout_f, table=table_f)
         held += paired

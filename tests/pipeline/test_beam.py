@@ -13,18 +13,14 @@ import tensorflow as tf
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import _job, _pairing
-from pipeline._encoding import decode_example
+from pipeline import _job
 from pipeline._manifest import load_slide_manifest
-from pipeline._mixing import mix_examples
-from pipeline._slides import SlideCache, open_slide
-from pipeline._tiling import plan_slide
+from pipeline._slides import open_slide
 from pipeline.beam_transforms import (
-    EncodeExamples,
-    MixPairs,
-    PairTiles,
+    MixBuckets,
+    PairStrips,
+    PlansToStrips,
     SlidesToPlans,
-    WriteShards,
     local_pipeline_options,
     run_beam,
 )
@@ -105,55 +101,52 @@ def test_slides_to_plans_matches_plan_slide(synthetic_dataset):
         ]))
 
 
-def test_pair_tiles_matches_driver_pairing(synthetic_dataset):
+def test_beam_shards_equal_the_in_process_steps(synthetic_dataset, tmp_path):
+    from .test_stages import run_in_process
+
+    job = _job_config(synthetic_dataset.manifest_path, tmp_path / "beam",
+                      mix=dict(num_mixes=2, keep_originals=True))
+    manifest = run_beam(job, progress=False, examples_per_task=7)
+    reference = _job_config(synthetic_dataset.manifest_path, tmp_path / "ref",
+                            mix=dict(num_mixes=2, keep_originals=True))
+    _, _, infos, accounting, _ = run_in_process(reference, examples_per_task=7)
+    staged = pathlib.Path(_job.staging_dir(reference.output))
+    assert [s["file"] for s in manifest["shards"]] == [i.file for i in infos]
+    for info in infos:
+        assert (tmp_path / "beam" / info.file).read_bytes() == (staged / info.file).read_bytes()
+    assert manifest["accounting"] == json.loads(json.dumps(accounting.to_dict(2)))
+    assert manifest["num_examples"] == 3 * synthetic_dataset.total_tiles
+
+
+def test_strips_pairs_and_buckets_as_transforms(synthetic_dataset, tmp_path):
+    from pipeline import _stages
+    from pipeline._pairing import PairingTable
+
+    from .test_stages import run_in_process
+
+    job = _job_config(synthetic_dataset.manifest_path, tmp_path / "ref")
+    plans, layout, _, _, names = run_in_process(job)
     manifest = load_slide_manifest(synthetic_dataset.manifest_path)
-    plans = [plan_slide(record, TILE) for record in manifest.slides]
-    tiles = [tile for plan in plans for tile in plan.tiles]
-    expected = _pairing.pair_tiles(tiles, MIX, 2)
+    staging = _job.staging_dir(job.output)
+    table = PairingTable(layout.counts(), job.mix, 2)
     with _test_pipeline() as p:
-        side = beam.pvalue.AsSingleton(p | "Side" >> beam.Create([_job.reconcile_plans(plans)]))
-        specs, unpaired = p | "Plans" >> beam.Create(plans) | PairTiles(MIX, 2, side)
-        assert_that(specs, equal_to(expected), label="Specs")
-        assert_that(unpaired, equal_to([]), label="Unpaired")
-    assert len(expected) == synthetic_dataset.total_tiles
-
-
-def test_mix_pairs_and_encode_match_core(synthetic_dataset):
-    manifest = load_slide_manifest(synthetic_dataset.manifest_path)
-    plans = [plan_slide(record, TILE) for record in manifest.slides]
-    specs = _pairing.pair_tiles([t for plan in plans for t in plan.tiles], MIX, 2)
-    read = _job.make_tile_reader(manifest.slides, 128, SlideCache())
-    expected = {r.spec.example_id: r for r in mix_examples(specs, read, MIX, 2)}
-    with _test_pipeline() as p:
-        encoded = (p | beam.Create(specs) | MixPairs(manifest.slides, 128, MIX, 2)
-                   | EncodeExamples())
-        collected = encoded | beam.combiners.ToList()
-
-        def check(items):
-            items = dict(items[0])
-            assert sorted(items) == sorted(expected)
-            for example_id, payload in items.items():
-                record = decode_example(payload)
-                want = expected[example_id]
-                np.testing.assert_array_equal(record["image"], want.image)
-                np.testing.assert_allclose(record["label"], want.label, rtol=0, atol=0)
-                assert record["lam"] == pytest.approx(want.lam, abs=0)
-
-        assert_that(collected, check)
-
-
-def test_write_shards_names_and_contents(tmp_path):
-    config = OutputConfig(out_dir=str(tmp_path / "out"), num_shards=4)
-    _job.prepare_output(config)
-    records = [(f"id-{i:03d}", f"payload-{i}".encode()) for i in range(40)]
-    with _test_pipeline() as p:
-        infos = p | beam.Create(records) | WriteShards(config, 4)
-        assert_that(infos | beam.Map(lambda info: info.num_examples)
-                    | beam.CombineGlobally(sum), equal_to([40]))
-    staged = sorted(pathlib.Path(_job.staging_dir(config)).glob("*.tfrecord"))
-    assert [f.name for f in staged] == [f"softmix-{i:05d}-of-00004.tfrecord" for i in range(4)]
-    read_back = sorted(r.numpy() for r in tf.data.TFRecordDataset([str(f) for f in staged]))
-    assert read_back == sorted(payload for _, payload in records)
+        strips = (p | "Plans" >> beam.Create(plans)
+                  | PlansToStrips(manifest.slides, 128, staging, 16.0))
+        sizes = strips | beam.Map(lambda r: (r.slide_id, len(r.tiles)))
+        assert_that(sizes | beam.CombinePerKey(sum), equal_to(
+            [(sid, synthetic_dataset.expected_tiles[sid]) for sid in synthetic_dataset.slide_ids]),
+            label="StripSizes")
+        side = beam.pvalue.AsSingleton(p | "Layout" >> beam.Create([layout]))
+        table_side = beam.pvalue.AsSingleton(p | "Table" >> beam.Create([table]))
+        pairs, accounting = strips | PairStrips(side, table_side)
+        buckets = pairs | MixBuckets(job.mix, 2, side)
+        assert_that(buckets | "Written" >> beam.Map(lambda b: b.accounting.examples_written)
+                    | "SumWritten" >> beam.CombineGlobally(sum),
+                    equal_to([synthetic_dataset.total_tiles]), label="Examples")
+        assert_that(accounting | "Used" >> beam.Map(lambda a: a.tiles_used)
+                    | "SumUsed" >> beam.CombineGlobally(sum),
+                    equal_to([synthetic_dataset.total_tiles]), label="UsedTiles")
+    assert isinstance(_stages.DEFAULT_EXAMPLES_PER_TASK, int)
 
 
 # --- End to end ---------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_every_chunk_is_read_once_and_tiles_are_exact(tmp_path):
     assert [t for s in strips for t in s.tiles] == list(plan.tiles)
     chunks = _chunk_files(path)
     results = [pack_strip(task, str(tmp_path / "staging")) for task in strips]
-    assert sum(r.chunks_read for r in results) == len(chunks) == 16  # one chunk holds all 3 channels
+    # One chunk holds all 3 channels.
+    assert sum(r.chunks_read for r in results) == len(chunks) == 16
     chunk_bytes = sum(chunks.values())
     assert sum(r.bytes_needed for r in results) == chunk_bytes
     read = sum(r.bytes_read for r in results)
