@@ -300,8 +300,12 @@ class LatencyFileSystem(AsyncFileSystem, _Chained):  # type: ignore[misc]
         path = self._strip_protocol(path)
         if "r" in mode:
             return _LatencyFile(
-                self, path, mode, block_size=block_size or "default",
-                cache_options=cache_options, **kwargs,
+                self,
+                path,
+                mode,
+                block_size=block_size or "default",
+                cache_options=cache_options,
+                **kwargs,
             )
         return _WriteCounter(self, path, mode)
 

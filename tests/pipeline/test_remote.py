@@ -119,8 +119,14 @@ def test_every_kind_of_request_is_counted(tmp_path):
     with fs.open(f"{root}/a/c.bin", "wb") as handle:
         handle.write(b"abc")
     assert remote.stats().as_dict() == {
-        "get": 0, "range": 2, "list": 1, "info": 3, "write": 2,
-        "bytes_read": 13, "bytes_written": 13, "requests": 8,
+        "get": 0,
+        "range": 2,
+        "list": 1,
+        "info": 3,
+        "write": 2,
+        "bytes_read": 13,
+        "bytes_written": 13,
+        "requests": 8,
     }
     assert remote.reset_stats().requests == 8 and remote.stats() == RemoteStats()
     fs.rm(f"{root}/a", recursive=True)  # a listing, then one removal per object
@@ -158,8 +164,14 @@ from pipeline import remote
 print(json.dumps({{"first": first, "elapsed": elapsed, **remote.stats().as_dict()}}))
 """
     env = {**os.environ, LATENCY_ENV: "40"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT / "tests",
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=ROOT / "tests",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["first"], "fsspec must load pipeline.remote itself (entry point)"
