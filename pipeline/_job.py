@@ -55,27 +55,41 @@ def summary_table(manifest: Mapping[str, Any]) -> str:
             f"{'read amplification':<28}"
             f"{'n/a' if amplification is None else f'{amplification:.3f}':>10}",
         ]
+    for reason, count in sorted(acc.get("examples_dropped", {}).items()):
+        lines.append(f"{'examples dropped: ' + reason:<28}{count:>10}")
+    messages = acc.get("slides_failed_messages", {})
     for slide_id, reason in sorted(acc["slides_failed"].items()):
         lines.append(f"{'slide failed: ' + slide_id:<28}{reason:>10}")
+        if messages.get(slide_id) and messages[slide_id] != reason:
+            lines.append(f"    {messages[slide_id]}")
     hist = acc.get("class_histogram")
-    if hist:
+    if hist and manifest["num_examples"]:
         for name, weight in zip(manifest["class_names"], hist, strict=True):
             lines.append(f"{'label mass: ' + name:<28}{weight:>10.1f}")
+    for warning in manifest.get("warnings", []):
+        lines.append(f"warning: {warning}")
     return "\n".join(lines)
 
 
 def exit_status(manifest: Mapping[str, Any]) -> int:
-    """0 when the run finished; with `--on-error skip` failures are counted, not fatal."""
-    return 0
+    """0 when the run finished with examples; 1 when it wrote none (a failed run).
+
+    With `--on-error skip` bad slides and tiles are counted, not fatal, as long as
+    something was written.
+    """
+    return 0 if manifest.get("num_examples", 0) > 0 else 1
 
 
 # --- Output life cycle shared by both engines -------------------------------------------
 #
-# Shards are written into a hidden staging folder inside OUT and moved into place only
-# after every shard exists; manifest.json is written last. A crashed run therefore
-# leaves no file under a finished-looking name.
+# A run locks OUT (`OUT/.softmix.lock`: pid, host, start time), writes everything into a
+# hidden staging folder inside OUT, and publishes by swap only after every shard exists:
+# new shards move in, the old dataset's other files go, manifest.json is written last.
+# A failed or interrupted run leaves the old dataset untouched and its staging folder
+# as it is (the next run needs --overwrite to discard it).
 
 STAGING_DIR = ".softmix.tmp-staging"
+RUN_FILE = "run.json"  # in the staging folder: the run id of the lock that owns it
 
 
 def staging_dir(config: Any) -> str:
@@ -85,16 +99,41 @@ def staging_dir(config: Any) -> str:
 
 
 def prepare_output(config: Any) -> None:
-    """Refuse or clear an existing dataset (see `_output.prepare_output_dir`), then stage."""
+    """Lock OUT, check it (`_output.prepare_output_dir`), then start a fresh staging folder.
+
+    Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
+    staging folder is discarded (the lock guarantees no live run owns it).
+
+    Raises:
+        OutputExistsError: another live run holds the lock, an existing dataset or
+            unfinished run without overwrite, or files that are not ours.
+        PipelineError: OUT cannot be created or written.
+    """
+    import json
+    import posixpath
+
     import tensorflow as tf
 
-    from ._output import prepare_output_dir
+    from ._output import (
+        acquire_output_lock,
+        ensure_output_dir,
+        prepare_output_dir,
+        release_output_lock,
+    )
 
-    staging = staging_dir(config)
-    if config.overwrite and tf.io.gfile.exists(staging):
-        tf.io.gfile.rmtree(staging)
-    prepare_output_dir(config)
-    tf.io.gfile.makedirs(staging)
+    ensure_output_dir(config.out_dir)
+    lock = acquire_output_lock(config.out_dir)
+    try:
+        prepare_output_dir(config)  # now that no other run can change OUT
+        staging = staging_dir(config)
+        if tf.io.gfile.exists(staging):
+            tf.io.gfile.rmtree(staging)
+        tf.io.gfile.makedirs(staging)
+        with tf.io.gfile.GFile(posixpath.join(staging, RUN_FILE), "w") as handle:
+            handle.write(json.dumps(lock) + "\n")
+    except BaseException:
+        release_output_lock(config.out_dir, run_id=lock["run_id"])
+        raise
 
 
 def write_staged_shard(config: Any, index: int, num_shards: int,
@@ -112,17 +151,36 @@ def write_staged_shard(config: Any, index: int, num_shards: int,
                            f"{config.out_dir!r}") from err
 
 
-def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
-                   class_names: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
-    """Write empty shards for indices no record went to, move all into OUT, then the
-    manifest (last). Returns the manifest."""
-    import dataclasses
+def _run_id(config: Any) -> str | None:
+    import json
     import posixpath
 
     import tensorflow as tf
 
-    from ._output import finalize_output
+    path = posixpath.join(staging_dir(config), RUN_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as handle:
+        return json.load(handle).get("run_id")
+
+
+def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
+                   class_names: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Write empty shards for indices no record went to, then publish by swap
+    (`_output.finalize_output`), remove the staging folder and release the lock.
+    Returns the manifest.
+
+    Raises:
+        PipelineError: the run wrote no example (nothing moves; staging is kept), or
+            the lock of OUT is no longer this run's.
+    """
+    import dataclasses
+
+    import tensorflow as tf
+
+    from ._output import finalize_output, read_output_lock, release_output_lock
     from ._sharding import shard_filename
+    from .errors import PipelineError
 
     by_index = {}
     for info in shards:
@@ -132,17 +190,24 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
     if len(by_index) != len(shards):
         raise RuntimeError(f"Unexpected shard files {sorted(s.file for s in shards)} for "
                            f"{num_shards} shards; an engine wrote a shard twice.")
+    run_id = _run_id(config)
+    lock = read_output_lock(config.out_dir)
+    if run_id is None or not lock or lock.get("run_id") != run_id:
+        raise PipelineError(
+            f"The lock of {config.out_dir!r} is not this run's any more (held: {lock}); "
+            "another run took the directory over. Nothing was published; rerun with "
+            "--overwrite once no other run writes there."
+        )
     for index in range(num_shards):
         if index not in by_index:
             by_index[index] = write_staged_shard(config, index, num_shards, [])
     staging = staging_dir(config)
-    for info in by_index.values():
-        tf.io.gfile.rename(posixpath.join(staging, info.file),
-                           posixpath.join(config.out_dir, info.file), overwrite=True)
-    tf.io.gfile.rmtree(staging)
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
-    return finalize_output(config_with_count, list(by_index.values()), accounting,
-                           class_names, params)
+    manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
+                               class_names, params, staged_dir=staging)
+    tf.io.gfile.rmtree(staging)
+    release_output_lock(config.out_dir, run_id=run_id)
+    return manifest
 
 
 # --- Progress and errors ------------------------------------------------------------------
@@ -183,12 +248,37 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
         return total
 
     def _poll(self) -> None:
+        import sys
+
+        if not sys.stderr.isatty():
+            self._poll_lines(sys.stderr)
+            return
         from tqdm import tqdm
 
         with tqdm(total=self._total, desc="examples mixed", unit="ex") as bar:
             while not self._stop.wait(0.5):
                 bar.update(max(0, self._count() - bar.n))
             bar.update(max(0, self._count() - bar.n))  # the last examples, before closing
+
+    def _poll_lines(self, stream: Any, interval: float = 10.0) -> None:
+        """Plain progress lines for logs and pipes (a tqdm bar redraws in place)."""
+        import time
+
+        def line(count: int) -> None:
+            total = f"/{self._total}" if self._total else ""
+            print(f"examples mixed: {count}{total}", file=stream, flush=True)
+
+        shown = latest = 0
+        last = time.monotonic()
+        while not self._stop.wait(0.5):
+            # max: the count reads 0 once published (the staging folder is gone).
+            latest = max(latest, self._count())
+            if latest != shown and time.monotonic() - last >= interval:
+                line(latest)
+                shown, last = latest, time.monotonic()
+        latest = max(latest, self._count())
+        if latest > shown:
+            line(latest)
 
     def __enter__(self) -> progress_reporter:
         import threading

@@ -20,11 +20,17 @@ Accounting rule (what the manifest's ``accounting`` reports):
 `Accounting` is a commutative monoid (`merge`, `+`, `Accounting()` is the identity):
 use it as a Beam `CombineFn` accumulator or a Dask tree reduction.
 
-Output directory life cycle: `prepare_output_dir` refuses an existing dataset unless
-overwrite is on; shards are written under temporary names and renamed
-(`pipeline._sharding.write_shard`); `finalize_output` writes the TFDS metadata and then
-``manifest.json`` **last**, atomically. A directory without ``manifest.json`` is an
-unfinished run, and `pipeline.read_dataset` refuses it.
+Output directory life cycle: a directory holds a SoftMix dataset only when its
+``manifest.json`` says so (``"format": "softmix.dataset/1"``), and the dataset is exactly
+the files that manifest lists under ``files`` (shards, TFDS metadata, ``preview.png``).
+`prepare_output_dir` refuses an existing dataset unless overwrite is on, refuses an
+unfinished run's staging folder unless overwrite is on, and refuses any other file
+always; it deletes nothing. Runs take a lock file in OUT (`acquire_output_lock`), write
+into a staging folder, and `finalize_output` publishes by swap: the new shards move in,
+the TFDS metadata is written, the old dataset's files that the new one does not reuse
+are removed, and ``manifest.json`` is written **last**, atomically. So an old dataset
+survives every failed run, and a directory without ``manifest.json`` is an unfinished
+run, which `pipeline.read_dataset` refuses.
 
 TFDS: ``dataset_info.json`` and ``features.json`` are written by hand (TFDS is only a
 dev dependency) so that ``tfds.builder_from_directory(OUT)`` loads the shards as split
@@ -36,31 +42,47 @@ only `pipeline.read_dataset` reads the shards.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import importlib.metadata
 import json
+import os
 import platform
 import posixpath
+import socket
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
 
+from ._job import STAGING_DIR
 from ._keys import MixedExample, SlidePlan, TileRecord
-from ._sharding import SHARD_PATTERN, TEMP_MARKER, ShardInfo, filepath_template, shard_filename
+from ._sharding import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from .config import OutputConfig
 from .errors import OutputExistsError, PipelineError
 
 __all__ = [
+    "DATASET_FORMAT",
+    "LOCK_NAME",
     "MANIFEST_NAME",
     "Accounting",
+    "acquire_output_lock",
+    "dataset_files",
     "finalize_output",
     "prepare_output_dir",
     "read_manifest",
+    "release_output_lock",
     "software_versions",
 ]
 
 MANIFEST_NAME = "manifest.json"
+# The marker that makes a directory a SoftMix dataset (`manifest["format"]`).
+DATASET_FORMAT = "softmix.dataset/1"
+# Held by a run while it writes into OUT: {"pid", "host", "since", "run_id"}.
+LOCK_NAME = ".softmix.lock"
+# Written into the staging folder when a run fails after mixing (e.g. 0 examples): the
+# would-be manifest, so the CLI can print the run's summary.
+FAILED_RUN_NAME = "failed-run.json"
 TFDS_FILES = ("dataset_info.json", "features.json")
 # `softmix preview OUT` writes its contact sheet here; it belongs to the dataset.
 PREVIEW_NAME = "preview.png"
@@ -86,6 +108,8 @@ class Accounting:
         tiles_skipped: reason -> tiles not used.
         tiles_pending: tiles planned but whose outcome was not reported yet.
         slides_failed: slide_id -> failure reason.
+        slides_failed_messages: slide_id -> the failure's full message (what is wrong
+            and the fix), as `--on-error fail` would have raised it.
         class_mass: per-class sum of the written examples' soft labels, in fixed point
             units of 2**-32 so that merging is exactly associative (see
             `class_histogram` for floats).
@@ -105,6 +129,7 @@ class Accounting:
     tiles_skipped: Mapping[str, int] = dataclasses.field(default_factory=dict)
     tiles_pending: int = 0
     slides_failed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    slides_failed_messages: Mapping[str, str] = dataclasses.field(default_factory=dict)
     class_mass: tuple[int, ...] = ()
     examples_written: int = 0
     examples_dropped: Mapping[str, int] = dataclasses.field(default_factory=dict)
@@ -119,8 +144,11 @@ class Accounting:
         """Counts of one slide's tiling: its rejected tiles, its failure, its pending tiles."""
         skipped = {k: v for k, v in sorted(plan.skipped_dict.items()) if v}
         failed = {plan.slide_id: plan.failure} if plan.failure is not None else {}
+        messages = ({plan.slide_id: plan.message or plan.failure}
+                    if plan.failure is not None else {})
         return cls(tiles_total=plan.num_tiles_total, tiles_skipped=skipped,
                    tiles_pending=len(plan.tiles), slides_failed=failed,
+                   slides_failed_messages=messages,
                    chunks_read=plan.chunks_read, bytes_read=plan.bytes_read,
                    requests=plan.requests)
 
@@ -182,6 +210,8 @@ class Accounting:
                 tiles_skipped=_add_counts(out.tiles_skipped, other.tiles_skipped),
                 tiles_pending=out.tiles_pending + other.tiles_pending,
                 slides_failed=_merge_failures(out.slides_failed, other.slides_failed),
+                slides_failed_messages=_merge_failures(out.slides_failed_messages,
+                                                       other.slides_failed_messages),
                 class_mass=_add_hist(out.class_mass, other.class_mass),
                 examples_written=out.examples_written + other.examples_written,
                 examples_dropped=_add_counts(out.examples_dropped, other.examples_dropped),
@@ -229,6 +259,7 @@ class Accounting:
             "tiles_used": self.tiles_used,
             "tiles_skipped": dict(sorted(self.tiles_skipped.items())),
             "slides_failed": dict(sorted(self.slides_failed.items())),
+            "slides_failed_messages": dict(sorted(self.slides_failed_messages.items())),
             "class_histogram": [round(v, 6) for v in histogram],
             "examples_written": self.examples_written,
             "examples_dropped": dict(sorted(self.examples_dropped.items())),
@@ -290,49 +321,240 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _is_ours(name: str) -> bool:
-    return (name in (MANIFEST_NAME, PREVIEW_NAME, *TFDS_FILES)
-            or SHARD_PATTERN.match(name) is not None
-            or (name.startswith(".") and TEMP_MARKER in name))
+# --- What a directory holds ---------------------------------------------------------------
 
 
-def prepare_output_dir(config: OutputConfig) -> None:
-    """Create `config.out_dir`, or clear an old SoftMix dataset there when overwriting.
+def dataset_files(manifest: Mapping[str, Any]) -> list[str]:
+    """The files that belong to the dataset `manifest` describes (base names in OUT)."""
+    if "files" in manifest:
+        return [str(name) for name in manifest["files"]]
+    names = [s["file"] for s in manifest.get("shards", [])]
+    if manifest.get("params", {}).get("tfds", True):
+        names += list(TFDS_FILES)
+    return [*names, PREVIEW_NAME]
+
+
+def _load_json(path: str) -> Any:
+    try:
+        with tf.io.gfile.GFile(path, "r") as handle:
+            return json.load(handle)
+    except (ValueError, tf.errors.OpError, OSError):
+        return None
+
+
+def existing_dataset(out_dir: str) -> dict[str, Any] | None:
+    """The manifest of the SoftMix dataset in `out_dir`, or None when there is none.
+
+    Only a ``manifest.json`` that carries the marker ``"format": "softmix.dataset/1"``
+    makes a directory a SoftMix dataset.
+    """
+    manifest = _load_json(posixpath.join(out_dir, MANIFEST_NAME))
+    if isinstance(manifest, dict) and manifest.get("format") == DATASET_FORMAT:
+        return manifest
+    return None
+
+
+def _temp_of(name: str, targets: Iterable[str]) -> bool:
+    """`name` is a leftover temporary file of an atomic write of one of `targets`."""
+    return name.startswith(".") and any(name.startswith(f".{t}{TEMP_MARKER}") for t in targets)
+
+
+def ensure_output_dir(out_dir: str) -> bool:
+    """Create `out_dir` if missing; returns True when it was created.
 
     Raises:
-        OutputExistsError: the directory holds a dataset (finished or not) and
-            `config.overwrite` is off, or it holds files that are not ours (never
-            deleted, even with overwrite).
+        PipelineError: the path cannot be created (parent is a file, not writable).
+        OutputExistsError: the path exists and is not a directory.
     """
-    out_dir = config.out_dir
     if not tf.io.gfile.exists(out_dir):
-        tf.io.gfile.makedirs(out_dir)
-        return
+        parent = posixpath.dirname(out_dir.rstrip("/"))
+        if parent and tf.io.gfile.exists(parent) and not tf.io.gfile.isdir(parent):
+            raise PipelineError(
+                f"Cannot create output directory {out_dir!r}: its parent {parent!r} is a "
+                "file, not a directory. Choose another --out."
+            )
+        try:
+            tf.io.gfile.makedirs(out_dir)
+        except (tf.errors.OpError, OSError) as err:
+            raise PipelineError(
+                f"Cannot create output directory {out_dir!r}: "
+                f"{getattr(err, 'message', None) or err}. Choose a writable --out."
+            ) from None
+        return True
     if not tf.io.gfile.isdir(out_dir):
         raise OutputExistsError(f"Output path {out_dir!r} exists and is not a directory. "
                                 "Choose a directory path for --out.")
-    names = [n.rstrip("/") for n in tf.io.gfile.listdir(out_dir)]
-    foreign = sorted(n for n in names if not _is_ours(n))
+    return False
+
+
+def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
+    """Create `config.out_dir`, or check that a run may write into it. Deletes nothing.
+
+    An old dataset is replaced only when the new run publishes (`finalize_output`), so
+    it survives a failed run.
+
+    Returns:
+        The manifest of the SoftMix dataset the run will replace (overwrite), or None.
+
+    Raises:
+        OutputExistsError: the directory holds a dataset or an unfinished run's staging
+            folder and `config.overwrite` is off, or it holds files that are not part
+            of a SoftMix dataset (never deleted, even with overwrite).
+        PipelineError: the path cannot be created or is not a directory.
+    """
+    out_dir = config.out_dir
+    if ensure_output_dir(out_dir):
+        return None
+    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(out_dir))
+    manifest = existing_dataset(out_dir)
+    ours = {LOCK_NAME, STAGING_DIR}
+    if manifest is not None:
+        ours.update(dataset_files(manifest))
+        ours.add(MANIFEST_NAME)
+    json_targets = (MANIFEST_NAME, PREVIEW_NAME, *TFDS_FILES)
+    foreign = [n for n in names if n not in ours and not _temp_of(n, json_targets)]
     if foreign:
+        hint = ""
+        if MANIFEST_NAME in foreign:
+            hint = (f" Its {MANIFEST_NAME} is not a SoftMix manifest (no 'format': "
+                    f"'{DATASET_FORMAT}'), so nothing there is replaced.")
         raise OutputExistsError(
             f"Output directory {out_dir!r} holds files that are not part of a SoftMix "
-            f"dataset: {foreign[:5]}{' ...' if len(foreign) > 5 else ''}. Choose an empty or "
-            "new directory for --out (--overwrite only replaces SoftMix datasets)."
+            f"dataset: {foreign[:5]}{' ...' if len(foreign) > 5 else ''}.{hint} Choose an "
+            "empty or new directory for --out (--overwrite only replaces the files a "
+            "SoftMix manifest lists)."
         )
-    ours = sorted(names)
-    if not ours:
-        return
-    if not config.overwrite:
-        state = "a finished" if MANIFEST_NAME in ours else "an unfinished"
+    if STAGING_DIR in names and not config.overwrite:
         raise OutputExistsError(
-            f"Output directory {out_dir!r} already holds {state} SoftMix dataset "
-            f"({len(ours)} files). Pass --overwrite to replace it, or choose another --out."
+            f"Output directory {out_dir!r} holds an unfinished SoftMix run (its staging "
+            f"folder {posixpath.join(out_dir, STAGING_DIR)!r} is left from a run that "
+            "failed or was interrupted). Pass --overwrite to discard it and start again, "
+            "or choose another --out."
         )
-    if MANIFEST_NAME in ours:  # first, so an interrupted cleanup reads as unfinished
-        tf.io.gfile.remove(posixpath.join(out_dir, MANIFEST_NAME))
-    for name in ours:
-        if name != MANIFEST_NAME:
-            tf.io.gfile.remove(posixpath.join(out_dir, name))
+    if manifest is not None and not config.overwrite:
+        raise OutputExistsError(
+            f"Output directory {out_dir!r} already holds a finished SoftMix dataset "
+            f"({manifest.get('num_examples', '?')} examples). Pass --overwrite to replace "
+            "it (the old one stays until the new run succeeds), or choose another --out."
+        )
+    return manifest
+
+
+# --- The output lock ----------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def read_output_lock(out_dir: str) -> dict[str, Any] | None:
+    """The lock of the run writing into `out_dir` ({"pid", "host", "since", "run_id"})."""
+    path = posixpath.join(out_dir, LOCK_NAME)
+    if not tf.io.gfile.exists(path):
+        return None
+    lock = _load_json(path)
+    return lock if isinstance(lock, dict) else {}
+
+
+def _lock_is_stale(lock: Mapping[str, Any]) -> bool:
+    if lock.get("host") != socket.gethostname():
+        return False  # cannot tell whether a process on another machine lives
+    pid = lock.get("pid")
+    return not isinstance(pid, int) or pid == os.getpid() or not _pid_alive(pid)
+
+
+def acquire_output_lock(out_dir: str) -> dict[str, Any]:
+    """Take the lock file ``OUT/.softmix.lock`` for this process.
+
+    A lock of a dead process on this host (or of this very process, from an earlier
+    run that failed) is taken over.
+
+    Returns:
+        The lock's content, with a fresh ``run_id``.
+
+    Raises:
+        OutputExistsError: another live run holds the lock.
+        PipelineError: the directory is not writable.
+    """
+    lock = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "run_id": uuid.uuid4().hex,
+    }
+    payload = json.dumps(lock) + "\n"
+    path = posixpath.join(out_dir, LOCK_NAME)
+    for _ in range(3):
+        try:
+            if "://" in out_dir:  # object stores have no exclusive create: best effort
+                if tf.io.gfile.exists(path):
+                    raise FileExistsError(path)
+                with tf.io.gfile.GFile(path, "w") as handle:
+                    handle.write(payload)
+            else:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                with os.fdopen(fd, "w") as handle:
+                    handle.write(payload)
+            return lock
+        except FileExistsError:
+            held = read_output_lock(out_dir)
+            if held is None:
+                continue  # released meanwhile
+            if not held:  # unreadable: a writer died between create and write
+                age = _lock_age(path)
+                if age is not None and age < 60:
+                    continue
+            elif not _lock_is_stale(held):
+                raise OutputExistsError(
+                    f"Another run is writing here: {out_dir!r} is locked by pid "
+                    f"{held.get('pid')} on host {held.get('host')!r} since "
+                    f"{held.get('since')}. Wait for it to finish or choose another --out; "
+                    f"if no such run exists, delete {path!r}."
+                ) from None
+            tf.io.gfile.remove(path)
+        except (PermissionError, tf.errors.PermissionDeniedError) as err:
+            raise PipelineError(
+                f"Output directory {out_dir!r} is not writable ({err}). "
+                "Choose a writable --out."
+            ) from None
+    raise OutputExistsError(f"Could not take the lock {path!r}; retry, or delete it if no "
+                            "run is writing into the directory.")
+
+
+def _lock_age(path: str) -> float | None:
+    try:
+        import time
+
+        return time.time() - tf.io.gfile.stat(path).mtime_nsec / 1e9
+    except tf.errors.OpError:
+        return None
+
+
+def release_output_lock(out_dir: str, *, run_id: str | None = None,
+                        pid: int | None = None) -> bool:
+    """Remove the lock of `out_dir` if it is this run's (same `run_id`, or same `pid`
+    on this host). Returns whether a lock was removed."""
+    held = read_output_lock(out_dir)
+    if not held:
+        return False
+    if run_id is not None and held.get("run_id") != run_id:
+        return False
+    if pid is not None and (held.get("pid") != pid or held.get("host") != socket.gethostname()):
+        return False
+    try:
+        tf.io.gfile.remove(posixpath.join(out_dir, LOCK_NAME))
+    except tf.errors.NotFoundError:
+        return False
+    return True
+
+
+# --- Manifest and TFDS metadata -----------------------------------------------------------
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
@@ -351,6 +573,14 @@ def _tensor(dtype: str, dims: Sequence[int] = ()) -> dict[str, Any]:
     }
 
 
+def _image(shape: Sequence[int], dtype: str) -> dict[str, Any]:
+    return {
+        "pythonClassName": "tensorflow_datasets.core.features.image_feature.Image",
+        "image": {"dtype": dtype, "encodingFormat": "png",
+                  "shape": {"dimensions": [str(d) for d in shape]}},
+    }
+
+
 def _features_dict(features: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "featuresDict": {"features": dict(sorted(features.items()))},
@@ -358,15 +588,26 @@ def _features_dict(features: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def tfds_features(num_classes: int) -> dict[str, Any]:
-    """TFDS ``features.json`` of the example schema (nested dicts flatten to ``a/x``...)."""
+def tfds_features(num_classes: int, image: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """TFDS ``features.json`` of the example schema (nested dicts flatten to ``a/x``...).
+
+    Args:
+        num_classes: K.
+        image: the manifest's ``image`` entry (``shape``, ``dtype``, ``format``). When
+            the images are PNG, ``image/encoded`` is a TFDS `Image` feature, so TFDS
+            yields decoded pixels (``record["image"]["encoded"]``: [H, W, C]); raw
+            images stay encoded bytes (decode them with `pipeline.read_dataset`).
+    """
     def source() -> dict[str, Any]:
         return _features_dict({"slide_id": _tensor("string"), "level": _tensor("int64"),
                                "x": _tensor("int64"), "y": _tensor("int64"),
                                "label": _tensor("int64")})
 
+    encoded = _tensor("string")
+    if image is not None and image.get("format") == "png":
+        encoded = _image(image["shape"], image["dtype"])
     return _features_dict({
-        "image": _features_dict({"encoded": _tensor("string"), "format": _tensor("string"),
+        "image": _features_dict({"encoded": encoded, "format": _tensor("string"),
                                  "shape": _tensor("int64", [3]), "dtype": _tensor("string")}),
         "label": _tensor("float32", [num_classes]),
         "lam": _tensor("float32"),
@@ -395,6 +636,46 @@ def tfds_dataset_info(name: str, shards: Sequence[ShardInfo], description: str =
     }
 
 
+def _first_image(directory: str, shards: Sequence[ShardInfo], compression: str | None
+                 ) -> dict[str, Any] | None:
+    """Shape, dtype and format of the first record's image (every example of a run
+    shares them: tiles are square and slides of another pixel kind fail)."""
+    for info in shards:
+        if info.num_examples <= 0:
+            continue
+        path = posixpath.join(directory, info.file)
+        for raw in tf.data.TFRecordDataset(path, compression_type=compression or "").take(1):
+            feats = tf.train.Example.FromString(raw.numpy()).features.feature
+            return {
+                "shape": [int(d) for d in feats["image/shape"].int64_list.value],
+                "dtype": feats["image/dtype"].bytes_list.value[0].decode(),
+                "format": feats["image/format"].bytes_list.value[0].decode(),
+            }
+    return None
+
+
+def failure_reasons(accounting: Accounting) -> str:
+    """Why a run wrote nothing, in one line (from its accounting)."""
+    parts = []
+    if accounting.slides_failed:
+        by_reason: dict[str, int] = {}
+        for reason in accounting.slides_failed.values():
+            by_reason[reason] = by_reason.get(reason, 0) + 1
+        counts = ", ".join(f"{r}: {n}" for r, n in sorted(by_reason.items()))
+        first = sorted(accounting.slides_failed_messages.items())[:1]
+        example = f"; first: {first[0][1]}" if first else ""
+        parts.append(f"{len(accounting.slides_failed)} slide(s) failed ({counts}{example})")
+    if accounting.tiles_skipped:
+        parts.append("tiles skipped: " + ", ".join(
+            f"{r} {n}" for r, n in sorted(accounting.tiles_skipped.items())))
+    if accounting.examples_dropped:
+        parts.append("examples dropped: " + ", ".join(
+            f"{r} {n}" for r, n in sorted(accounting.examples_dropped.items())))
+    if not parts:
+        parts.append(f"{accounting.tiles_total} tiles found")
+    return "; ".join(parts).replace("\n", " ")
+
+
 def finalize_output(
     config: OutputConfig,
     shards: Sequence[ShardInfo],
@@ -403,8 +684,14 @@ def finalize_output(
     params: Mapping[str, Any],
     *,
     description: str = "",
+    staged_dir: str | None = None,
 ) -> dict[str, Any]:
-    """Check the run, write the TFDS metadata, then ``manifest.json`` last (atomically).
+    """Check the run, then publish it: shards, TFDS metadata, ``manifest.json`` last.
+
+    With `staged_dir`, the shards are moved from there into OUT. The old dataset in
+    OUT (the files its manifest lists) is replaced: its manifest is removed first (so
+    OUT reads as unfinished while files move), then its files that the new dataset
+    does not reuse; no other file is touched.
 
     Args:
         config: the run's `OutputConfig`.
@@ -414,12 +701,15 @@ def finalize_output(
         params: every option of the run (flat or nested JSON-able values); output
             options and software versions (``params["versions"]``) are added.
         description: free text for ``dataset_info.json``.
+        staged_dir: where the shards are (default: OUT itself).
 
     Returns:
         The manifest, as written.
 
     Raises:
         RuntimeError: missing shards, or counts that do not add up.
+        PipelineError: the run wrote no example (nothing is published; with
+            `staged_dir`, its would-be manifest is kept there as ``failed-run.json``).
     """
     ordered = sorted(shards, key=lambda s: s.file)
     num_shards = len(ordered)
@@ -448,18 +738,50 @@ def finalize_output(
         "versions": software_versions(),
     })
     out_dir = config.out_dir
-    if config.compression is None:
-        _write_json_atomic(posixpath.join(out_dir, "features.json"),
-                           tfds_features(len(class_names)))
-        _write_json_atomic(posixpath.join(out_dir, "dataset_info.json"),
-                           tfds_dataset_info(config.name, ordered, description))
+    source_dir = staged_dir or out_dir
+    tfds_files = list(TFDS_FILES) if config.compression is None else []
+    warnings = []
+    empty = sum(1 for s in ordered if s.num_examples == 0)
+    if num_examples and num_shards > num_examples:
+        warnings.append(
+            f"{num_shards} shards for {num_examples} examples: {empty} shard(s) are empty. "
+            f"Use --num-shards {num_examples} or less, or leave it unset.")
     manifest = {
+        "format": DATASET_FORMAT,
         "num_examples": num_examples,
         "class_names": list(class_names),
         "shards": [{"file": s.file, "num_examples": s.num_examples} for s in ordered],
+        "files": [*expected, *tfds_files, PREVIEW_NAME],
+        "image": _first_image(source_dir, ordered, config.compression),
         "params": all_params,
         "accounting": accounting.to_dict(len(class_names)),
+        "warnings": warnings,
     }
+    if num_examples == 0:
+        if staged_dir is not None:
+            _write_json_atomic(posixpath.join(staged_dir, FAILED_RUN_NAME), manifest)
+        raise PipelineError(
+            f"no examples written: {failure_reasons(accounting)}. Nothing was published "
+            f"in {out_dir!r}; fix the inputs or options (see the summary) and rerun."
+        )
+    old = existing_dataset(out_dir)
+    if old is not None:  # first, so that OUT reads as unfinished while files move
+        tf.io.gfile.remove(posixpath.join(out_dir, MANIFEST_NAME))
+    if staged_dir is not None:
+        for info in ordered:
+            tf.io.gfile.rename(posixpath.join(staged_dir, info.file),
+                               posixpath.join(out_dir, info.file), overwrite=True)
+    if tfds_files:
+        _write_json_atomic(posixpath.join(out_dir, "features.json"),
+                           tfds_features(len(class_names), manifest["image"]))
+        _write_json_atomic(posixpath.join(out_dir, "dataset_info.json"),
+                           tfds_dataset_info(config.name, ordered, description))
+    if old is not None:
+        keep = set(expected) | set(tfds_files)
+        for name in dataset_files(old):
+            path = posixpath.join(out_dir, name)
+            if name not in keep and name != MANIFEST_NAME and tf.io.gfile.exists(path):
+                tf.io.gfile.remove(path)
     _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
 

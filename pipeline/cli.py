@@ -1,21 +1,48 @@
 """`softmix` command line: demo data, the Beam and Dask jobs, and previews.
 
 Flags map one to one onto the config dataclasses (`--softness` <-> `MixConfig.softness`).
-Unknown flags of `softmix beam` are Beam pipeline options and are passed through, so
-`--runner=DataflowRunner --project P --region R --temp_location gs://...` scales out.
+Other flags of `softmix beam` must be Beam pipeline options (they are passed through, so
+`--runner=DataflowRunner --project P --region R --temp_location gs://...` scales out);
+any other flag is an error naming the closest valid one.
+
+Errors are one line, ``softmix: error: ...``: exit status 2 for bad flags (checked
+before any work), 1 for a failed run (bad input, a run that wrote nothing, a full
+disk), 130 when interrupted. Library logs (TensorFlow's C++ banners, Beam's
+"apitools not found") are silenced unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
-from .config import JobConfig, MixConfig, OutputConfig, TileConfig, parse_grid
+from .config import (
+    TISSUE_MODES,
+    JobConfig,
+    MixConfig,
+    OutputConfig,
+    TileConfig,
+    parse_grid,
+)
 from .errors import PipelineError
 
 __all__ = ["build_parser", "job_config_from_args", "main"]
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 workers would hang, 0 shards write nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1. Received: {value}")
+    return value
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,21 +53,24 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--name", default="softmix", help="shard file prefix (default: softmix)")
     io.add_argument("--class-names", default=None,
                     help="comma-separated class order (default: sorted distinct labels)")
-    io.add_argument("--num-shards", type=int, default=None,
+    io.add_argument("--num-shards", type=_positive_int, default=None,
                     help="number of shards (default: from --shard-size-mb)")
     io.add_argument("--shard-size-mb", type=float, default=100.0,
                     help="target shard size when --num-shards is not given (default: 100)")
     io.add_argument("--compression", choices=["none", "gzip"], default="none",
                     help="TFRecord compression (default: none)")
     io.add_argument("--overwrite", action="store_true",
-                    help="replace an existing dataset in --out")
+                    help="replace the SoftMix dataset in --out (only the files its "
+                    "manifest.json lists, once the new run has succeeded) and discard an "
+                    "unfinished run's staging folder")
     io.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                     help="bad slides/tiles: count them under a skip reason and go on "
                     "and report them in the summary and manifest, or fail the run with exit "
                     "status 1 (default: skip)")
 
     tiles = parser.add_argument_group("tiling")
-    tiles.add_argument("--tile-size", type=int, default=256, help="tile side in pixels (256)")
+    tiles.add_argument("--tile-size", type=_positive_int, default=256,
+                       help="tile side in pixels (256)")
     tiles.add_argument("--stride", type=int, default=None,
                        help="step between tiles (default: tile size, no overlap)")
     level = tiles.add_mutually_exclusive_group()
@@ -51,6 +81,10 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="minimum tissue fraction of a kept tile (default 0.5)")
     tiles.add_argument("--tissue-level", type=int, default=None,
                        help="level for the tissue mask (default: lowest resolution)")
+    tiles.add_argument("--tissue-mode", choices=TISSUE_MODES, default="auto",
+                       help="what the tissue mask thresholds: auto (saturation for RGB, "
+                       "intensity otherwise), saturation, intensity (bright = tissue) or "
+                       "darkness (dark = tissue: greyscale brightfield) (default auto)")
     tiles.add_argument("--label-image", default=None,
                        help="name of an OME-NGFF labels/ image: per-tile soft labels from "
                        "its class fractions (values 1..K = classes, 0 = unlabelled)")
@@ -70,11 +104,15 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     mix.add_argument("--keep-originals", action="store_true",
                      help="also write every used tile unmixed (lam = 0)")
     mix.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
-    mix.add_argument("--batch-size", type=int, default=32, help="examples per op call")
+    mix.add_argument("--batch-size", type=_positive_int, default=32,
+                     help="examples per op call")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--workers", type=int, default=1, help="local worker processes")
+    run.add_argument("--workers", type=_positive_int, default=1,
+                     help="local worker processes (>= 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--verbose", action="store_true",
+                     help="show library logs (TensorFlow, Beam, Dask) and full tracebacks")
     run.add_argument("--read-cache-mb", type=float, default=256.0,
                      help="decoded slide pixels one reading task holds at once; bounds "
                      "worker memory whatever the slide size (default 256)")
@@ -95,6 +133,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             min_tissue=args.min_tissue,
             tissue_level=args.tissue_level,
             label_image=args.label_image,
+            tissue_mode=args.tissue_mode,
         ),
         mix=MixConfig(
             grid=parse_grid(args.grid),
@@ -162,13 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address of an existing scheduler (default: start a LocalCluster)")
     dask.add_argument("--memory-limit", default="4GiB",
                       help="memory limit per LocalCluster worker (default 4GiB)")
-    dask.add_argument("--threads-per-worker", type=int, default=1,
+    dask.add_argument("--threads-per-worker", type=_positive_int, default=1,
                       help="threads per LocalCluster worker (default 1)")
 
     preview = sub.add_parser("preview", help="write a PNG contact sheet of mixed examples")
     preview.add_argument("out", help="output directory of a finished run")
     preview.add_argument("--output", default=None, help="PNG path (default OUT/preview.png)")
-    preview.add_argument("--num", type=int, default=16, help="examples to show (default 16)")
+    preview.add_argument("--num", type=_positive_int, default=16,
+                         help="examples to show (default 16)")
     return parser
 
 
@@ -194,14 +234,186 @@ def _normalize_flags(parser: argparse.ArgumentParser, argv: Sequence[str]) -> li
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # Quiet TensorFlow's C++ start-up banners here and in worker processes (inherited).
+def _subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[command]
+    raise KeyError(command)
+
+
+def _closest(flag: str, candidates: Sequence[str]) -> str | None:
+    """The valid flag nearest to `flag`, comparing `--snake_case` and `--dashed` alike."""
+    def norm(name: str) -> str:
+        return name.lstrip("-").replace("_", "-").lower()
+
+    by_norm = {norm(c): c for c in candidates if c.startswith("--")}
+    match = difflib.get_close_matches(norm(flag), list(by_norm), n=1, cutoff=0.6)
+    return by_norm[match[0]] if match else None
+
+
+def _unknown_flags_error(parser: argparse.ArgumentParser, unknown: Sequence[str],
+                         candidates: Sequence[str]) -> None:
+    flags = [t.split("=", 1)[0] for t in unknown if t.startswith("-")] or list(unknown)
+    hints = []
+    for flag in flags:
+        near = _closest(flag, candidates)
+        hints.append(f"{flag} (did you mean {near}?)" if near else flag)
+    parser.error(f"unrecognized arguments: {', '.join(hints)}")
+
+
+def _beam_option_parser() -> argparse.ArgumentParser:
+    """A parser of every option Beam's `PipelineOptions` classes define (as Beam
+    builds it in `PipelineOptions.get_all_options`)."""
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False, add_help=False)
+    subset: dict[str, type] = {}
+    for cls in PipelineOptions.__subclasses__():
+        subset.setdefault(str(cls), cls)
+    for cls in subset.values():
+        cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own way to list options
+    return parser
+
+
+def _check_beam_args(parser: argparse.ArgumentParser, extra: Sequence[str]) -> None:
+    """Refuse flags that neither we nor Beam know (Beam would ignore them silently)."""
+    if not extra:
+        return
+    beam_parser = _beam_option_parser()
+    _, unknown = beam_parser.parse_known_args(list(extra))
+    if unknown:
+        ours = [s for a in _subparser(parser, "beam")._actions for s in a.option_strings]
+        _unknown_flags_error(parser, unknown, ours + list(beam_parser._option_string_actions))
+
+
+def _check_memory_limit(parser: argparse.ArgumentParser, value: str) -> None:
+    if value.strip().lower() in ("auto", "none", "0"):
+        return
+    try:
+        if 0 < float(value) <= 1:  # a fraction of the machine's memory
+            return
+    except ValueError:
+        pass
+    from dask.utils import parse_bytes
+
+    try:
+        if parse_bytes(value) > 0:
+            return
+    except (ValueError, TypeError):
+        pass
+    parser.error(f"argument --memory-limit: expected a size such as 4GiB, 500MB or 'auto'. "
+                 f"Received: {value!r}")
+
+
+class _DropLogs(logging.Filter):
+    """Drops Beam's import-time "apitools not found" warning (no GCP extras needed)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "apitools not found" not in record.getMessage()
+
+
+def _quiet_libraries() -> None:
+    """Silence library start-up noise here and in worker processes (which inherit the
+    environment). Must run before TensorFlow is imported."""
+    # 2 hides TensorFlow's C++ INFO/WARNING logs. TF 2.21 prints its oneDNN banner
+    # whatever the level, so oneDNN's custom ops are turned off too (the op's masks
+    # use exactly representable weights: the shards' bytes do not change).
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logging.getLogger().addFilter(_DropLogs())
+    # Worker processes (Beam SDK workers) import `pipeline/_quiet/sitecustomize.py`.
+    quiet = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_quiet")
+    path = os.environ.get("PYTHONPATH", "")
+    if quiet not in path.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (quiet, path) if p)
+    for name in ("apache_beam", "apache_beam.runners.portability.local_job_service",
+                 "apache_beam.runners.portability.fn_api_runner", "distributed", "absl",
+                 "tensorflow"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore", module="apache_beam")
+
+
+_FATAL_OS_ERRORS = ("No space left on device", "File too large", "Disk quota exceeded",
+                    "Read-only file system", "Permission denied")
+
+
+def _run_error_message(err: BaseException) -> str | None:
+    """The one line to print for a run's error, or None for a bug (traceback).
+
+    Engines wrap worker errors (sometimes only as text), so both the exception chain
+    and the text are searched: storage errors (disk full...) and bad values.
+    """
+    chain = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    text = "\n".join(str(e) for e in chain)
+    for reason in _FATAL_OS_ERRORS:
+        if reason in text:
+            where = re.findall(r"failed to write shard[^\n]*?'([^']+)'", text)
+            place = f"writing {where[0]}: " if where else ""
+            return f"{place}{reason}"
+    for item in chain:
+        if isinstance(item, OSError) and item.strerror:
+            return f"{item.filename or ''}{': ' if item.filename else ''}{item.strerror}"
+    for item in reversed(chain):
+        if isinstance(item, ValueError):
+            return str(item).strip().splitlines()[-1] if str(item).strip() else repr(item)
+    value_errors = re.findall(r"ValueError: ([^\n]+)", text)
+    return value_errors[-1] if value_errors else None
+
+
+def _print_failed_summary(job: JobConfig) -> None:
+    """Print the summary of a run that failed after mixing (e.g. 0 examples written),
+    when the staging folder is this process's."""
+    import json
+    import posixpath
+
+    try:
+        import tensorflow as tf
+
+        from ._job import staging_dir, summary_table
+        from ._output import FAILED_RUN_NAME, read_output_lock
+
+        lock = read_output_lock(job.output.out_dir)
+        path = posixpath.join(staging_dir(job.output), FAILED_RUN_NAME)
+        if not lock or lock.get("pid") != os.getpid() or not tf.io.gfile.exists(path):
+            return
+        with tf.io.gfile.GFile(path, "r") as handle:
+            print(summary_table(json.load(handle)))
+    except Exception:  # noqa: BLE001 - the summary is a courtesy; the error line follows
+        return
+
+
+def _release_lock(job: JobConfig) -> None:
+    try:
+        from ._output import release_output_lock
+
+        release_output_lock(job.output.out_dir, pid=os.getpid())
+    except Exception:  # noqa: BLE001 - never hide the run's own outcome
+        return
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    if not verbose:
+        _quiet_libraries()
     parser = build_parser()
-    argv = _normalize_flags(parser, sys.argv[1:] if argv is None else argv)
+    argv = _normalize_flags(parser, argv)
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "beam":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        sub = _subparser(parser, args.command)
+        _unknown_flags_error(parser, extra,
+                             [s for a in sub._actions for s in a.option_strings])
+    if args.command == "beam":
+        _check_beam_args(parser, extra)
+    if args.command == "dask":
+        _check_memory_limit(parser, args.memory_limit)
     try:
         if args.command == "demo-data":
             from ._demo import write_demo_data
@@ -230,6 +442,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = job_config_from_args(args)
     except ValueError as err:  # a bad flag value: usage error, exit status 2
         parser.error(str(err))
+    for warning in job.tile.warnings():
+        print(f"softmix: warning: {warning}", file=sys.stderr)
+    try:
+        return _run_job(args, job, extra, verbose=verbose)
+    finally:
+        _release_lock(job)
+
+
+def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
+             verbose: bool) -> int:
+    from ._job import STAGING_DIR
+
     try:
         if args.command == "beam":
             from .beam_transforms import run_beam
@@ -243,8 +467,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                               memory_limit=args.memory_limit,
                               threads_per_worker=args.threads_per_worker,
                               progress=not args.no_progress)
+    except KeyboardInterrupt:
+        staging = os.path.join(job.output.out_dir, STAGING_DIR)
+        print(f"softmix: interrupted; staging kept in {staging}", file=sys.stderr)
+        return 130
     except PipelineError as err:
+        _print_failed_summary(job)
         print(f"softmix: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        message = _run_error_message(err)
+        if message is None or verbose:
+            raise
+        print(f"softmix: error: {message}", file=sys.stderr)
         return 1
     from ._job import exit_status, summary_table
 

@@ -13,11 +13,17 @@ __all__ = [
     "JobConfig",
     "MixConfig",
     "OutputConfig",
+    "TISSUE_MODES",
     "TileConfig",
     "parse_grid",
 ]
 
 PAIRING_POLICIES = ("random", "cross-class", "balanced")
+# `pipeline._tiling.tissue_mask(mode=...)`: what the tissue threshold is computed on.
+TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
+# A stride below tile_size / STRIDE_WARN_RATIO makes each pixel part of more than
+# STRIDE_WARN_RATIO**2 tiles: the tile count (and the output) explodes.
+STRIDE_WARN_RATIO = 8
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = (None, "GZIP")
 
@@ -65,6 +71,10 @@ class TileConfig:
         label_image: name of an OME-NGFF label image under the slide's ``labels/``
             whose per-tile class fractions become the tile's soft label; None = the
             slide-level label only.
+        tissue_mode: what the tissue mask thresholds (`pipeline._tiling.tissue_mask`):
+            "auto" (saturation for RGB(A), intensity otherwise), "saturation",
+            "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
+            greyscale brightfield).
     """
 
     tile_size: int = 256
@@ -74,6 +84,7 @@ class TileConfig:
     min_tissue: float = 0.5
     tissue_level: int | None = None
     label_image: str | None = None
+    tissue_mode: str = "auto"
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
@@ -94,10 +105,35 @@ class TileConfig:
             )
         if self.label_image is not None and not self.label_image:
             raise ValueError("`label_image` must be a label name or None. Received: ''")
+        if self.tissue_mode not in TISSUE_MODES:
+            raise ValueError(
+                f"`tissue_mode` must be one of {TISSUE_MODES}. "
+                f"Received: tissue_mode={self.tissue_mode!r}"
+            )
 
     @property
     def step(self) -> int:
         return self.stride if self.stride is not None else self.tile_size
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not meant (printed, not raised).
+
+        >>> TileConfig(tile_size=256, stride=1).warnings()[0][:40]
+        '`stride` 1 is far below the tile size 25'
+        >>> TileConfig().warnings()
+        []
+        """
+        out = []
+        if self.step * STRIDE_WARN_RATIO < self.tile_size:
+            per_pixel = (self.tile_size / self.step) ** 2
+            out.append(
+                f"`stride` {self.step} is far below the tile size {self.tile_size}: every "
+                f"pixel lies in about {per_pixel:,.0f} tiles, so the tile count (and the "
+                f"output) is about {per_pixel:,.0f}x that of non-overlapping tiles. Use a "
+                f"stride of at least {max(1, self.tile_size // STRIDE_WARN_RATIO)} (or the "
+                "tile size) unless this is meant."
+            )
+        return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,9 +38,10 @@ def mixed(i, lam=0.5, dtype=np.uint8, channels=3):
     return MixedExample(ExampleSpec(f"{a.key}#m0", a, b, 0, (i, i + 1)), image, label, lam)
 
 
-def write_dataset(out_dir, examples, num_shards=3, compression=None, name="softmix"):
+def write_dataset(out_dir, examples, num_shards=3, compression=None, name="softmix",
+                  overwrite=False):
     config = OutputConfig(out_dir=str(out_dir), name=name, num_shards=num_shards,
-                          compression=compression)
+                          compression=compression, overwrite=overwrite)
     prepare_output_dir(config)
     buckets = {i: [] for i in range(num_shards)}
     for example in examples:
@@ -124,21 +125,37 @@ def test_accounting_merge_is_a_commutative_monoid(x, y, z):
 def test_prepare_refuses_existing_dataset_and_overwrites(tmp_path):
     out = tmp_path / "out"
     write_dataset(out, [mixed(i) for i in range(6)])
+    (out / "preview.png").write_bytes(b"old preview")
+    old = sorted(os.listdir(out))
     config = OutputConfig(out_dir=str(out))
     with pytest.raises(OutputExistsError, match=r"(?s)out.*--overwrite"):
         prepare_output_dir(config)
-    prepare_output_dir(OutputConfig(out_dir=str(out), overwrite=True))
-    assert os.listdir(out) == []
+    # Overwrite deletes nothing up front: the old dataset survives until the new publishes.
+    assert prepare_output_dir(OutputConfig(out_dir=str(out), overwrite=True))["num_examples"] == 6
+    assert sorted(os.listdir(out)) == old
+    _, manifest = write_dataset(out, [mixed(i) for i in range(4)], num_shards=2, name="new",
+                                overwrite=True)
+    assert sorted(os.listdir(out)) == sorted(
+        ["manifest.json", "dataset_info.json", "features.json",
+         "new-00000-of-00002.tfrecord", "new-00001-of-00002.tfrecord"])
+    assert manifest["files"] == ["new-00000-of-00002.tfrecord", "new-00001-of-00002.tfrecord",
+                                 "dataset_info.json", "features.json", "preview.png"]
 
 
 def test_prepare_refuses_unfinished_and_foreign(tmp_path):
-    (tmp_path / "softmix-00000-of-00002.tfrecord").write_bytes(b"")
-    with pytest.raises(OutputExistsError, match="unfinished"):
+    (tmp_path / ".softmix.tmp-staging").mkdir()
+    with pytest.raises(OutputExistsError, match="unfinished.*--overwrite"):
         prepare_output_dir(OutputConfig(out_dir=str(tmp_path)))
+    prepare_output_dir(OutputConfig(out_dir=str(tmp_path), overwrite=True))
+    # A shard-like file that no SoftMix manifest lists is not ours, whatever its name.
+    (tmp_path / "softmix-00000-of-00002.tfrecord").write_bytes(b"")
+    with pytest.raises(OutputExistsError, match="not part of a SoftMix dataset"):
+        prepare_output_dir(OutputConfig(out_dir=str(tmp_path), overwrite=True))
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="notes.txt"):
         prepare_output_dir(OutputConfig(out_dir=str(tmp_path), overwrite=True))
     assert (tmp_path / "notes.txt").exists()
+    assert (tmp_path / "softmix-00000-of-00002.tfrecord").exists()
     empty = tmp_path / "new" / "dir"
     prepare_output_dir(OutputConfig(out_dir=str(empty)))
     assert empty.is_dir()
@@ -149,7 +166,11 @@ def test_manifest_contract(tmp_path):
     config, manifest = write_dataset(tmp_path / "out", examples)
     on_disk = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert on_disk == manifest == read_manifest(config.out_dir)
-    assert list(on_disk) == ["num_examples", "class_names", "shards", "params", "accounting"]
+    assert list(on_disk) == ["format", "num_examples", "class_names", "shards", "files",
+                             "image", "params", "accounting", "warnings"]
+    assert on_disk["format"] == "softmix.dataset/1"
+    assert on_disk["image"] == {"shape": [8, 8, 3], "dtype": "uint8", "format": "png"}
+    assert on_disk["warnings"] == []
     assert on_disk["num_examples"] == 10
     assert on_disk["class_names"] == CLASS_NAMES
     assert [set(s) for s in on_disk["shards"]] == [{"file", "num_examples"}] * 3
@@ -197,7 +218,9 @@ def test_tfds_builder_from_directory_reads_the_records(tmp_path):
     for example in examples:
         record = by_id[example.spec.example_id]
         expected = decode_example(encode_example(example))
-        assert record["image"]["encoded"] == expected["image/encoded"]
+        # PNG images are a TFDS Image feature: TFDS users get pixels.
+        np.testing.assert_array_equal(record["image"]["encoded"], example.image)
+        assert record["image"]["encoded"].dtype == np.uint8
         np.testing.assert_array_equal(record["image"]["shape"], expected["image/shape"])
         np.testing.assert_array_equal(record["label"], expected["label"])
         assert record["a"]["x"] == example.spec.a.key.x
