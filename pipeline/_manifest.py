@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ._keys import SlideRecord
@@ -20,6 +21,7 @@ from .errors import ManifestError
 __all__ = ["REQUIRED_COLUMNS", "SlideManifest", "load_slide_manifest"]
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
+_INT_LABEL = re.compile(r"[+-]?\d+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,20 @@ class SlideManifest:
         for slide in self.slides:
             counts[slide.label] += 1
         return counts
+
+
+def sort_labels(labels: Iterable[str]) -> list[str]:
+    """The default class order: numeric when every label is an integer, else by text.
+
+    >>> sort_labels(["10", "2", "0", "1"])
+    ['0', '1', '2', '10']
+    >>> sort_labels(["tumor", "10", "2"])
+    ['10', '2', 'tumor']
+    """
+    unique = set(labels)
+    if unique and all(_INT_LABEL.fullmatch(label) for label in unique):
+        return sorted(unique, key=lambda label: (int(label), label))
+    return sorted(unique)
 
 
 def _is_url(path: str) -> bool:
@@ -125,7 +141,8 @@ def load_slide_manifest(
     Args:
         path: local path or fsspec URL of a ``.csv`` or ``.parquet`` file.
         class_names: the classes, in label-index order; default: the sorted distinct
-            labels. Labels outside a given list are an error.
+            labels (numerically when all are integers: 0, 1, 2, 10). Labels outside a
+            given list are an error.
         group_column: column whose value becomes `SlideRecord.group` (e.g.
             ``"patient_id"``, so that tiles of one patient are never paired).
         storage_options: fsspec options for a URL.
@@ -189,7 +206,7 @@ def load_slide_manifest(
             f"manifest {path} has duplicate slide_id(s) {duplicates}. Slide ids must be "
             "unique: they name the tiles."
         )
-    labels = sorted({row["label"] for row in rows})
+    labels = sort_labels({row["label"] for row in rows})
     if class_names is None:
         names = tuple(labels)
     else:

@@ -45,6 +45,9 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
 
     Returns:
         The PNG path.
+
+    Raises:
+        PipelineError: an unfinished run, a run with no example, or `num_examples` < 1.
     """
     import tensorflow as tf
     from PIL import Image, ImageDraw
@@ -53,6 +56,7 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
 
     from ._encoding import decode_example
     from ._output import read_manifest
+    from .errors import PipelineError
 
     manifest = read_manifest(out_dir)
     params: dict[str, Any] = manifest["params"]
@@ -63,9 +67,15 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     dataset = tf.data.TFRecordDataset(files, compression_type=compression or "")
     # A fixed-seed shuffle shows a spread of anchors, not only the first slide's tiles.
     dataset = dataset.shuffle(1024, seed=0)
+    if num_examples < 1:
+        raise PipelineError(f"`num_examples` must be >= 1. Received: num_examples={num_examples}")
+    if not any(shard["num_examples"] for shard in manifest["shards"]):
+        raise PipelineError(
+            f"No examples to preview in {out_dir!r}: the run wrote 0 examples (see the "
+            "accounting in its manifest.json). Rerun the job with --overwrite once its "
+            "inputs or options are fixed."
+        )
     records = [decode_example(raw.numpy()) for raw in dataset.take(num_examples)]
-    if not records:
-        raise ValueError(f"No records to preview in {out_dir!r}: the run wrote 0 examples.")
 
     cols = min(4, len(records))
     rows = (len(records) + cols - 1) // cols

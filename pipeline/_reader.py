@@ -2,17 +2,23 @@
 
 The shard list, the compression and the class count come from ``manifest.json``; a
 directory without it is an unfinished run (or not SoftMix output) and is refused.
+Before reading, each shard's record count is checked against the manifest (a walk over
+the record headers: no payload is decoded), so a truncated, missing or swapped shard is
+an error naming the file, not a bare ``DataLossError`` halfway through an epoch.
 """
 
 from __future__ import annotations
 
+import gzip
 import posixpath
+import struct
 
 import numpy as np
 import tensorflow as tf
 
 from ._encoding import feature_spec, parse_and_decode
 from ._output import read_manifest
+from .errors import PipelineError
 
 __all__ = ["read_dataset"]
 
@@ -29,6 +35,54 @@ def _compression(manifest: dict, files: list[str]) -> str:
         if head:
             return "GZIP" if head == _GZIP_MAGIC else ""
     return ""
+
+
+def _count_records(handle) -> int:  # noqa: ANN001 - a binary file object
+    """Records in a TFRecord stream, from the length headers (raises EOFError when cut)."""
+    count = 0
+    while True:
+        header = handle.read(12)  # uint64 length + uint32 masked CRC of the length
+        if not header:
+            return count
+        if len(header) < 12:
+            raise EOFError(f"a record header is cut after record {count}")
+        (length,) = struct.unpack("<Q", header[:8])
+        payload = handle.read(length + 4)  # data + uint32 masked CRC of the data
+        if len(payload) < length + 4:
+            raise EOFError(f"record {count} is cut ({len(payload)} of {length + 4} bytes)")
+        count += 1
+
+
+def verify_shards(out_dir: str, manifest: dict, compression: str) -> None:
+    """Check that every shard exists, is complete and holds the records the manifest lists.
+
+    Raises:
+        PipelineError: naming the shard, what is wrong and the fix.
+    """
+    fix = ("The dataset is damaged (a copy cut short, or files of two runs mixed): rerun "
+           "the job with --overwrite, or restore the file from a complete copy.")
+    for shard in manifest["shards"]:
+        path = posixpath.join(out_dir, shard["file"])
+        expected = int(shard["num_examples"])
+        if not tf.io.gfile.exists(path):
+            raise PipelineError(f"shard {path!r} listed in manifest.json is missing. {fix}")
+        try:
+            with tf.io.gfile.GFile(path, "rb") as raw:
+                if compression == "GZIP":
+                    with gzip.GzipFile(fileobj=raw, mode="rb") as handle:
+                        count = _count_records(handle)
+                else:
+                    count = _count_records(raw)
+        except (EOFError, OSError, gzip.BadGzipFile, tf.errors.OpError) as err:
+            raise PipelineError(
+                f"shard {path!r} is truncated or corrupt ({err}); manifest.json lists "
+                f"{expected} records in it. {fix}"
+            ) from None
+        if count != expected:
+            raise PipelineError(
+                f"shard {path!r} holds {count} records but manifest.json lists {expected}. "
+                f"{fix}"
+            )
 
 
 def _peek_dtype(files: list[str], compression: str, num_classes: int) -> str:
@@ -52,6 +106,7 @@ def read_dataset(
     interleave_cycle: int = 4,
     as_dict: bool = False,
     num_parallel_calls: int = tf.data.AUTOTUNE,
+    verify: bool = True,
 ) -> tf.data.Dataset:
     """The examples of a finished SoftMix run, decoded.
 
@@ -65,13 +120,17 @@ def read_dataset(
         as_dict: yield every field of the schema (plus ``"image"``) instead of
             `(image, label)`.
         num_parallel_calls: parallelism of reading and decoding.
+        verify: check each shard's record count against the manifest first (reads the
+            record headers of every shard; GZIP shards are decompressed once).
 
     Returns:
         A dataset of `(image, label)`: `image` [H, W, C] in the stored dtype, `label`
-        float32 [K]; or of dicts with `as_dict`.
+        float32 [K]; or of dicts with `as_dict`. When the manifest records the image
+        shape (every example of a run shares it), `image` has that static shape.
 
     Raises:
-        PipelineError: no ``manifest.json`` (unfinished or not a SoftMix directory).
+        PipelineError: no ``manifest.json`` (unfinished or not a SoftMix directory), or
+            (with `verify`) a missing, truncated or miscounted shard, named.
         ValueError: an unknown `split` or a bad option.
     """
     if split not in (None, "train"):
@@ -86,7 +145,14 @@ def read_dataset(
     files = [posixpath.join(out_dir, shard["file"]) for shard in manifest["shards"]
              if shard["num_examples"] > 0]
     compression = _compression(manifest, files)
-    dtype = np.dtype(_peek_dtype(files, compression, num_classes)) if files else np.uint8
+    if verify:
+        verify_shards(out_dir, manifest, compression)
+    image_info = manifest.get("image") or {}
+    if image_info.get("dtype"):
+        dtype = np.dtype(image_info["dtype"])
+    else:
+        dtype = np.dtype(_peek_dtype(files, compression, num_classes)) if files else np.uint8
+    static_shape = image_info.get("shape")
     deterministic = not shuffle or seed is not None
 
     dataset = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
@@ -104,6 +170,8 @@ def read_dataset(
 
     def decode(serialized: tf.Tensor):  # noqa: ANN202 - tuple or dict of tensors
         features = parse_and_decode(serialized, num_classes, dtype)
+        if static_shape:
+            features["image"] = tf.ensure_shape(features["image"], static_shape)
         if as_dict:
             return features
         return features["image"], features["label"]

@@ -8,6 +8,7 @@ call or trace time and raise `ValueError` / `TypeError` in the
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_grid_fits",
     "check_images",
     "check_label_maps",
+    "check_label_values",
     "check_labels",
     "check_method",
     "check_mix_prob",
@@ -103,8 +105,14 @@ def check_grid_fits(grid: tuple[int, int], image_size: tuple[int, int]) -> None:
         )
 
 
+def _is_real(value: Any) -> bool:
+    """A Python or numpy real scalar (np.float32, np.int64...), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and (
+        type(value).__name__ != "bool_")
+
+
 def check_softness(softness: Any) -> float:
-    if isinstance(softness, bool) or not isinstance(softness, int | float):
+    if not _is_real(softness):
         raise TypeError(f"`softness` must be a float in [0, 1]. Received: softness={softness!r}")
     value = float(softness)
     if not 0.0 <= value <= 1.0:
@@ -113,7 +121,7 @@ def check_softness(softness: Any) -> float:
 
 
 def check_alpha(alpha: Any) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float):
+    if not _is_real(alpha):
         raise TypeError(f"`alpha` must be a positive float. Received: alpha={alpha!r}")
     value = float(alpha)
     if not (value > 0.0 and math.isfinite(value)):
@@ -125,7 +133,7 @@ def check_alpha(alpha: Any) -> float:
 
 
 def check_mix_prob(mix_prob: Any) -> float:
-    if isinstance(mix_prob, bool) or not isinstance(mix_prob, int | float):
+    if not _is_real(mix_prob):
         raise TypeError(f"`mix_prob` must be a float in [0, 1]. Received: mix_prob={mix_prob!r}")
     value = float(mix_prob)
     if not 0.0 <= value <= 1.0:
@@ -197,6 +205,46 @@ def check_labels(labels_a: tf.Tensor, labels_b: tf.Tensor, batch: int | None) ->
             "`labels_a` and `labels_b` must have the same shape. "
             f"Received: labels_a.shape={labels_a.shape}, labels_b.shape={labels_b.shape}"
         )
+    check_label_values(labels_a, "labels_a")
+    check_label_values(labels_b, "labels_b")
+
+
+def check_label_values(labels: tf.Tensor, name: str = "labels") -> None:
+    """Checks that soft labels are finite and each row sums to 1 (within 1e-3).
+
+    Only eager tensors are checked (their values are known here); under `tf.function`
+    the values are not available at trace time and nothing is checked.
+    """
+    if not hasattr(labels, "numpy") or labels.shape.rank != 2:
+        return
+    import numpy as np
+
+    values = labels.numpy().astype(np.float64)
+    if values.size == 0:
+        return
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise ValueError(
+            f"`{name}` must be finite (one-hot or soft labels). Received: row {row} = "
+            f"{values[row].tolist()}. Remove NaN/inf labels before mixing."
+        )
+    eps = _EPS.get(labels.dtype.name, 2.0**-23)
+    tolerance = max(1e-3, values.shape[1] * eps)
+    sums = values.sum(axis=1)
+    off = np.abs(sums - 1.0) > tolerance
+    if off.any():
+        row = int(np.argmax(off))
+        raise ValueError(
+            f"Each row of `{name}` must sum to 1 (one-hot or soft labels: class "
+            f"probabilities). Received: row {row} sums to {sums[row]:.6g} "
+            f"({values[row].tolist()[:8]}). Normalize the labels, e.g. labels / "
+            "tf.reduce_sum(labels, axis=-1, keepdims=True)."
+        )
+
+
+# Machine epsilon of the label dtypes (sums of K rounded values may be off by ~K eps).
+_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
 
 
 def check_label_maps(

@@ -214,7 +214,8 @@ def test_end_to_end_loads_with_tfds_and_read_dataset(demo_run):
     builder = tfds.builder_from_directory(str(out))
     assert builder.info.splits["train"].num_examples == manifest["num_examples"]
     first = next(iter(builder.as_dataset(split="train")))
-    assert first["image"]["encoded"].dtype == tf.string
+    assert first["image"]["encoded"].dtype == tf.uint8  # TFDS Image feature: pixels
+    assert first["image"]["encoded"].shape == (128, 128, 3)
     pairs = list(pipeline.read_dataset(str(out)).take(3))
     assert pairs[0][0].shape == (128, 128, 3) and pairs[0][1].shape == (2,)
 
