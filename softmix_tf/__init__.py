@@ -6,11 +6,13 @@ Public API:
     sample_cells, cells_to_mask, apply_mix: the op split into its three steps.
     SoftMix: a Keras 3 layer mixing each example with another of its batch.
     data: tf.data helpers (`softmix_tf.data.softmix_batches`).
+    stain, StainNormalize: Macenko / Reinhard stain normalisation (op and Keras layer).
 """
 
 from __future__ import annotations
 
 from . import data as data
+from . import stain as stain
 from ._layer import SoftMix as SoftMix
 from ._masks import axis_weights as axis_weights
 from ._masks import cells_to_mask as cells_to_mask
@@ -21,10 +23,12 @@ from ._mix import mixup as mixup
 from ._mix import softmix as softmix
 from ._mix import softmix_mask as softmix_mask
 from ._sampling import sample_cells as sample_cells
+from ._stain_layer import StainNormalize as StainNormalize
 
 __all__ = [
     "SoftMix",
     "SoftMixResult",
+    "StainNormalize",
     "apply_mix",
     "axis_weights",
     "cells_to_mask",
@@ -34,4 +38,5 @@ __all__ = [
     "sample_cells",
     "softmix",
     "softmix_mask",
+    "stain",
 ]
