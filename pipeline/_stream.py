@@ -1,0 +1,779 @@
+"""Stream mixed tiles from Zarr slides straight into `tf.data` training (SPEC section 4b).
+
+One truth, two paths: the stream runs the offline job's own steps (`_stages`):
+plan every slide (`plan_task`, `reconcile_plan`), cut plans into strips
+(`split_plan`), read each strip chunk by chunk once into a zstd tile pack
+(`pack_task`), draw each strip's examples (`pair_strip` with a `PairingTable`) and mix
+them with the SoftMix op. So with the same manifest, options and seed, epoch 0 yields
+exactly the examples ``softmix beam`` writes (same pixels, labels, lam, provenance,
+seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
+new mixes every epoch, the same ones on a rerun.
+
+How it runs
+-----------
+- **Planning** (when `stream_dataset` is called): every slide is planned in a thread
+  pool; plans are kept in the cache directory, so a later stream with the same cache
+  and tiling options reads nothing again. Pairing needs every slide's tile count, so
+  this is the only step the first batch waits for as a whole.
+- **Work units** are strips (chunk columns), in an epoch-seeded order; with an
+  `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` of that order.
+  Units are interleaved with ``num_parallel_reads`` Python generators: each packs its
+  strip if no one has yet (`pack_task`), draws the strip's examples (`pair_strip`,
+  only when the unit is consumed: no list of an epoch's examples is ever built) and
+  reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
+  decoding release the GIL). Mixing is a batched, traced map of `softmix_tf.softmix`
+  (batch-invariant, so batching gives the offline pixels bit for bit).
+- **Background packing**: ``pack_threads`` threads pack the strips in the first
+  epoch's order (this pipeline's units first), so packs are mostly ready before they
+  are needed. A partner tile whose strip is not packed yet is read straight from its
+  slide (`_slides.read_tile`: the same pixels). Its cost: the chunk(s) under the tile
+  are fetched and decoded for one tile (a 1024-px chunk for a 256-px tile is 16x the
+  tile's bytes) until background packing catches up; `StreamStats.direct_reads`
+  counts them. Waiting for partner packs instead would make the first batch wait for
+  nearly every strip (partners are drawn from the whole cohort).
+- **Layout snapshot**: each epoch pairs on the usable-tile counts known when it
+  starts: a packed strip's readable tiles, else its planned tiles. Packing drops a
+  planned tile only for bad input (``missing_chunk``, ``read_error``,
+  ``nonfinite_pixels``); if that happens while an epoch pairs on planned counts, that
+  epoch's examples of the tile are dropped (counted) and a warning says the epoch
+  differs from the offline job; later epochs (and a rerun on the same cache) pair on
+  the packed counts, exactly as the offline job does.
+
+Memory is bounded by configuration, never by cohort size: ``pack_threads *
+read_cache_mb`` of decoded slide rows, ``num_parallel_reads`` units of at most
+``_CHUNK`` examples in flight, the shuffle buffer, and small per-slide and per-strip
+records (tile coordinates: about 100 bytes per tile, like the offline job's plans).
+"""
+
+from __future__ import annotations
+
+import atexit
+import collections
+import concurrent.futures as cf
+import dataclasses
+import json
+import logging
+import os
+import posixpath
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from . import _stages
+from ._keys import PairSpec, SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
+from ._output import NO_PARTNER, PARTNER_FAILED, Accounting
+from ._packing import PackReader, StripResult, StripTask, _write_text_atomic, split_plan
+from .config import JobConfig, MixConfig, OutputConfig, TileConfig
+from .errors import PipelineError, SlideError, TileReadError
+
+__all__ = ["StreamStats", "dataset_stats", "epoch_seed", "stream_dataset"]
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 64  # examples read and mixed together by one work unit
+_StripId = tuple[str, int]
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The pairing seed of epoch `epoch`: `seed` itself for epoch 0 (the offline job's).
+
+    >>> epoch_seed(7, 0)
+    7
+    >>> epoch_seed(7, 1) == epoch_seed(7, 1) != epoch_seed(7, 2)
+    True
+    """
+    if epoch == 0:
+        return seed
+    return stable_hash("softmix.stream.epoch", seed, epoch) >> 2
+
+
+class StreamStats:
+    """Live counters of one stream; thread-safe. Get it with `pipeline.dataset_stats(ds)`.
+
+    Attributes:
+        accounting: an `Accounting` as the offline job's manifest reports it: slides
+            failed, tiles total / used / skipped by reason (each strip's tiles resolved
+            when the strip is first consumed), and the reads this stream made (zero for
+            plans and packs reused from the cache directory). After one full epoch,
+            ``accounting.check()`` holds.
+        slides_planned, plans_reused: slides tiled now / plans loaded from the cache.
+        strips_packed, strips_reused: packs written now / reused verified packs.
+        direct_reads: partner tiles read straight from a slide (strip not packed yet).
+        examples: examples yielded (all epochs).
+        epochs_started: epochs whose first work unit started.
+        plan_seconds: time spent planning (before the dataset could be built).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._accounting = Accounting()
+        self.slides_planned = self.plans_reused = 0
+        self.strips_packed = self.strips_reused = 0
+        self.direct_reads = self.examples = self.epochs_started = 0
+        self.plan_seconds = 0.0
+
+    @property
+    def accounting(self) -> Accounting:
+        with self._lock:
+            return self._accounting
+
+    def add(self, accounting: Accounting | None = None, **counts: int) -> None:
+        with self._lock:
+            if accounting is not None:
+                self._accounting = self._accounting.merge(accounting)
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def __repr__(self) -> str:
+        acc = self.accounting
+        return (f"StreamStats(tiles_total={acc.tiles_total}, tiles_used={acc.tiles_used}, "
+                f"tiles_skipped={dict(acc.tiles_skipped)}, slides_failed="
+                f"{dict(acc.slides_failed)}, examples={self.examples}, strips_packed="
+                f"{self.strips_packed}, strips_reused={self.strips_reused}, direct_reads="
+                f"{self.direct_reads}, chunks_read={acc.chunks_read})")
+
+
+_STATS: weakref.WeakKeyDictionary[Any, StreamStats] = weakref.WeakKeyDictionary()
+
+
+def dataset_stats(dataset: Any) -> StreamStats:
+    """The `StreamStats` of a `stream_dataset` (or of a dataset derived from one).
+
+    Raises:
+        ValueError: `dataset` does not come from `stream_dataset`.
+    """
+    seen = dataset
+    while seen is not None:
+        try:
+            return _STATS[seen]
+        except (KeyError, TypeError):
+            seen = getattr(seen, "_input_dataset", None)
+    raise ValueError("`dataset` is not a stream_dataset (or a dataset made from one). "
+                     f"Received: {type(dataset).__name__}")
+
+
+# --- Planning -------------------------------------------------------------------------
+
+
+def _plan_to_json(plan: SlidePlan) -> str:
+    tiles = [[t.key.level, t.key.x, t.key.y, t.label, t.group,
+              list(t.soft_label) if t.soft_label is not None else None] for t in plan.tiles]
+    return json.dumps({"slide_id": plan.slide_id, "tiles": tiles, "skipped": plan.skipped,
+                       "num_channels": plan.num_channels, "dtype": plan.dtype,
+                       "chunk_shape": plan.chunk_shape})
+
+
+def _plan_from_json(text: str) -> SlidePlan:
+    data = json.loads(text)
+    sid = data["slide_id"]
+    tiles = tuple(TileRecord(TileKey(sid, level, x, y), label, group,
+                             tuple(soft) if soft is not None else None)
+                  for level, x, y, label, group, soft in data["tiles"])
+    return SlidePlan(sid, tiles=tiles, skipped=tuple((r, n) for r, n in data["skipped"]),
+                     num_channels=data["num_channels"], dtype=data["dtype"],
+                     chunk_shape=tuple(data["chunk_shape"]))
+
+
+def _plan_slide(record: SlideRecord, tile: TileConfig, on_error: str,
+                class_names: Sequence[str], staging: str) -> tuple[SlidePlan, bool]:
+    """`(plan, reused)`: a usable plan is kept under ``staging/plans`` for later streams."""
+    import tensorflow as tf
+
+    digest = stable_hash("softmix.stream.plan", record, tile, tuple(class_names))
+    path = posixpath.join(staging, "plans", f"{digest:016x}.json")
+    try:
+        if tf.io.gfile.exists(path):
+            with tf.io.gfile.GFile(path, "r") as handle:
+                return _plan_from_json(handle.read()), True
+    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+        pass  # unreadable: plan again
+    plan = _stages.plan_task(record, tile, on_error, class_names)
+    if plan.failure is None:
+        tf.io.gfile.makedirs(posixpath.dirname(path))
+        _write_text_atomic(path, _plan_to_json(plan))
+    return plan, False
+
+
+# --- Packing --------------------------------------------------------------------------
+
+_PACK_LOCKS: collections.defaultdict[str, threading.Lock] = collections.defaultdict(
+    threading.Lock)  # per pack path: two streams of one process never write one pack
+
+
+class _Packer:
+    """Packs strips once (claimed by whoever needs them first), in background threads."""
+
+    def __init__(self, tasks: dict[_StripId, StripTask], staging: str, read_cache_mb: float,
+                 on_error: str, stats: StreamStats):
+        self._tasks, self._staging = tasks, staging
+        self._read_cache_mb, self._on_error, self._stats = read_cache_mb, on_error, stats
+        self._claims: dict[_StripId, cf.Future] = {}
+        self._lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def _claim(self, sid: _StripId) -> tuple[cf.Future, bool]:
+        with self._lock:
+            future = self._claims.get(sid)
+            if future is not None:
+                return future, False
+            future = self._claims[sid] = cf.Future()
+            return future, True
+
+    def _pack(self, sid: _StripId, future: cf.Future) -> None:
+        from ._packing import pack_path
+
+        try:
+            with _PACK_LOCKS[pack_path(self._staging, *sid)]:
+                result = _stages.pack_task(self._tasks[sid], self._staging,
+                                           self._read_cache_mb, self._on_error)
+        except BaseException as err:  # handed to every consumer of the strip
+            future.set_exception(err)
+            return
+        counted = result
+        if result.reused:  # nothing was read now
+            counted = dataclasses.replace(result, chunks_read=0, bytes_read=0, requests=0,
+                                          bytes_needed=0)
+        self._stats.add(_stages.strip_accounting(counted),
+                        strips_reused=int(result.reused), strips_packed=int(not result.reused))
+        for message in result.messages:
+            logger.warning("skipped a tile of slide %r: %s", result.slide_id, message)
+        future.set_result(result)
+
+    def ensure(self, sid: _StripId) -> StripResult:
+        """The strip's pack result, packing it in this thread if no one has started."""
+        future, mine = self._claim(sid)
+        if mine:
+            self._pack(sid, future)
+        return future.result()
+
+    def ready(self, sid: _StripId) -> StripResult | None:
+        """The pack result if packed already (raises its error), else None."""
+        with self._lock:
+            future = self._claims.get(sid)
+        if future is None or not future.done():
+            return None
+        return future.result()
+
+    def known(self, sid: _StripId) -> StripResult | None:
+        try:
+            return self.ready(sid)
+        except Exception:  # noqa: BLE001 - reported where the strip is consumed
+            return None
+
+    def start(self, order: Sequence[_StripId], threads: int) -> None:
+        items = iter(order)
+        lock = threading.Lock()
+
+        def work() -> None:
+            while not self.stop.is_set():
+                with lock:
+                    sid = next(items, None)
+                if sid is None:
+                    return
+                future, mine = self._claim(sid)
+                if mine:
+                    self._pack(sid, future)
+
+        for _ in range(threads):
+            threading.Thread(target=work, daemon=True, name="softmix-pack").start()
+
+
+class _SharedPackReader(PackReader):
+    """A `PackReader` whose index cache many generator threads share."""
+
+    def __init__(self, max_indexes: int) -> None:
+        super().__init__(max_indexes)
+        self._lock = threading.RLock()
+        self._locals: dict[str, dict[tuple[int, int], int]] = {}
+
+    def index(self, pack: str) -> dict[str, Any]:
+        with self._lock:
+            return super().index(pack)
+
+    def local(self, pack: str, key: TileKey) -> int | None:
+        """Index of tile `key` in `pack`, None if the pack skipped it."""
+        with self._lock:
+            found = self._locals.get(pack)
+            if found is None:
+                found = {(x, y): i for i, (x, y, *_) in enumerate(self.index(pack)["tiles"])}
+                if len(self._locals) >= self._max:
+                    self._locals.pop(next(iter(self._locals)))
+                self._locals[pack] = found
+        return found.get((key.x, key.y))
+
+
+# --- Epochs ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Epoch:
+    number: int
+    units: tuple[_StripId, ...]
+    layout: Any  # RunLayout
+    table: Any  # PairingTable
+    tiles: dict[_StripId, tuple[TileRecord, ...]]  # the tiles the layout counts
+    packs: dict[str, _StripId]  # pack path -> strip
+
+
+class _Stream:
+    """Everything one `stream_dataset` shares between its generator threads."""
+
+    def __init__(self, job: JobConfig, records: Sequence[SlideRecord],
+                 class_names: Sequence[str], staging: str, *, pipeline: tuple[int, int],
+                 plan_threads: int, stats: StreamStats):
+        self.job, self.records, self.class_names = job, list(records), tuple(class_names)
+        self.staging, self.stats = staging, stats
+        self.pipeline_id, self.num_pipelines = pipeline
+        on_error = job.output.on_error
+        start = time.monotonic()
+        with cf.ThreadPoolExecutor(max(1, plan_threads)) as pool:
+            raw = list(pool.map(lambda r: _plan_slide(r, job.tile, on_error, class_names,
+                                                      staging), records))
+        majority = _stages.majority_kind(k for p, _ in raw for k in _stages.plan_kind(p))
+        plans = [_stages.reconcile_plan(p, majority) for p, _ in raw]
+        by_id = {r.slide_id: r for r in records}
+        for plan in plans:
+            if plan.failure is not None:
+                if on_error == "fail":
+                    raise SlideError(plan.slide_id, plan.failure, plan.message)
+                logger.warning("skipped slide %r (%s): %s", plan.slide_id, plan.failure,
+                               plan.message)
+            stats.add(Accounting.from_plan(plan))
+        stats.add(slides_planned=sum(not reused for _, reused in raw),
+                  plans_reused=sum(reused for _, reused in raw))
+        stats.plan_seconds = time.monotonic() - start
+        self.kind = majority
+        self.tasks: dict[_StripId, StripTask] = {}
+        for plan in plans:
+            for task in split_plan(by_id[plan.slide_id], plan, job.tile.tile_size):
+                self.tasks[(plan.slide_id, task.strip)] = task
+        if not self.tasks:
+            raise PipelineError(
+                f"No usable tile in {job.manifest!r} (slides failed: "
+                f"{dict(stats.accounting.slides_failed)}, tiles skipped: "
+                f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
+                "`min_tissue`.")
+        self.strips = sorted(self.tasks)
+        self.packer = _Packer(self.tasks, staging, job.read_cache_mb, on_error, stats)
+        self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
+        self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
+        self._epoch_lock = threading.Lock()
+        self._consumed: set[_StripId] = set()
+        self._slides: dict[str, Any] = {}
+        self._slides_lock = threading.Lock()
+        self._warned_layout = False
+        self.direct_pool = cf.ThreadPoolExecutor(8, thread_name_prefix="softmix-direct")
+
+    # Units and epochs.
+
+    def order(self, epoch: int) -> list[_StripId]:
+        seed = self.job.mix.seed
+        return sorted(self.strips,
+                      key=lambda s: (stable_hash("softmix.stream.order", seed, epoch, *s), s))
+
+    def own_units(self, epoch: int) -> tuple[_StripId, ...]:
+        return tuple(self.order(epoch)[self.pipeline_id::self.num_pipelines])
+
+    def epoch(self, number: int) -> _Epoch:
+        with self._epoch_lock:
+            found = self._epochs.get(number)
+            if found is not None:
+                return found
+            tiles = {}
+            for sid, task in self.tasks.items():
+                result = self.packer.known(sid)
+                tiles[sid] = result.tiles if result is not None else task.tiles
+            channels, dtype = self.kind or (3, "uint8")
+            layout = _stages.build_layout(
+                [(*sid, len(t)) for sid, t in tiles.items()], self.records, self.job,
+                self.staging, tile_bytes=_stages.example_bytes(channels, dtype,
+                                                               self.job.tile.tile_size))
+            from ._packing import pack_path
+            from ._pairing import PairingTable
+
+            mix = dataclasses.replace(self.job.mix, seed=epoch_seed(self.job.mix.seed, number))
+            try:
+                table = PairingTable(layout.counts(), mix, len(self.class_names))
+            except ValueError as err:
+                raise PipelineError(str(err)) from err
+            found = _Epoch(number, self.own_units(number), layout, table, tiles,
+                           {pack_path(self.staging, *sid): sid for sid in tiles})
+            self._epochs[number] = found
+            while len(self._epochs) > 2:
+                self._epochs.popitem(last=False)
+        self.stats.add(epochs_started=1)
+        return found
+
+    # Reading.
+
+    def _slide(self, record: SlideRecord) -> Any:
+        from ._slides import open_slide
+
+        with self._slides_lock:
+            slide = self._slides.get(record.slide_id)
+            if slide is None:
+                slide = open_slide(record.path, slide_id=record.slide_id,
+                                   axes=record.metadata_dict.get("axes") or None)
+                self._slides[record.slide_id] = slide
+            return slide
+
+    def _from_pack(self, result: StripResult, key: TileKey) -> tuple[str, int] | None:
+        local = self.reader.local(result.pack, key)
+        return None if local is None else (result.pack, local)
+
+    def _read_direct(self, sid: _StripId, key: TileKey) -> np.ndarray | None:
+        from ._slides import read_tile
+
+        task = self.tasks[sid]
+        try:
+            pixels = read_tile(self._slide(task.record), key, self.job.tile.tile_size)
+            self.stats.add(direct_reads=1)
+            return pixels
+        except (TileReadError, SlideError):
+            pass  # the pack decides whether the tile is usable
+        location = self._from_pack(self.packer.ensure(sid), key)
+        return None if location is None else self.reader.read_many([location])[0]
+
+    def pixels(self, wanted: dict[TileKey, _StripId]) -> dict[TileKey, np.ndarray | None]:
+        """Pixels of tiles (None: unusable), from packs or, if not packed yet, the slides."""
+        out: dict[TileKey, np.ndarray | None] = {}
+        from_packs: list[tuple[TileKey, tuple[str, int]]] = []
+        direct = []
+        for key, sid in wanted.items():
+            result = self.packer.ready(sid)
+            if result is None:
+                direct.append((key, sid))
+                continue
+            location = self._from_pack(result, key)
+            if location is None:
+                out[key] = None
+            else:
+                from_packs.append((key, location))
+        futures = [(key, self.direct_pool.submit(self._read_direct, sid, key))
+                   for key, sid in direct]
+        if from_packs:
+            images = self.reader.read_many([loc for _, loc in from_packs])
+            out.update((key, image) for (key, _), image in zip(from_packs, images, strict=True))
+        out.update((key, future.result()) for key, future in futures)
+        return out
+
+    def examples(self, number: Any, unit: Any) -> Iterator[dict[str, np.ndarray]]:
+        """One work unit: the examples whose source `a` lies in one strip, in batches."""
+        from ._mixing import label_vector
+
+        ep = self.epoch(int(number))
+        sid = ep.units[int(unit)]
+        result = self.packer.ensure(sid)
+        tiles = ep.tiles[sid]
+        if not tiles:
+            return
+        pairs, accounting = _stages.pair_strip(dataclasses.replace(result, tiles=tiles),
+                                               ep.layout, ep.table)
+        specs: list[PairSpec] = sorted(spec for _, spec in pairs)
+        exact = tiles is result.tiles
+        readable = {t.key for t in result.tiles}
+        if not exact and len(readable) < len(tiles):
+            self._warn_layout(ep.number)
+        outcome: dict[TileKey, list[int]] = {}  # anchor -> [written, partner failures]
+        num_classes = len(self.class_names)
+        for start in range(0, len(specs), _CHUNK):
+            chunk = [s for s in specs[start:start + _CHUNK] if s.a.key in readable]
+            resolved = []
+            wanted: dict[TileKey, _StripId] = {}
+            for spec in chunk:
+                wanted[spec.a.key] = sid
+                if spec.is_original:
+                    b = spec.a
+                else:
+                    pack, local = ep.layout.locate(spec.b_slide, spec.b_index)
+                    b_sid = ep.packs[pack]
+                    b = ep.tiles[b_sid][local]
+                    wanted[b.key] = b_sid
+                resolved.append((spec, b))
+            pixels = self.pixels(wanted)
+            rows = []
+            for spec, b in resolved:
+                counts = outcome.setdefault(spec.a.key, [0, 0])
+                if pixels[spec.a.key] is None or pixels[b.key] is None:
+                    counts[1] += 1
+                    continue
+                counts[0] += 1
+                rows.append((spec, b))
+            if rows:
+                self.stats.add(examples=len(rows))
+                yield self._batch(rows, pixels, num_classes, label_vector)
+        self._account(sid, ep, result, tiles, accounting, outcome, exact)
+
+    def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
+               num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
+        from ._encoding import _class_index
+
+        out: dict[str, np.ndarray] = {
+            "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
+            "image_b": np.stack([pixels[b.key] for _, b in rows]),
+            "label_a": np.stack([label_vector(s.a, num_classes) for s, _ in rows]),
+            "label_b": np.stack([label_vector(b, num_classes) for _, b in rows]),
+            "seed": np.asarray([s.seed for s, _ in rows], dtype=np.int64),
+            "mix_index": np.asarray([s.mix_index for s, _ in rows], dtype=np.int64),
+            "example_id": np.asarray([s.example_id.encode() for s, _ in rows], dtype=object),
+        }
+        for prefix, tiles in (("a", [s.a for s, _ in rows]), ("b", [b for _, b in rows])):
+            out[f"{prefix}/slide_id"] = np.asarray([t.key.slide_id.encode() for t in tiles],
+                                                   dtype=object)
+            for field in ("level", "x", "y"):
+                out[f"{prefix}/{field}"] = np.asarray([getattr(t.key, field) for t in tiles],
+                                                      dtype=np.int64)
+            out[f"{prefix}/label"] = np.asarray([_class_index(t) for t in tiles], np.int64)
+        return out
+
+    def _warn_layout(self, number: int) -> None:
+        if not self._warned_layout:
+            self._warned_layout = True
+            logger.warning(
+                "epoch %d paired on planned tile counts, but packing found unusable tiles: "
+                "its examples of those tiles are dropped and it differs from the offline "
+                "job's output. Later epochs (and streams reusing this cache) pair on the "
+                "packed counts, as the offline job does.", number)
+
+    def _account(self, sid: _StripId, ep: _Epoch, result: StripResult,
+                 tiles: Sequence[TileRecord], accounting: Accounting,
+                 outcome: dict[TileKey, list[int]], exact: bool) -> None:
+        """Resolve the strip's tiles (used / no_partner ...) once, on first consumption."""
+        with self._epoch_lock:
+            if sid in self._consumed:
+                return
+            self._consumed.add(sid)
+        dropped = sum(n for _, n in outcome.values())
+        if exact and not dropped:
+            self.stats.add(accounting.merge(Accounting(examples_written=sum(
+                w for w, _ in outcome.values()))))
+            return
+        readable = [t for t in result.tiles]
+        skipped: collections.Counter[str] = collections.Counter()
+        used = written = 0
+        for tile in readable:
+            got, failed = outcome.get(tile.key, (0, 0))
+            if got:
+                used += 1
+                written += got
+            else:
+                skipped[PARTNER_FAILED if failed else NO_PARTNER] += 1
+        self.stats.add(Accounting(
+            tiles_used=used, tiles_pending=-len(readable), tiles_skipped=dict(skipped),
+            examples_written=written,
+            examples_dropped={PARTNER_FAILED: dropped} if dropped else {}))
+
+
+# --- The dataset ----------------------------------------------------------------------
+
+
+def _remove_at_exit(path: str, stream_ref: Any) -> None:
+    def remove() -> None:
+        stream = stream_ref()
+        if stream is not None:
+            stream.packer.stop.set()
+        shutil.rmtree(path, ignore_errors=True)
+
+    atexit.register(remove)
+
+
+def stream_dataset(
+    manifest: str | os.PathLike[str],
+    *,
+    tile_size: int = 256,
+    stride: int | None = None,
+    level: int = 0,
+    mpp: float | None = None,
+    min_tissue: float = 0.5,
+    tissue_level: int | None = None,
+    tissue_mode: str = "auto",
+    label_image: str | None = None,
+    grid: int | str | tuple[int, int] = 4,
+    softness: float = 0.5,
+    alpha: float = 1.0,
+    ramp: str = "cosine",
+    mix_prob: float = 1.0,
+    pairing: str = "random",
+    group_column: str | None = None,
+    num_mixes: int = 1,
+    keep_originals: bool = False,
+    seed: int = 0,
+    batch_size: int = 32,
+    on_error: str = "skip",
+    class_names: Sequence[str] | None = None,
+    read_cache_mb: float = 256.0,
+    epoch: int | None = None,
+    shuffle: bool | int = False,
+    mix: bool = True,
+    as_dict: bool = False,
+    input_context: Any = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    num_parallel_reads: int | None = None,
+    pack_threads: int | None = None,
+) -> Any:
+    """Stream SoftMix examples from the slides of `manifest` into a `tf.data.Dataset`.
+
+    Epoch 0 holds exactly the examples ``softmix beam`` writes with the same options
+    (the options below carry the ``softmix beam`` flags' names and are validated by the
+    same `TileConfig` / `MixConfig`); epoch ``e`` pairs with ``epoch_seed(seed, e)``.
+    See the module docstring for how reading, packing and mixing overlap.
+
+    Args:
+        manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
+        tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
+            label_image: tiling (`TileConfig`).
+        grid, softness, alpha, ramp, mix_prob, pairing, group_column, num_mixes,
+            keep_originals, seed, batch_size: pairing and mixing (`MixConfig`;
+            `batch_size` never changes a pixel).
+        on_error: "skip" (count bad slides/tiles, see `dataset_stats`) or "fail"
+            (raise, naming the slide or tile and the reason).
+        class_names: explicit class order; None = the sorted manifest labels.
+        read_cache_mb: decoded slide rows one packing thread holds (MiB).
+        epoch: the epoch to yield (0 = the offline job's examples), or None for an
+            endless stream of epochs 0, 1, 2, ... (use `steps_per_epoch` in `fit`).
+        shuffle: False, True (a 1024-example buffer) or a buffer size. Work units are
+            always visited in an epoch-seeded order.
+        mix: True mixes in tf.data; False yields the unmixed pairs (dicts with
+            ``image_a, image_b, label_a, label_b, seed, mix_index``) to mix on the
+            accelerator with `softmix_tf.softmix(..., seeds=seed)`: keep ``image_a``
+            and ``label_a`` where ``mix_index < 0`` (originals).
+        as_dict: yield dicts with the provenance of `read_dataset(as_dict=True)`
+            (``image, label, lam, seed, example_id, mix_index, a/slide_id, a/level,
+            a/x, a/y, a/label, b/...``) instead of ``(image, label)``.
+        input_context: a `tf.distribute.InputContext`: this pipeline takes work units
+            ``k % num_input_pipelines == input_pipeline_id`` of each epoch's order.
+        cache_dir: where plans and tile packs are kept (reused by later epochs and by
+            later streams with the same tiling options); default a temporary directory
+            removed at interpreter exit. One process writes a cache directory at a time.
+        num_parallel_reads: work units read concurrently (default min(8, CPUs)).
+        pack_threads: background packing threads (default min(4, CPUs)); each holds
+            up to `read_cache_mb` of decoded rows.
+
+    Returns:
+        A `tf.data.Dataset` of `(image, label)` (image [tile_size, tile_size, C] in the
+        slides' dtype, label float32 [K]), or of dicts (`as_dict`, `mix=False`).
+        `pipeline.dataset_stats(ds)` gives its `StreamStats`.
+
+    Raises:
+        ValueError: a bad option (the configs' messages).
+        ManifestError, SlideError: a bad manifest; with on_error="fail", a bad slide.
+        PipelineError: no usable tile at all.
+    """
+    import tensorflow as tf
+
+    from ._manifest import load_slide_manifest
+
+    tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
+                      min_tissue=min_tissue, tissue_level=tissue_level,
+                      tissue_mode=tissue_mode, label_image=label_image)
+    mix_config = MixConfig(grid=grid, alpha=alpha, softness=softness, ramp=ramp,
+                           mix_prob=mix_prob, pairing=pairing, group_column=group_column,
+                           num_mixes=num_mixes, keep_originals=keep_originals, seed=seed,
+                           batch_size=batch_size)
+    if epoch is not None and (isinstance(epoch, bool) or int(epoch) != epoch or epoch < 0):
+        raise ValueError(f"`epoch` must be an int >= 0 or None. Received: epoch={epoch!r}")
+    buffer = 1024 if shuffle is True else int(shuffle or 0)
+    if buffer < 0:
+        raise ValueError(f"`shuffle` must be a bool or a buffer size >= 1. "
+                         f"Received: shuffle={shuffle!r}")
+    cpus = os.cpu_count() or 4
+    reads = num_parallel_reads or min(8, cpus)
+    packers = pack_threads if pack_threads is not None else min(4, cpus)
+    if reads < 1 or packers < 0:
+        raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
+                         f"Received: num_parallel_reads={reads}, pack_threads={packers}")
+    temporary = cache_dir is None
+    root = tempfile.mkdtemp(prefix="softmix-stream-") if temporary else os.fspath(cache_dir)
+    staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', tile, on_error):016x}")
+    job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,
+                    output=OutputConfig(out_dir=root, num_shards=1, on_error=on_error),
+                    class_names=tuple(class_names) if class_names else None,
+                    read_cache_mb=read_cache_mb)
+    slides = load_slide_manifest(job.manifest, class_names=job.class_names,
+                                 group_column=group_column)
+    pipeline = (0, 1)
+    if input_context is not None:
+        pipeline = (input_context.input_pipeline_id, input_context.num_input_pipelines)
+    stats = StreamStats()
+    stream = _Stream(job, slides.slides, slides.class_names, staging, pipeline=pipeline,
+                     plan_threads=min(16, 2 * cpus), stats=stats)
+    if temporary:
+        _remove_at_exit(root, weakref.ref(stream))
+    first = stream.own_units(epoch or 0)
+    stream.packer.start(list(first) + [s for s in stream.order(epoch or 0)
+                                       if s not in set(first)], packers)
+
+    channels, dtype = stream.kind or (3, "uint8")
+    size, num_classes = tile.tile_size, len(slides.class_names)
+    image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
+    signature = {"image_a": image, "image_b": image,
+                 "label_a": tf.TensorSpec([None, num_classes], tf.float32),
+                 "label_b": tf.TensorSpec([None, num_classes], tf.float32),
+                 "seed": tf.TensorSpec([None, 2], tf.int64),
+                 "mix_index": tf.TensorSpec([None], tf.int64),
+                 "example_id": tf.TensorSpec([None], tf.string)}
+    for prefix in ("a", "b"):
+        signature[f"{prefix}/slide_id"] = tf.TensorSpec([None], tf.string)
+        for field in ("level", "x", "y", "label"):
+            signature[f"{prefix}/{field}"] = tf.TensorSpec([None], tf.int64)
+
+    num_units = len(first)
+    if epoch is None:
+        epochs = tf.data.Dataset.counter() if num_units else tf.data.Dataset.range(0)
+    else:
+        epochs = tf.data.Dataset.from_tensors(tf.constant(int(epoch), tf.int64))
+    units = epochs.flat_map(
+        lambda e: tf.data.Dataset.range(num_units).map(lambda u: (e, u)))
+    deterministic = buffer == 0
+    dataset = units.interleave(
+        lambda e, u: tf.data.Dataset.from_generator(stream.examples, args=(e, u),
+                                                    output_signature=signature),
+        cycle_length=reads, block_length=1, num_parallel_calls=reads,
+        deterministic=deterministic)
+    dataset = dataset.map(_output_fn(mix_config, mix, as_dict),
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.unbatch()
+    if buffer:
+        dataset = dataset.shuffle(buffer, seed=stable_hash("softmix.stream.shuffle", seed) >> 33,
+                                  reshuffle_each_iteration=True)
+    dataset = dataset.prefetch(tf.data.AUTOTUNE)
+    _STATS[dataset] = stats
+    return dataset
+
+
+_PROVENANCE = ("seed", "example_id", "mix_index") + tuple(
+    f"{p}/{f}" for p in ("a", "b") for f in ("slide_id", "level", "x", "y", "label"))
+
+
+def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
+    """The batched map from a unit's batch to what the stream yields (mixing included)."""
+    import tensorflow as tf
+
+    import softmix_tf
+
+    def unmixed(batch: dict[str, Any]) -> dict[str, Any]:
+        keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
+        keys += _PROVENANCE if as_dict else ()
+        return {k: batch[k] for k in dict.fromkeys(keys)}
+
+    def mixed(batch: dict[str, Any]) -> Any:
+        out = softmix_tf.softmix(batch["image_a"], batch["image_b"], batch["label_a"],
+                                 batch["label_b"], batch["seed"], grid=config.grid,
+                                 alpha=config.alpha, softness=config.softness,
+                                 ramp=config.ramp, mix_prob=config.mix_prob)
+        original = batch["mix_index"] < 0  # originals are never mixed (offline: lam 0)
+        image = tf.where(original[:, None, None, None], batch["image_a"], out.images)
+        label = tf.where(original[:, None], batch["label_a"], out.labels)
+        if not as_dict:
+            return image, label
+        lam = tf.where(original, tf.zeros_like(out.lam), out.lam)
+        return {"image": image, "label": label, "lam": lam,
+                **{k: batch[k] for k in _PROVENANCE}}
+
+    return mixed if mix else unmixed
