@@ -126,7 +126,12 @@ def run_floor(job, workers: int) -> dict:
     shutil.rmtree(job.output.out_dir, ignore_errors=True)
     os.makedirs(staging)
     records = {r.slide_id: r for r in manifest.slides}
-    with concurrent.futures.ProcessPoolExecutor(workers, initializer=_init_worker) as pool:
+    import multiprocessing
+
+    # Spawned, not forked: this process already runs TensorFlow, Beam and Dask threads.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_init_worker) as pool:
         plans = list(pool.map(_stages.plan_task, manifest.slides,
                               [job.tile] * len(records), ["skip"] * len(records),
                               [tuple(names)] * len(records)))

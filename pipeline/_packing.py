@@ -360,6 +360,7 @@ def _task_digest(task: StripTask) -> str:
 def _write_text_atomic(path: str, text: str) -> None:
     import tensorflow as tf
 
+    tf.io.gfile.makedirs(posixpath.dirname(path))
     temp = f"{path}.tmp-{os.getpid()}"
     with tf.io.gfile.GFile(temp, "w") as handle:
         handle.write(text)

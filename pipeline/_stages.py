@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ._keys import ExampleSpec, SlidePlan, SlideRecord, stable_hash
+from ._keys import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
 from ._output import Accounting
 from ._packing import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
@@ -53,11 +53,67 @@ DEFAULT_EXAMPLES_PER_TASK = 128
 
 
 def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
-              class_names: Sequence[str]) -> SlidePlan:
-    """Tile one slide (opened afresh, so its read counters are this task's)."""
+              class_names: Sequence[str], staging: str | None = None) -> SlidePlan:
+    """Tile one slide (opened afresh, so its read counters are this task's).
+
+    With `staging`, the plan is kept there (``plans/<slide>.json``, written atomically
+    once complete) and a later attempt (a resumed run, a retried task) reuses it
+    instead of reading the slide again. Failed plans are not kept: they are retried.
+    """
     from ._tiling import plan_slide
 
-    return plan_slide(record, config, on_error=on_error, class_names=class_names)
+    path = plan_path(staging, record, config) if staging else None
+    if path is not None:
+        kept = _load_plan(path, record)
+        if kept is not None:
+            return kept
+    plan = plan_slide(record, config, on_error=on_error, class_names=class_names)
+    if path is not None and plan.failure is None:
+        _write_text_atomic(path, json.dumps(_plan_to_json(plan)))
+    return plan
+
+
+def plan_path(staging: str, record: SlideRecord, config: TileConfig) -> str:
+    digest = stable_hash("plan", record, dataclasses.astuple(config))
+    return posixpath.join(staging, "plans", f"{digest:016x}.json")
+
+
+def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
+    return {
+        "slide_id": plan.slide_id,
+        "level": plan.tiles[0].key.level if plan.tiles else 0,
+        "tiles": [[t.key.x, t.key.y, t.soft_label] for t in plan.tiles],
+        "skipped": [list(item) for item in plan.skipped],
+        "num_channels": plan.num_channels,
+        "dtype": plan.dtype,
+        "chunk_shape": list(plan.chunk_shape),
+        "reads": [plan.chunks_read, plan.bytes_read, plan.requests],
+    }
+
+
+def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
+    import tensorflow as tf
+
+    from ._keys import TileKey
+
+    try:
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path, "r") as handle:
+            data = json.loads(handle.read())
+        level = data["level"]
+        tiles = tuple(
+            TileRecord(TileKey(record.slide_id, level, x, y), label=record.label_index,
+                       group=record.group, soft_label=tuple(soft) if soft else None)
+            for x, y, soft in data["tiles"])
+        chunks_read, bytes_read, requests = data["reads"]
+        return SlidePlan(slide_id=record.slide_id, tiles=tiles,
+                         skipped=tuple((r, n) for r, n in data["skipped"]),
+                         num_channels=data["num_channels"], dtype=data["dtype"],
+                         chunk_shape=tuple(data["chunk_shape"]), chunks_read=chunks_read,
+                         bytes_read=bytes_read, requests=requests)
+    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+        return None
 
 
 def majority_kind(kinds: Iterable[tuple[int, str]]) -> tuple[int, str] | None:
@@ -336,8 +392,25 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     for bucket in sorted(buckets, key=lambda b: b.bucket):
         with tf.io.gfile.GFile(bucket.path + ".json", "r") as handle:
             parts.append((bucket.path, json.loads(handle.read())["ids"]))
-    path = posixpath.join(staging_dir(config), shard_filename(config.name, shard, num_shards))
-    return merge_shards(path, parts, compression=config.compression)
+    name = shard_filename(config.name, shard, num_shards)
+    path = posixpath.join(staging_dir(config), name)
+    ids = sorted(i for _, part_ids in parts for i in part_ids)
+    digest = f"{stable_hash('shard', ids, config.compression):016x}"
+    try:
+        with tf.io.gfile.GFile(path + ".json", "r") as handle:
+            sidecar = json.loads(handle.read())
+        if sidecar["digest"] == digest and file_crc32(path) == (sidecar["bytes"],
+                                                                sidecar["crc32"]):
+            from ._sharding import ShardInfo
+
+            return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"])
+    except (ValueError, KeyError, OSError, tf.errors.OpError):
+        pass  # not there, or not verifiable: write it (again)
+    info = merge_shards(path, parts, compression=config.compression)
+    size, crc = file_crc32(path)
+    _write_text_atomic(path + ".json", json.dumps(
+        {"digest": digest, "num_examples": info.num_examples, "bytes": size, "crc32": crc}))
+    return info
 
 
 def example_bytes(num_channels: int, dtype: str, tile_size: int) -> float:

@@ -46,15 +46,18 @@ _NAMESPACE = "softmix"
 class _PlanSlide(beam.DoFn):
     """Open one slide, tile it and filter background (pixels never leave the worker)."""
 
-    def __init__(self, config: TileConfig, on_error: str, class_names: Sequence[str] | None):
+    def __init__(self, config: TileConfig, on_error: str, class_names: Sequence[str] | None,
+                 staging: str | None):
         self._config = config
         self._on_error = on_error
         self._class_names = class_names
+        self._staging = staging
 
     def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
         from ._stages import plan_task
 
-        plan = plan_task(record, self._config, self._on_error, self._class_names)
+        plan = plan_task(record, self._config, self._on_error, self._class_names,
+                         self._staging)
         beam.metrics.Metrics.counter(_NAMESPACE, "slides_planned").inc()
         beam.metrics.Metrics.counter(_NAMESPACE, "chunks_read").inc(plan.chunks_read)
         beam.metrics.Metrics.counter(_NAMESPACE, "bytes_read").inc(plan.bytes_read)
@@ -75,21 +78,24 @@ class SlidesToPlans(beam.PTransform):
         config: tiling settings.
         on_error: "skip" turns a bad slide into a failed plan; "fail" raises.
         class_names: the run's classes (needed for soft labels from label images).
+        staging: the run's staging directory: plans are kept there and reused by a
+            resumed run (None: not kept).
     """
 
     def __init__(self, config: TileConfig, *, on_error: str = "skip",
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, staging: str | None = None):
         super().__init__()
         self._config = config
         self._on_error = on_error
         self._class_names = tuple(class_names) if class_names is not None else None
+        self._staging = staging
 
     def expand(self, records):
         return (
             records
             | "FanOutSlides" >> beam.Reshuffle()
             | "PlanSlide" >> beam.ParDo(
-                _PlanSlide(self._config, self._on_error, self._class_names))
+                _PlanSlide(self._config, self._on_error, self._class_names, self._staging))
         )
 
 
@@ -303,7 +309,8 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
     raw_plans = (
         pipeline
         | "Slides" >> beam.Create(list(slides))
-        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names)
+        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names,
+                                           staging=staging)
     )
     majority = beam.pvalue.AsSingleton(
         raw_plans

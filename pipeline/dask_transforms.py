@@ -128,7 +128,7 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
     try:
         # 1. Plan every slide; only (channels, dtype) come back to the client.
         raw = client.map(_stages.plan_task, list(slides), config=job.tile, on_error=on_error,
-                         class_names=tuple(class_names),
+                         class_names=tuple(class_names), staging=staging,
                          key=[f"softmix-plan-{run_id}-{i}" for i in range(len(slides))])
         held += raw
         kinds = [k for ks in client.gather(client.map(_stages.plan_kind, raw)) for k in ks]
