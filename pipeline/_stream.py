@@ -736,9 +736,15 @@ def stream_dataset(
                                                     output_signature=signature),
         cycle_length=reads, block_length=1, num_parallel_calls=reads,
         deterministic=deterministic)
-    dataset = dataset.map(_output_fn(mix_config, mix, as_dict),
-                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     dataset = dataset.unbatch()
+    if mix:
+        # Fixed-size batches (the last one padded inside the map): one trace, one XLA
+        # compilation; the op is batch-invariant, so the pixels are the offline ones.
+        dataset = dataset.batch(mix_config.batch_size).map(
+            _output_fn(mix_config, mix, as_dict), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=deterministic).unbatch()
+    else:
+        dataset = dataset.map(_output_fn(mix_config, mix, as_dict))
     if buffer:
         dataset = dataset.shuffle(buffer, seed=stable_hash("softmix.stream.shuffle", seed) >> 33,
                                   reshuffle_each_iteration=True)
@@ -757,16 +763,27 @@ def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
 
     import softmix_tf
 
-    def unmixed(batch: dict[str, Any]) -> dict[str, Any]:
+    def unmixed(example: dict[str, Any]) -> dict[str, Any]:
         keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
         keys += _PROVENANCE if as_dict else ()
-        return {k: batch[k] for k in dict.fromkeys(keys)}
+        return {k: example[k] for k in dict.fromkeys(keys)}
+
+    size = config.batch_size
+
+    def pad(x: Any) -> Any:
+        extra = size - tf.shape(x)[0]
+        x = tf.concat([x, tf.repeat(x[-1:], extra, axis=0)], axis=0)
+        return tf.ensure_shape(x, [size, *x.shape[1:]])
 
     def mixed(batch: dict[str, Any]) -> Any:
-        out = softmix_tf.softmix(batch["image_a"], batch["image_b"], batch["label_a"],
-                                 batch["label_b"], batch["seed"], grid=config.grid,
-                                 alpha=config.alpha, softness=config.softness,
-                                 ramp=config.ramp, mix_prob=config.mix_prob)
+        count = tf.shape(batch["seed"])[0]
+        out = softmix_tf.softmix(*(pad(batch[k]) for k in ("image_a", "image_b", "label_a",
+                                                            "label_b", "seed")),
+                                 grid=config.grid, alpha=config.alpha,
+                                 softness=config.softness, ramp=config.ramp,
+                                 mix_prob=config.mix_prob)
+        out = out._replace(images=out.images[:count], labels=out.labels[:count],
+                           lam=out.lam[:count])
         original = batch["mix_index"] < 0  # originals are never mixed (offline: lam 0)
         image = tf.where(original[:, None, None, None], batch["image_a"], out.images)
         label = tf.where(original[:, None], batch["label_a"], out.labels)
