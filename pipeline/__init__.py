@@ -25,7 +25,9 @@ __all__ = [
     "SlideError",
     "TileConfig",
     "TileReadError",
+    "dataset_stats",
     "read_dataset",
+    "stream_dataset",
 ]
 
 
@@ -34,3 +36,17 @@ def read_dataset(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: TensorFlow is
     from ._reader import read_dataset as _read_dataset
 
     return _read_dataset(*args, **kwargs)
+
+
+def stream_dataset(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: TensorFlow is heavy
+    """Stream mixed tiles from Zarr slides into a `tf.data.Dataset`; see `pipeline._stream`."""
+    from ._stream import stream_dataset as _stream_dataset
+
+    return _stream_dataset(*args, **kwargs)
+
+
+def dataset_stats(dataset):  # noqa: ANN001, ANN201 - lazy, like stream_dataset
+    """The live `StreamStats` of a `stream_dataset` (or of a dataset made from one)."""
+    from ._stream import dataset_stats as _dataset_stats
+
+    return _dataset_stats(dataset)
