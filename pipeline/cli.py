@@ -305,11 +305,26 @@ def _check_memory_limit(parser: argparse.ArgumentParser, value: str) -> None:
                  f"Received: {value!r}")
 
 
-class _DropLogs(logging.Filter):
-    """Drops Beam's import-time "apitools not found" warning (no GCP extras needed)."""
+class _QuietLogs(logging.Filter):
+    """Drops Beam's import-time "apitools not found" warning (no GCP extras needed) and
+    Beam's own logs of a failing step (the run's error is printed once, as one line)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("apache_beam"):
+            return record.levelno >= logging.CRITICAL
         return "apitools not found" not in record.getMessage()
+
+
+class _QuietHandler(logging.StreamHandler):
+    """The CLI's root log handler: the current `sys.stderr`, filtered by `_QuietLogs`."""
+
+    @property
+    def stream(self):  # noqa: ANN201 - whatever sys.stderr is now (tests replace it)
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
 
 
 def _quiet_libraries() -> None:
@@ -321,7 +336,15 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-    logging.getLogger().addFilter(_DropLogs())
+    # Our root handler first, so that `logging.basicConfig` (called by the first
+    # `logging.warning`) adds none; it shows warnings of other code, filtered.
+    root = logging.getLogger()
+    if not any(isinstance(h, _QuietHandler) for h in root.handlers):
+        handler = _QuietHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+        handler.addFilter(_QuietLogs())
+        root.addHandler(handler)
     # Worker processes (Beam SDK workers) import `pipeline/_quiet/sitecustomize.py`.
     quiet = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_quiet")
     path = os.environ.get("PYTHONPATH", "")

@@ -13,16 +13,21 @@ import os
 import sys
 
 
-class _DropApitools(logging.Filter):
+class _Quiet(logging.Filter):
+    """Beam's own logs are dropped (a worker's failure reaches the driver as the run's
+    error); errors of other code still show."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("apache_beam") or record.name == "__main__":
+            return record.levelno >= logging.CRITICAL
         return "apitools not found" not in record.getMessage()
 
 
 _handler = logging.StreamHandler()
 _handler.setLevel(logging.ERROR)
 _handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+_handler.addFilter(_Quiet())
 logging.getLogger().addHandler(_handler)
-logging.getLogger().addFilter(_DropApitools())
 
 _here = os.path.dirname(os.path.abspath(__file__))
 
