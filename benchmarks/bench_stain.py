@@ -9,6 +9,7 @@ hits all cases alike. Cases, per method (Reinhard, Macenko):
 
 - `fit + normalize, XLA`: `stain.normalize(tiles, method=...)` under
   `tf.function(jit_compile=True)`; fits each tile itself, as torchstain's `normalize` does.
+- `fit (fit_stride=4) + normalize, XLA`: the same, fitting on every 4th pixel.
 - `normalize given fits, XLA`: the same with the tiles' fits passed in (the pipeline's
   case: fits come once per slide).
 - `torchstain numpy`: torchstain 1.4.1's NumPy normaliser, one `normalize` per tile
@@ -76,6 +77,10 @@ def _cases(method: str, tiles: np.ndarray, target_image: np.ndarray):
     fit_and_normalize = tf.function(
         lambda x: stain.normalize(x, target=target, method=method), jit_compile=True
     )
+    strided = tf.function(
+        lambda x: stain.normalize(x, target=target, method=method, fit_stride=4),
+        jit_compile=True,
+    )
     given = tf.function(lambda x, s: stain.normalize(x, s, target), jit_compile=True)
     if method == "macenko":
         reference = NumpyMacenkoNormalizer()
@@ -92,6 +97,7 @@ def _cases(method: str, tiles: np.ndarray, target_image: np.ndarray):
 
     return [
         (f"{method}: fit + normalize, XLA", lambda: fit_and_normalize(batch).numpy()),
+        (f"{method}: fit (fit_stride=4) + normalize, XLA", lambda: strided(batch).numpy()),
         (f"{method}: normalize given fits, XLA", lambda: given(batch, fits).numpy()),
         (f"{method}: torchstain numpy", torchstain_batch),
     ]

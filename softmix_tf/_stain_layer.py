@@ -36,7 +36,8 @@ class StainNormalize(keras.layers.Layer):
         enabled: False makes the layer the identity.
         training_only: True makes the layer the identity when `training=False`.
         value_range: the scale of float images, default (0, 255).
-        min_tissue_pixels: for "per_image" sources, the least tissue to normalise an image.
+        min_tissue_pixels: for fitted sources, the least tissue to normalise an image.
+        fit_stride: for fitted sources, fit on every `fit_stride`-th pixel only.
         **kwargs: base `keras.layers.Layer` arguments (name, dtype, ...).
 
     Example:
@@ -59,6 +60,7 @@ class StainNormalize(keras.layers.Layer):
         training_only: bool = False,
         value_range: tuple[float, float] = (0.0, 255.0),
         min_tissue_pixels: int = stain.MIN_TISSUE_PIXELS,
+        fit_stride: int = 1,
         **kwargs: Any,
     ):
         kwargs.setdefault("autocast", False)  # keep the images' dtype
@@ -84,6 +86,7 @@ class StainNormalize(keras.layers.Layer):
         self.training_only = bool(training_only)
         self.value_range = tuple(float(v) for v in stain._check_value_range(value_range))
         self.min_tissue_pixels = int(min_tissue_pixels)
+        self.fit_stride = stain._check_stride(fit_stride)
         self.supports_jit = True
 
     def call(self, data: Any, training: bool | None = None) -> Any:
@@ -103,6 +106,7 @@ class StainNormalize(keras.layers.Layer):
             fit_over="batch" if self.source == "batch" else "image",
             value_range=self.value_range,
             min_tissue_pixels=self.min_tissue_pixels,
+            fit_stride=self.fit_stride,
         )
 
     def compute_output_shape(self, input_shape: Any) -> Any:
@@ -118,6 +122,7 @@ class StainNormalize(keras.layers.Layer):
             training_only=self.training_only,
             value_range=self.value_range,
             min_tissue_pixels=self.min_tissue_pixels,
+            fit_stride=self.fit_stride,
         )
         return config
 

@@ -60,9 +60,11 @@ import tensorflow as tf
 from . import _stain, _stain_reference
 
 __all__ = [
+    "ALPHA",
     "BETA",
     "IO",
     "LUMINOSITY_THRESHOLD",
+    "MAX_PERCENTILE",
     "METHODS",
     "MIN_TISSUE_PIXELS",
     "MacenkoFit",
@@ -97,7 +99,9 @@ class MacenkoFit(NamedTuple):
     stain_matrix: tf.Tensor
     max_concentrations: tf.Tensor
 
-    method = "macenko"
+    @property
+    def method(self) -> str:
+        return "macenko"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (nested lists of floats); `fit_from_dict` reads it."""
@@ -109,7 +113,7 @@ class MacenkoFit(NamedTuple):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MacenkoFit:
-        _check_dict(data, cls.method, ("stain_matrix", "max_concentrations"))
+        _check_dict(data, "macenko", ("stain_matrix", "max_concentrations"))
         fit = cls(
             tf.constant(data["stain_matrix"], tf.float32),
             tf.constant(data["max_concentrations"], tf.float32),
@@ -129,7 +133,9 @@ class ReinhardFit(NamedTuple):
     means: tf.Tensor
     stds: tf.Tensor
 
-    method = "reinhard"
+    @property
+    def method(self) -> str:
+        return "reinhard"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict (nested lists of floats); `fit_from_dict` reads it."""
@@ -141,7 +147,7 @@ class ReinhardFit(NamedTuple):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReinhardFit:
-        _check_dict(data, cls.method, ("means", "stds"))
+        _check_dict(data, "reinhard", ("means", "stds"))
         fit = cls(tf.constant(data["means"], tf.float32), tf.constant(data["stds"], tf.float32))
         _check_fit(fit, "data")
         return fit
@@ -178,6 +184,7 @@ def macenko_fit(
     alpha: float = ALPHA,
     max_percentile: float = MAX_PERCENTILE,
     min_tissue_pixels: int = MIN_TISSUE_PIXELS,
+    fit_stride: int = 1,
 ) -> MacenkoFit:
     """Macenko fit of the tissue in `images`.
 
@@ -192,6 +199,10 @@ def macenko_fit(
         alpha: the stain vectors are the `alpha` and `100 - alpha` angle percentiles.
         max_percentile: the concentration percentile that normalisation equalises.
         min_tissue_pixels: fewer tissue pixels than this in a fit raises.
+        fit_stride: fit on every `fit_stride`-th pixel (in raster order) only, for
+            cheaper fits; torchstain uses every pixel. On the test tiles (256 px), 4
+            moved Reinhard fits by under 2% and normalised pixels by 0.5 levels on
+            average, but Macenko's percentiles by up to 16% on a tile with little tissue.
 
     Returns:
         A `MacenkoFit`, with a leading B when `per_image`.
@@ -200,8 +211,14 @@ def macenko_fit(
         ValueError: bad arguments, or too little tissue (eagerly; see the module doc).
     """
     pixels, tissue, squeeze = _groups(images, mask, per_image, value_range)
+    stride = _check_stride(fit_stride)
     stains, max_c, ok, counts = _stain.macenko_fit_groups(
-        pixels, tissue, io=io, beta=beta, alpha=alpha, max_percentile=max_percentile
+        pixels[:, ::stride],
+        tissue[:, ::stride],
+        io=io,
+        beta=beta,
+        alpha=alpha,
+        max_percentile=max_percentile,
     )
     _check_counts(counts, ok, min_tissue_pixels, "macenko", f"beta={beta}")
     fit = MacenkoFit(stains, max_c)
@@ -216,11 +233,13 @@ def reinhard_fit(
     value_range: tuple[float, float] = (0.0, 255.0),
     luminosity_threshold: float | None = LUMINOSITY_THRESHOLD,
     min_tissue_pixels: int = MIN_TISSUE_PIXELS,
+    fit_stride: int = 1,
 ) -> ReinhardFit:
     """Reinhard fit (CIELAB means and stds) of the tissue in `images`.
 
     Args:
-        images, mask, per_image, value_range, min_tissue_pixels: as in `macenko_fit`.
+        images, mask, per_image, value_range, min_tissue_pixels, fit_stride: as in
+            `macenko_fit`.
         luminosity_threshold: pixels with L / 100 at or above it are background; None
             keeps every (masked) pixel, as torchstain does.
 
@@ -232,6 +251,8 @@ def reinhard_fit(
     """
     images = tf.convert_to_tensor(images)
     pixels, tissue, squeeze = _groups(images, mask, per_image, value_range)
+    stride = _check_stride(fit_stride)
+    pixels, tissue = pixels[:, ::stride], tissue[:, ::stride]
     lab = _stain.rgb_to_lab(pixels, integer=images.dtype == tf.uint8)
     tissue = _reinhard_tissue(lab, tissue, luminosity_threshold)
     means, stds, counts = _stain.reinhard_fit_groups(lab, tissue)
@@ -273,6 +294,7 @@ def normalize(
     alpha: float = ALPHA,
     luminosity_threshold: float | None = LUMINOSITY_THRESHOLD,
     min_tissue_pixels: int = MIN_TISSUE_PIXELS,
+    fit_stride: int = 1,
 ) -> tf.Tensor:
     """Maps images from a source stain fit to a target one.
 
@@ -286,6 +308,8 @@ def normalize(
         target: the fit to map to; None is `builtin_reference(method)`.
         method: "macenko" or "reinhard"; None takes it from `source` or `target`.
         fit_over: with `source=None`, "image" (one fit per image) or "batch" (one fit).
+        fit_stride: with `source=None`, fit on every `fit_stride`-th pixel only (see
+            `macenko_fit`); the images' own fits then cost about a quarter with 4.
         value_range: the scale of float images (and of float results).
 
     Returns:
@@ -305,15 +329,18 @@ def normalize(
     lab = _stain.rgb_to_lab(pixels, integer=integer) if method == "reinhard" else None
     keep = None
     if source is None:
-        tissue = tf.ones(tf.shape(pixels)[:2], tf.bool)
+        stride = _check_stride(fit_stride)
+        sampled = pixels[:, ::stride]
+        tissue = tf.ones(tf.shape(sampled)[:2], tf.bool)
         if method == "macenko":
             stains, max_c, ok, counts = _stain.macenko_fit_groups(
-                pixels, tissue, io=io, beta=beta, alpha=alpha, max_percentile=MAX_PERCENTILE
+                sampled, tissue, io=io, beta=beta, alpha=alpha, max_percentile=MAX_PERCENTILE
             )
             source = MacenkoFit(stains, max_c)
         else:
-            tissue = _reinhard_tissue(lab, tissue, luminosity_threshold)
-            means, stds, counts = _stain.reinhard_fit_groups(lab, tissue)
+            lab_sampled = lab[:, ::stride]
+            tissue = _reinhard_tissue(lab_sampled, tissue, luminosity_threshold)
+            means, stds, counts = _stain.reinhard_fit_groups(lab_sampled, tissue)
             source = ReinhardFit(means, stds)
             ok = tf.ones([groups], tf.bool)
         keep = ~((counts >= min_tissue_pixels) & ok)
@@ -440,6 +467,12 @@ def _check_value_range(value_range: Any) -> tuple[float, float]:
             f"`value_range` must have high > low. Received: value_range={value_range!r}"
         )
     return low, high
+
+
+def _check_stride(stride: Any) -> int:
+    if isinstance(stride, bool) or not hasattr(stride, "__index__") or int(stride) < 1:
+        raise ValueError(f"`fit_stride` must be an int >= 1. Received: fit_stride={stride!r}")
+    return int(stride)
 
 
 def _check_method(method: Any) -> str:
