@@ -1,0 +1,124 @@
+"""`pipeline.stream_dataset` next to `read_dataset` on the offline output of the same examples.
+
+Run: `.venv/bin/python benchmarks/bench_stream.py --slide-size 8192 --slides 16
+[--latency-ms 20] [--manifest PATH]`.
+
+Slides come from `softmix demo-data --size N --num-slides M` (cached under
+`.cache/bench/`, shared with bench_pipeline.py), or `--manifest`. One run, same
+machine, same options (tile 256, grid 4, one mix per tile):
+
+1. the offline job (`run_beam`) writes the examples; `read_dataset` reads them back
+   (examples/s of one pass, batches of 64, nothing else in the step);
+2. `stream_dataset(epoch=0)` with a cold cache: time to first batch (planning, packing
+   the first strip, partner reads) and examples/s of the whole epoch;
+3. the stream again on the warm cache (plans and packs reused), e.g. a later run;
+4. with `--latency-ms`, 2. again with the slides served through `latency://`
+   (`pipeline.remote`, every request delayed like a bucket).
+
+The stream's examples/s include planning and packing: it decodes the slides, the
+reader only decodes PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+
+BATCH = 64
+
+
+def timed_pass(dataset) -> tuple[int, float, float]:  # noqa: ANN001
+    """`(examples, seconds to the first batch, seconds in all)` of one pass."""
+    start = time.perf_counter()
+    first = None
+    count = 0
+    for images, _ in dataset.batch(BATCH):
+        if first is None:
+            first = time.perf_counter() - start
+        count += int(images.shape[0])
+    return count, first or 0.0, time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    from bench_pipeline import demo_slides, with_latency
+
+    import pipeline
+    from pipeline.beam_transforms import run_beam
+    from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--slide-size", type=int, default=8192)
+    parser.add_argument("--slides", type=int, default=16)
+    parser.add_argument("--manifest", default=None, help="existing slides instead of demo ones")
+    parser.add_argument("--tile-size", type=int, default=256)
+    parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 4,
+                        help="offline job workers")
+    args = parser.parse_args(argv)
+
+    manifest = (pathlib.Path(args.manifest) if args.manifest
+                else demo_slides(args.slide_size, args.slides))
+    options = dict(tile_size=args.tile_size, grid=4, num_mixes=1, seed=0)
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    rows = []
+    try:
+        job = JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=args.tile_size),
+                        mix=MixConfig(grid=4, num_mixes=1, seed=0),
+                        output=OutputConfig(out_dir=str(work / "offline")))
+        start = time.perf_counter()
+        written = run_beam(job, workers=args.workers, progress=False)["num_examples"]
+        offline_s = time.perf_counter() - start
+        n, first, total = timed_pass(pipeline.read_dataset(str(work / "offline")))
+        rows.append(("read_dataset (TFRecords)", n, first, total))
+
+        cache = work / "cache"
+        start = time.perf_counter()
+        stream = pipeline.stream_dataset(str(manifest), epoch=0, cache_dir=str(cache), **options)
+        build = time.perf_counter() - start
+        plan_s = pipeline.dataset_stats(stream).plan_seconds
+        n, first, total = timed_pass(stream)
+        rows.append(("stream_dataset, cold cache", n, first + build, total + build))
+        stats = pipeline.dataset_stats(stream)
+        start = time.perf_counter()
+        warm = pipeline.stream_dataset(str(manifest), epoch=0, cache_dir=str(cache), **options)
+        build = time.perf_counter() - start
+        n2, first2, total2 = timed_pass(warm)
+        rows.append(("stream_dataset, warm cache", n2, first2 + build, total2 + build))
+        if args.latency_ms:
+            os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)
+            remote = with_latency(manifest, work / "latency.csv")
+            start = time.perf_counter()
+            slow = pipeline.stream_dataset(str(remote), epoch=0, cache_dir=str(work / "c2"),
+                                           **options)
+            build = time.perf_counter() - start
+            n3, first3, total3 = timed_pass(slow)
+            rows.append((f"stream_dataset, {args.latency_ms:g} ms store", n3, first3 + build,
+                         total3 + build))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"slides: {manifest} | offline job ({args.workers} workers): {written} examples "
+          f"in {offline_s:.1f} s")
+    print(f"stream planning: {plan_s:.2f} s (before the dataset exists); {stats}")
+    reader_rate = rows[0][1] / rows[0][3]
+    print(f"{'':32}{'examples':>10}{'first batch s':>15}{'total s':>10}{'ex/s':>10}"
+          f"{'vs reader':>10}")
+    for name, count, first_s, total_s in rows:
+        rate = count / total_s
+        print(f"{name:32}{count:>10}{first_s:>15.2f}{total_s:>10.2f}{rate:>10.0f}"
+              f"{rate / reader_rate:>9.2f}x")
+    print("(stream rows include building the dataset: planning, or loading saved plans)")
+
+
+if __name__ == "__main__":
+    main()
