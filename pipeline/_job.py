@@ -36,6 +36,62 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
     return params  # `_output.finalize_output` adds the software versions
 
 
+def run_fingerprint(job: JobConfig, slides: Sequence[Any]) -> dict[str, Any]:
+    """What makes a run's output what it is: options, seed, software, manifest content.
+
+    A resumed run must match the interrupted one on all of it (`fingerprint_diff`).
+    Options that never change a byte of the output (workers, caches, batch size,
+    overwrite/resume themselves) are left out.
+    """
+    import dataclasses
+
+    from ._output import software_versions
+
+    mix = dataclasses.asdict(job.mix)
+    mix.pop("batch_size")
+    mix["grid"] = list(job.mix.grid)
+    output = dataclasses.asdict(job.output)
+    for key in ("out_dir", "overwrite", "resume"):
+        output.pop(key)
+    return {
+        "options": {"tile": dataclasses.asdict(job.tile), "mix": mix, "output": output,
+                    "class_names": list(job.class_names) if job.class_names else None},
+        "software": software_versions(),
+        "slides": {r.slide_id: {"path": r.path, "label": r.label, "group": r.group,
+                                "columns": dict(r.metadata)} for r in slides},
+    }
+
+
+def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
+    """A short stable digest of `run_fingerprint` (kept in the manifest's params)."""
+    import hashlib
+    import json
+
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any],
+                     prefix: str = "") -> list[str]:
+    """Human-readable differences between two fingerprints (empty when equal).
+
+    >>> fingerprint_diff({"mix": {"seed": 0}}, {"mix": {"seed": 1}})
+    ['mix.seed: 0 (interrupted run) != 1 (this run)']
+    """
+    out: list[str] = []
+    for key in sorted(set(old) | set(new), key=str):
+        name = f"{prefix}{key}"
+        if key not in old:
+            out.append(f"{name}: not in the interrupted run")
+        elif key not in new:
+            out.append(f"{name}: not in this run")
+        elif isinstance(old[key], Mapping) and isinstance(new[key], Mapping):
+            out.extend(fingerprint_diff(old[key], new[key], f"{name}."))
+        elif old[key] != new[key]:
+            out.append(f"{name}: {old[key]!r} (interrupted run) != {new[key]!r} (this run)")
+    return out
+
+
 def summary_table(manifest: Mapping[str, Any]) -> str:
     """A short human summary of a finished run (its `manifest.json` content)."""
     acc = manifest["accounting"]
@@ -98,15 +154,23 @@ def staging_dir(config: Any) -> str:
     return posixpath.join(config.out_dir, STAGING_DIR)
 
 
-def prepare_output(config: Any) -> None:
-    """Lock OUT, check it (`_output.prepare_output_dir`), then start a fresh staging folder.
+def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) -> bool:
+    """Lock OUT, check it (`_output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
-    staging folder is discarded (the lock guarantees no live run owns it).
+    staging folder is discarded (the lock guarantees no live run owns it). With
+    resume, the staging folder of an interrupted run is kept when its fingerprint
+    (`run_fingerprint`) equals this run's; the steps then reuse what it verified.
+
+    Returns:
+        True when an interrupted run is resumed, False for a fresh run.
 
     Raises:
         OutputExistsError: another live run holds the lock, an existing dataset or
-            unfinished run without overwrite, or files that are not ours.
+            unfinished run without overwrite/resume, a resume whose options, seed,
+            software or manifest differ (the message names them), or files that are
+            not ours.
+        RunFinished: resume of a run that already finished with the same fingerprint.
         PipelineError: OUT cannot be created or written.
     """
     import json
@@ -117,23 +181,76 @@ def prepare_output(config: Any) -> None:
     from ._output import (
         acquire_output_lock,
         ensure_output_dir,
+        existing_dataset,
         prepare_output_dir,
         release_output_lock,
     )
+    from .errors import OutputExistsError
 
+    digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
+    resume = bool(getattr(config, "resume", False))
     ensure_output_dir(config.out_dir)
     lock = acquire_output_lock(config.out_dir)
     try:
-        prepare_output_dir(config)  # now that no other run can change OUT
         staging = staging_dir(config)
-        if tf.io.gfile.exists(staging):
-            tf.io.gfile.rmtree(staging)
-        tf.io.gfile.makedirs(staging)
+        resumed = False
+        if resume and tf.io.gfile.exists(staging):
+            old = _read_run_file(config) or {}
+            diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
+            if "fingerprint" not in old or diff:
+                shown = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                raise OutputExistsError(
+                    f"Cannot resume the run in {config.out_dir!r}: it was started with "
+                    f"other settings ({shown or 'no fingerprint recorded'}). Rerun with "
+                    "the interrupted run's options and manifest, or pass --overwrite "
+                    "(instead of --resume) to discard it and start again.")
+            resumed = True
+        elif resume:
+            finished = existing_dataset(config.out_dir)
+            if finished is not None:
+                if finished.get("params", {}).get("run_fingerprint") == digest:
+                    raise RunFinished(config.out_dir, finished)
+                raise OutputExistsError(
+                    f"Cannot resume in {config.out_dir!r}: it holds a finished SoftMix "
+                    "dataset made with other options, seed, software or slides. Pass "
+                    "--overwrite to replace it, or choose another --out.")
+        prepare_output_dir(config)  # now that no other run can change OUT
+        if not resumed:
+            if tf.io.gfile.exists(staging):
+                tf.io.gfile.rmtree(staging)
+            tf.io.gfile.makedirs(staging)
         with tf.io.gfile.GFile(posixpath.join(staging, RUN_FILE), "w") as handle:
-            handle.write(json.dumps(lock) + "\n")
+            handle.write(json.dumps({**lock, "fingerprint": fingerprint,
+                                     "fingerprint_digest": digest}, default=str) + "\n")
+        return resumed
     except BaseException:
         release_output_lock(config.out_dir, run_id=lock["run_id"])
         raise
+
+
+class RunFinished(Exception):  # noqa: N818 - a signal, not an error
+    """`--resume` of a run that already finished: nothing to do."""
+
+    def __init__(self, out_dir: str, manifest: Mapping[str, Any]):
+        super().__init__(f"The run in {out_dir!r} already finished "
+                         f"({manifest.get('num_examples', '?')} examples); nothing to resume.")
+        self.manifest = dict(manifest)
+
+
+def _read_run_file(config: Any) -> dict[str, Any] | None:
+    import json
+    import posixpath
+
+    import tensorflow as tf
+
+    path = posixpath.join(staging_dir(config), RUN_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path, "r") as handle:
+            return json.load(handle)
+    except ValueError:
+        return None
 
 
 def write_staged_shard(config: Any, index: int, num_shards: int,

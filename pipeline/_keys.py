@@ -124,6 +124,7 @@ class SlidePlan:
     chunks_read: int = 0
     bytes_read: int = 0
     requests: int = 0
+    reused: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def skipped_dict(self) -> dict[str, int]:

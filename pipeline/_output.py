@@ -122,6 +122,8 @@ class Accounting:
             (the denominator of `read_amplification`).
         requests: every request sent to the slide stores (metadata, chunks, misses).
         pack_bytes: bytes of the tile packs (the compressed tiles staged for mixing).
+        resumed: step -> work units an interrupted run had finished and verified and
+            this run reused (``plans``, ``strips``, ``buckets``, ``shards``).
     """
 
     tiles_total: int = 0
@@ -138,6 +140,7 @@ class Accounting:
     bytes_needed: int = 0
     requests: int = 0
     pack_bytes: int = 0
+    resumed: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_plan(cls, plan: SlidePlan) -> Accounting:
@@ -150,7 +153,7 @@ class Accounting:
                    tiles_pending=len(plan.tiles), slides_failed=failed,
                    slides_failed_messages=messages,
                    chunks_read=plan.chunks_read, bytes_read=plan.bytes_read,
-                   requests=plan.requests)
+                   requests=plan.requests, resumed={"plans": int(plan.reused)})
 
     @classmethod
     def from_tile(
@@ -220,6 +223,7 @@ class Accounting:
                 bytes_needed=out.bytes_needed + other.bytes_needed,
                 requests=out.requests + other.requests,
                 pack_bytes=out.pack_bytes + other.pack_bytes,
+                resumed=_add_counts(out.resumed, other.resumed),
             )
         return out
 
@@ -269,6 +273,8 @@ class Accounting:
             "read_amplification": self.read_amplification,
             "store_requests": self.requests,
             "pack_bytes": self.pack_bytes,
+            "resumed": {key: self.resumed.get(key, 0)
+                        for key in ("plans", "strips", "buckets", "shards")},
         }
 
     @property
@@ -424,14 +430,15 @@ def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
             "empty or new directory for --out (--overwrite only replaces the files a "
             "SoftMix manifest lists)."
         )
-    if STAGING_DIR in names and not config.overwrite:
+    resume = getattr(config, "resume", False)
+    if STAGING_DIR in names and not (config.overwrite or resume):
         raise OutputExistsError(
             f"Output directory {out_dir!r} holds an unfinished SoftMix run (its staging "
             f"folder {posixpath.join(out_dir, STAGING_DIR)!r} is left from a run that "
-            "failed or was interrupted). Pass --overwrite to discard it and start again, "
-            "or choose another --out."
+            "failed or was interrupted). Pass --resume to continue it with the same "
+            "options, or --overwrite to discard it and start again, or choose another --out."
         )
-    if manifest is not None and not config.overwrite:
+    if manifest is not None and not config.overwrite and not (resume and STAGING_DIR in names):
         raise OutputExistsError(
             f"Output directory {out_dir!r} already holds a finished SoftMix dataset "
             f"({manifest.get('num_examples', '?')} examples). Pass --overwrite to replace "

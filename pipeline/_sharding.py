@@ -52,6 +52,7 @@ class ShardInfo:
     file: str
     num_examples: int
     num_bytes: int
+    reused: bool = dataclasses.field(default=False, compare=False)
 
 
 def shard_for(example_id: str, num_shards: int) -> int:

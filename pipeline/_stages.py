@@ -111,7 +111,7 @@ def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
                          skipped=tuple((r, n) for r, n in data["skipped"]),
                          num_channels=data["num_channels"], dtype=data["dtype"],
                          chunk_shape=tuple(data["chunk_shape"]), chunks_read=chunks_read,
-                         bytes_read=bytes_read, requests=requests)
+                         bytes_read=bytes_read, requests=requests, reused=True)
     except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
         return None
 
@@ -161,7 +161,7 @@ def strip_accounting(result: StripResult) -> Accounting:
     return Accounting(tiles_skipped=skipped, tiles_pending=-sum(skipped.values()),
                       chunks_read=result.chunks_read, bytes_read=result.bytes_read,
                       bytes_needed=result.bytes_needed, requests=result.requests,
-                      pack_bytes=result.pack_bytes)
+                      pack_bytes=result.pack_bytes, resumed={"strips": int(result.reused)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,7 +366,8 @@ def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResul
         return None
     return BucketResult(bucket[0], bucket[1], path,
                         Accounting(class_mass=tuple(sidecar["class_mass"]),
-                                   examples_written=sidecar["num_examples"]),
+                                   examples_written=sidecar["num_examples"],
+                                   resumed={"buckets": 1}),
                         reused=True)
 
 
@@ -403,7 +404,7 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
                                                                 sidecar["crc32"]):
             from ._sharding import ShardInfo
 
-            return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"])
+            return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"], reused=True)
     except (ValueError, KeyError, OSError, tf.errors.OpError):
         pass  # not there, or not verifiable: write it (again)
     info = merge_shards(path, parts, compression=config.compression)

@@ -357,7 +357,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         | "Finish" >> beam.Create([None])
         | "Publish" >> beam.Map(
             lambda _, infos, lay, acc: _job.publish_output(
-                job.output, infos, lay.num_shards, acc, class_names, params),
+                job.output, infos, lay.num_shards,
+                acc + _output.Accounting(resumed={"shards": sum(i.reused for i in infos)}),
+                class_names, params),
             beam.pvalue.AsList(shards),
             layout,
             beam.pvalue.AsSingleton(accounting),
@@ -400,9 +402,15 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
 
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
-    _job.prepare_output(job.output)
+    fingerprint = _job.run_fingerprint(job, manifest.slides)
+    try:
+        _job.prepare_output(job.output, fingerprint)
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
     params = _job.job_params(job, "beam", workers=workers,
-                             beam_options=[a for a in beam_args])
+                             beam_options=[a for a in beam_args],
+                             run_fingerprint=_job.fingerprint_digest(fingerprint))
     options = local_pipeline_options(workers, beam_args)
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with _job.progress_reporter(job.output, enabled=progress):

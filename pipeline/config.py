@@ -206,6 +206,8 @@ class OutputConfig:
         compression: None or "GZIP".
         overwrite: replace an existing dataset in `out_dir`.
         on_error: "skip" (count bad slides/tiles and go on) or "fail".
+        resume: continue an interrupted run in `out_dir` (same options, seed, software
+            and manifest), keeping its verified plans, packs and shards.
     """
 
     out_dir: str
@@ -215,8 +217,13 @@ class OutputConfig:
     compression: str | None = None
     overwrite: bool = False
     on_error: str = "skip"
+    resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.overwrite and self.resume:
+            raise ValueError(
+                "`overwrite` and `resume` exclude each other: resume continues the "
+                "interrupted run, overwrite discards it. Pass one of them.")
         if self.compression is not None:
             object.__setattr__(self, "compression", self.compression.upper())
             if self.compression in ("NONE", ""):

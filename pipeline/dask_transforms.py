@@ -92,22 +92,34 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
-    manifest = _prepare(job)
+    try:
+        manifest = _prepare(job)
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
     return _run_prepared(client, job, manifest, progress=progress,
                          examples_per_task=examples_per_task, extra_params=extra_params)
 
 
-def _prepare(job: JobConfig) -> Any:
-    """Check the manifest and the output directory before any cluster work."""
+def _prepare(job: JobConfig) -> tuple[Any, str]:
+    """Check the manifest and the output directory before any cluster work.
+
+    Returns:
+        `(slide manifest, run fingerprint digest)`.
+
+    Raises:
+        _job.RunFinished: `--resume` of a run that already finished.
+    """
     from ._manifest import load_slide_manifest
 
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
-    _job.prepare_output(job.output)
-    return manifest
+    fingerprint = _job.run_fingerprint(job, manifest.slides)
+    _job.prepare_output(job.output, fingerprint)
+    return manifest, _job.fingerprint_digest(fingerprint)
 
 
-def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
+def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str], *, progress: bool,
                   examples_per_task: int | None,
                   extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
     import dask
@@ -117,10 +129,12 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
     from ._packing import split_plan
     from ._pairing import PairingTable
 
+    manifest, digest = prepared
     class_names, slides = manifest.class_names, manifest.slides
     num_classes = len(class_names)
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    params = _job.job_params(job, "dask", workers=len(workers), **dict(extra_params or {}))
+    params = _job.job_params(job, "dask", workers=len(workers), **dict(extra_params or {}),
+                             run_fingerprint=digest)
     on_error = job.output.on_error
     staging = _job.staging_dir(job.output)
     run_id = uuid.uuid4().hex[:8]
@@ -192,7 +206,8 @@ def _run_prepared(client: Any, job: JobConfig, manifest: Any, *, progress: bool,
     finally:
         client.cancel(held)
     accounting = _output.Accounting.merge_all(
-        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets])
+        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets]
+        + [_output.Accounting(resumed={"shards": sum(i.reused for i in infos)})])
     return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
                                params)
 
@@ -230,7 +245,11 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
 
     extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
              "threads_per_worker": threads_per_worker}
-    manifest = _prepare(job)  # bad input fails before any cluster starts
+    try:
+        manifest = _prepare(job)  # bad input fails before any cluster starts
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
     options = {"progress": progress, "examples_per_task": examples_per_task,
                "extra_params": extra}
     if client is not None:

@@ -1,0 +1,188 @@
+"""--resume: real processes killed with SIGKILL, resumed, compared byte for byte."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pipeline import _job
+from pipeline._manifest import load_slide_manifest
+from pipeline.cli import main as cli_main
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.errors import OutputExistsError
+
+# Every completed bucket is followed by a pause in the killed run only (the hook below
+# is put on PYTHONPATH of that run), so the kill lands between buckets, mid-run.
+_HOOK = textwrap.dedent("""
+    import os, time
+    if os.environ.get("SOFTMIX_TEST_BUCKET_PAUSE"):
+        import pipeline._stages as stages
+        _mix = stages.mix_bucket
+        def mix_bucket(*args, **kwargs):
+            result = _mix(*args, **kwargs)
+            time.sleep(float(os.environ["SOFTMIX_TEST_BUCKET_PAUSE"]))
+            return result
+        stages.mix_bucket = mix_bucket
+    if os.environ.get("SOFTMIX_TEST_SNAPSHOT"):
+        import json, pathlib
+        import pipeline._job as job
+        _publish = job.publish_output
+        def publish_output(config, *args, **kwargs):
+            staging = pathlib.Path(job.staging_dir(config))
+            stats = {str(p): [p.stat().st_ino, p.stat().st_mtime_ns]
+                     for p in staging.rglob("*") if p.is_file()}
+            pathlib.Path(os.environ["SOFTMIX_TEST_SNAPSHOT"]).write_text(json.dumps(stats))
+            return _publish(config, *args, **kwargs)
+        job.publish_output = publish_output
+""")
+
+
+def _argv(engine: str, manifest: pathlib.Path, out: pathlib.Path, *extra: str) -> list[str]:
+    return [engine, "--manifest", str(manifest), "--out", str(out), "--tile-size", "128",
+            "--num-shards", "4", "--num-mixes", "3", "--seed", "11", "--no-progress",
+            *extra]
+
+
+def _files(out: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tfrecord"))}
+
+
+def _stat(paths) -> dict[str, tuple[int, int]]:
+    return {str(p): (p.stat().st_ino, p.stat().st_mtime_ns) for p in paths}
+
+
+def _run(argv: list[str], tmp: pathlib.Path, **env: str) -> subprocess.Popen:
+    hook = tmp / "hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(_HOOK)
+    env = dict(os.environ, **env,
+               PYTHONPATH=os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]))
+    return subprocess.Popen([sys.executable, "-m", "pipeline", *argv], env=env,
+                            start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _kill_mid_run(argv: list[str], staging: pathlib.Path, tmp: pathlib.Path) -> None:
+    proc = _run(argv, tmp, SOFTMIX_TEST_BUCKET_PAUSE="3")
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list((staging / "buckets").glob("*.tfrecord.json")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, like a lost VM
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["beam", "dask"])
+def test_sigkill_then_resume_is_byte_identical(engine, synthetic_dataset, tmp_path):
+    manifest = synthetic_dataset.manifest_path
+    reference = tmp_path / "reference"
+    assert cli_main(_argv(engine, manifest, reference, "--workers", "1")) == 0
+    out = tmp_path / "out"
+    staging = out / _job.STAGING_DIR
+    argv = _argv(engine, manifest, out, "--workers", "2")
+    _kill_mid_run(argv, staging, tmp_path)
+    assert not (out / "manifest.json").exists()
+    done = sorted((staging / "buckets").glob("*.tfrecord.json"))
+    assert 1 <= len(done) < 4
+    assert cli_main(argv) == 1  # without a flag the leftovers are refused
+    kept = [d.with_suffix("") for d in done] + sorted((staging / "packs").glob("*"))
+    if engine == "beam":  # damage in staging is redone, not kept
+        truncated = done[0].with_suffix("")
+        truncated.write_bytes(truncated.read_bytes()[:-10])
+        pack_index = sorted((staging / "packs").glob("*.json"))[0]
+        pack_index.unlink()
+        kept = [p for p in kept if p not in (truncated, pack_index,
+                                             pack_index.with_suffix(".bin"))]
+    before = _stat(kept)
+    snapshot = tmp_path / "snapshot.json"
+    resumed_run = _run([*argv, "--resume"], tmp_path, SOFTMIX_TEST_SNAPSHOT=str(snapshot))
+    assert resumed_run.wait(timeout=300) == 0, resumed_run.stderr.read().decode()[-2000:]
+    assert _files(out) == _files(reference)
+    # Reused work was not rewritten: same inode and mtime just before publishing.
+    at_publish = {path: tuple(value) for path, value in json.loads(snapshot.read_text()).items()}
+    assert {path: at_publish.get(path) for path in before} == before
+    resumed = json.loads((out / "manifest.json").read_text())["accounting"]["resumed"]
+    assert resumed["plans"] == 4 and resumed["buckets"] >= len(done) - (engine == "beam")
+    assert resumed["strips"] >= 1
+    # A finished run: --resume says so and rewrites nothing.
+    before = _stat(out.glob("*"))
+    assert cli_main([*argv, "--resume"]) == 0
+    assert _stat(out.glob("*")) == before
+
+
+def _interrupted_run(manifest: pathlib.Path, out: pathlib.Path, seed: int = 11) -> None:
+    """Leave `out` as an interrupted run does: staging with its fingerprint, no lock."""
+    job = JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=128),
+                    mix=MixConfig(num_mixes=3, seed=seed),
+                    output=OutputConfig(out_dir=str(out), num_shards=4))
+    slides = load_slide_manifest(str(manifest)).slides
+    _job.prepare_output(job.output, _job.run_fingerprint(job, slides))
+    from pipeline._output import release_output_lock
+
+    release_output_lock(str(out))
+
+
+def test_resume_refuses_other_options_or_manifest(synthetic_dataset_factory, tmp_path, capsys):
+    data = synthetic_dataset_factory()
+    out = tmp_path / "out"
+    _interrupted_run(data.manifest_path, out)
+    assert cli_main(_argv("beam", data.manifest_path, out, "--seed", "12", "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "Cannot resume" in err and "mix.seed: 11 (interrupted run) != 12 (this run)" in err
+    rows = data.manifest_path.read_text().splitlines()
+    rows[2] = rows[2].replace(",he,", ",ihc,") if ",he," in rows[2] else rows[2].replace(
+        ",ihc,", ",he,")
+    data.manifest_path.write_text("\n".join(rows) + "\n")
+    assert cli_main(_argv("beam", data.manifest_path, out, "--resume")) == 1
+    err = capsys.readouterr().err
+    assert "slides." in err and ".label:" in err
+    # Neither flag: the message names both.
+    assert cli_main(_argv("beam", data.manifest_path, out)) == 1
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err
+
+
+def test_resume_with_nothing_to_resume_runs_fresh(synthetic_dataset, tmp_path):
+    out = tmp_path / "fresh"
+    assert cli_main(_argv("beam", synthetic_dataset.manifest_path, out, "--resume")) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["num_examples"] == 3 * synthetic_dataset.total_tiles
+    assert manifest["accounting"]["resumed"] == {"plans": 0, "strips": 0, "buckets": 0,
+                                                 "shards": 0}
+
+
+def test_prepare_output_keeps_matching_staging_only(synthetic_dataset, tmp_path):
+    out = tmp_path / "out"
+    _interrupted_run(synthetic_dataset.manifest_path, out)
+    marker = out / _job.STAGING_DIR / "plans" / "x.json"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("{}")
+    job = JobConfig(manifest=str(synthetic_dataset.manifest_path),
+                    tile=TileConfig(tile_size=128), mix=MixConfig(num_mixes=3, seed=11),
+                    output=OutputConfig(out_dir=str(out), num_shards=4, resume=True))
+    slides = load_slide_manifest(str(synthetic_dataset.manifest_path)).slides
+    assert _job.prepare_output(job.output, _job.run_fingerprint(job, slides)) is True
+    assert marker.exists()
+    from pipeline._output import release_output_lock
+
+    release_output_lock(str(out))
+    other = JobConfig(manifest=job.manifest, tile=TileConfig(tile_size=64), mix=job.mix,
+                      output=job.output)
+    with pytest.raises(OutputExistsError, match="tile.tile_size: 128"):
+        _job.prepare_output(other.output, _job.run_fingerprint(other, slides))
+    with pytest.raises(ValueError, match="exclude each other"):
+        OutputConfig(out_dir=str(out), overwrite=True, resume=True)
