@@ -63,6 +63,11 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                     help="replace the SoftMix dataset in --out (only the files its "
                     "manifest.json lists, once the new run has succeeded) and discard an "
                     "unfinished run's staging folder")
+    io.add_argument("--resume", action="store_true",
+                    help="continue an interrupted run in --out: rerun the same command with "
+                    "--resume; finished, verified plans, packs and shards are kept, the rest "
+                    "is redone, and the output is byte-identical to an uninterrupted run "
+                    "(refused when options, seed, software or manifest differ)")
     io.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                     help="bad slides/tiles: count them under a skip reason and go on "
                     "and report them in the summary and manifest, or fail the run with exit "
@@ -156,6 +161,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             compression=None if args.compression == "none" else args.compression,
             overwrite=args.overwrite,
             on_error=args.on_error,
+            resume=args.resume,
         ),
         class_names=class_names,
         read_cache_mb=args.read_cache_mb,
@@ -492,7 +498,8 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
                               progress=not args.no_progress)
     except KeyboardInterrupt:
         staging = os.path.join(job.output.out_dir, STAGING_DIR)
-        print(f"softmix: interrupted; staging kept in {staging}", file=sys.stderr)
+        print(f"softmix: interrupted; staging kept in {staging} (rerun the same command "
+              "with --resume to continue)", file=sys.stderr)
         return 130
     except PipelineError as err:
         _print_failed_summary(job)
