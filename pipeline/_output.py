@@ -277,6 +277,12 @@ class Accounting:
                         for key in ("plans", "strips", "buckets", "shards")},
         }
 
+    def with_resumed(self, reused: Mapping[str, int], *, resumed_run: bool) -> Accounting:
+        """Add `reused` counts; a fresh run reports none (a retried task that found its
+        own finished output is not a resumed run)."""
+        counts = _add_counts(self.resumed, reused) if resumed_run else {}
+        return dataclasses.replace(self, resumed=counts)
+
     @property
     def read_amplification(self) -> float | None:
         """`bytes_read` / compressed bytes of the distinct chunks holding a kept tile."""

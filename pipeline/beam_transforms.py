@@ -287,7 +287,7 @@ def _make_table(layout, mix: MixConfig, num_classes: int):
 
 def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[SlideRecord],
                    class_names: Sequence[str], params: dict[str, Any], *,
-                   examples_per_task: int | None = None):
+                   examples_per_task: int | None = None, resumed: bool = False):
     """Add the whole job to `pipeline`; the last step writes `manifest.json`.
 
     Args:
@@ -297,6 +297,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         class_names: the run's classes.
         params: the `params` entry of `manifest.json`.
         examples_per_task: examples per mix bucket (default 128).
+        resumed: this run continues an interrupted one (`_job.prepare_output`).
 
     Returns:
         A PCollection holding the manifest dict once written.
@@ -358,7 +359,8 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         | "Publish" >> beam.Map(
             lambda _, infos, lay, acc: _job.publish_output(
                 job.output, infos, lay.num_shards,
-                acc + _output.Accounting(resumed={"shards": sum(i.reused for i in infos)}),
+                acc.with_resumed({"shards": sum(i.reused for i in infos)},
+                                 resumed_run=resumed),
                 class_names, params),
             beam.pvalue.AsList(shards),
             layout,
@@ -404,7 +406,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
                                    group_column=job.mix.group_column)
     fingerprint = _job.run_fingerprint(job, manifest.slides)
     try:
-        _job.prepare_output(job.output, fingerprint)
+        resumed = _job.prepare_output(job.output, fingerprint)
     except _job.RunFinished as done:
         print(done, flush=True)
         return done.manifest
@@ -416,7 +418,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
     with _job.progress_reporter(job.output, enabled=progress):
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params,
-                       examples_per_task=examples_per_task)
+                       examples_per_task=examples_per_task, resumed=resumed)
         try:
             pipeline.run().wait_until_finish()
         except Exception as err:

@@ -101,11 +101,11 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
                          examples_per_task=examples_per_task, extra_params=extra_params)
 
 
-def _prepare(job: JobConfig) -> tuple[Any, str]:
+def _prepare(job: JobConfig) -> tuple[Any, str, bool]:
     """Check the manifest and the output directory before any cluster work.
 
     Returns:
-        `(slide manifest, run fingerprint digest)`.
+        `(slide manifest, run fingerprint digest, whether an interrupted run resumes)`.
 
     Raises:
         _job.RunFinished: `--resume` of a run that already finished.
@@ -115,11 +115,12 @@ def _prepare(job: JobConfig) -> tuple[Any, str]:
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
     fingerprint = _job.run_fingerprint(job, manifest.slides)
-    _job.prepare_output(job.output, fingerprint)
-    return manifest, _job.fingerprint_digest(fingerprint)
+    resumed = _job.prepare_output(job.output, fingerprint)
+    return manifest, _job.fingerprint_digest(fingerprint), resumed
 
 
-def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str], *, progress: bool,
+def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], *,
+                  progress: bool,
                   examples_per_task: int | None,
                   extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
     import dask
@@ -129,7 +130,7 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str], *, pro
     from ._packing import split_plan
     from ._pairing import PairingTable
 
-    manifest, digest = prepared
+    manifest, digest, resumed = prepared
     class_names, slides = manifest.class_names, manifest.slides
     num_classes = len(class_names)
     workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -207,7 +208,7 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str], *, pro
         client.cancel(held)
     accounting = _output.Accounting.merge_all(
         list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets]
-        + [_output.Accounting(resumed={"shards": sum(i.reused for i in infos)})])
+    ).with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed)
     return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
                                params)
 
