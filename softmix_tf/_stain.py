@@ -12,6 +12,8 @@ tests compare against): Macenko optical density `OD = -log((I + 1) / io)` with I
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import tensorflow as tf
 
@@ -115,7 +117,10 @@ def _locate(cdf: tf.Tensor, rank: tf.Tensor) -> tf.Tensor:
 
 
 def masked_percentiles(
-    values: tf.Tensor, mask: tf.Tensor, percents: tuple[float, ...]
+    values: tf.Tensor,
+    mask: tf.Tensor,
+    percents: tuple[float, ...],
+    to_values: Callable[[tf.Tensor], tf.Tensor] | None = None,
 ) -> tf.Tensor:
     """Percentiles of each row's masked values, as `np.percentile(..., method="linear")`.
 
@@ -130,6 +135,9 @@ def masked_percentiles(
         values: float32 [G, N].
         mask: bool [G, N], the values that count.
         percents: Q percentiles in [0, 100], static.
+        to_values: an increasing map applied to the two order statistics around each
+            percentile before interpolating between them: the percentiles of
+            `to_values(values)` from cheaper stand-in `values`.
 
     Returns:
         float32 [G, Q]; 0 for rows without masked values.
@@ -189,8 +197,29 @@ def masked_percentiles(
     x0 = order_statistic(k0)
     x1 = order_statistic(tf.minimum(k0 + 1, last))
     x1 = tf.where(tf.math.is_finite(x1), x1, x0)
+    if to_values is not None:
+        x0, x1 = to_values(x0), to_values(x1)
     out = x0 + (rank - tf.cast(k0, tf.float32)) * (x1 - x0)
     return tf.where((count > 0)[:, None] & (n2 > 0), out, 0.0)
+
+
+def _sum64(values: tf.Tensor) -> tf.Tensor:
+    """Sum over axis 1, accumulated in float64, returned as float32."""
+    return tf.cast(tf.reduce_sum(tf.cast(values, tf.float64), axis=1), tf.float32)
+
+
+def _dot3(pixels: tf.Tensor, vectors: tf.Tensor) -> tf.Tensor:
+    """[G, N, 3] . [G, 3] -> [G, N], as multiply-adds XLA fuses (not a dot op)."""
+    return sum(pixels[..., i] * vectors[:, i : i + 1] for i in range(3))
+
+
+def _order_to_angle(order: tf.Tensor) -> tf.Tensor:
+    """Inverse of the angle stand-in in `macenko_fit_groups`: order -> phi in [-pi, pi]."""
+    return tf.where(
+        order >= 0.0,
+        tf.acos(tf.clip_by_value(1.0 - order, -1.0, 1.0)),
+        -tf.acos(tf.clip_by_value(1.0 + order, -1.0, 1.0)),
+    )
 
 
 def _od(pixels: tf.Tensor, io: float) -> tf.Tensor:
@@ -226,22 +255,30 @@ def macenko_fit_groups(
     tissue = mask & tf.reduce_all(od >= beta, axis=-1)
     count = tf.reduce_sum(tf.cast(tissue, tf.float32), axis=1)  # [G]
     weight = tf.cast(tissue, tf.float32)[..., None]
-    mean = tf.reduce_sum(od * weight, axis=1) / tf.maximum(count, 1.0)[:, None]  # [G, 3]
+    # Sums in float64: slide-level fits add up millions of pixels.
+    mean = _sum64(od * weight) / tf.maximum(count, 1.0)[:, None]  # [G, 3]
     centred = (od - mean[:, None, :]) * weight
-    cov = (
-        tf.linalg.matmul(centred, centred, transpose_a=True)
-        / tf.maximum(count - 1.0, 1.0)[:, None, None]
-    )
+    # The 6 distinct covariance entries as one fused reduction (a [N, 3]^T [N, 3] matmul
+    # is several times slower under XLA on CPU).
+    pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
+    products = tf.stack([centred[..., i] * centred[..., j] for i, j in pairs], axis=-1)
+    sums = _sum64(products) / tf.maximum(count - 1.0, 1.0)[:, None]  # [G, 6]
+    cov = tf.reshape(tf.gather(sums, [0, 1, 2, 1, 3, 4, 2, 4, 5], axis=1), [-1, 3, 3])
     _, vectors = tf.linalg.eigh(cov)  # ascending eigenvalues; columns are eigenvectors
     # Eigenvector signs are arbitrary (and differ between LAPACK and XLA); fix them so
     # the angles below are the same everywhere. The stain vectors do not depend on it.
     e_mid, e_max = vectors[..., 1], vectors[..., 2]  # [G, 3]
     e_max *= tf.where(tf.reduce_sum(e_max, -1, keepdims=True) < 0, -1.0, 1.0)
     e_mid *= tf.where(e_mid[:, :1] < 0, -1.0, 1.0)
-    phi = tf.math.atan2(
-        tf.einsum("gnc,gc->gn", od, e_max), tf.einsum("gnc,gc->gn", od, e_mid)
-    )  # [G, N]
-    angles = masked_percentiles(phi, tissue, (alpha, 100.0 - alpha))  # [G, 2]
+    # The angle phi = atan2(od . e_max, od . e_mid) of each pixel in the plane, ordered by
+    # a monotone stand-in: XLA's CPU atan2 is a slow scalar call, and only the two
+    # order statistics at each percentile need the exact angle.
+    t_max, t_mid = _dot3(od, e_max), _dot3(od, e_mid)  # [G, N]
+    cos_phi = t_mid / tf.maximum(tf.sqrt(t_mid * t_mid + t_max * t_max), 1e-30)
+    order = tf.where(t_max >= 0.0, 1.0 - cos_phi, cos_phi - 1.0)  # increasing in phi
+    angles = masked_percentiles(
+        order, tissue, (alpha, 100.0 - alpha), to_values=_order_to_angle
+    )  # [G, 2]
     cos, sin = tf.cos(angles), tf.sin(angles)
     v_min = e_mid * cos[:, :1] + e_max * sin[:, :1]  # [G, 3]
     v_max = e_mid * cos[:, 1:] + e_max * sin[:, 1:]
@@ -251,7 +288,7 @@ def macenko_fit_groups(
         h_first, tf.stack([v_min, v_max], axis=-1), tf.stack([v_max, v_min], axis=-1)
     )  # [G, 3, 2]
     pinv, det = _pinv_columns(stains)
-    conc = tf.einsum("gsc,gnc->gsn", pinv, od)  # [G, 2, N]
+    conc = tf.stack([_dot3(od, pinv[:, 0]), _dot3(od, pinv[:, 1])], axis=1)  # [G, 2, N]
     max_c = masked_percentiles(
         tf.reshape(conc, [-1, tf.shape(conc)[2]]),
         tf.repeat(tissue, 2, axis=0),
