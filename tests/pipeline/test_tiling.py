@@ -371,3 +371,23 @@ def test_plan_slide_plain_array_with_cache_axes(tmp_path):
     assert sorted((t.key.y, t.key.x) for t in plan.tiles) == [
         (y, x) for y in (0, 64, 128, 192) for x in (0, 64)
     ]
+
+
+def test_absurd_claimed_shape_is_bad_metadata_not_an_allocation(tmp_path):
+    """A 56 KB slide claiming 10^7 x 10^7 px fails alone, in bounded memory."""
+    import resource
+
+    import zarr
+
+    from pipeline._keys import SlideRecord
+
+    path = tmp_path / "huge.zarr"
+    zarr.create_array(store=str(path), shape=(3, 10**7, 10**7), chunks=(3, 1024, 1024),
+                      dtype="uint8", dimension_names=["c", "y", "x"])
+    record = SlideRecord("huge", str(path), "he", 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    plan = plan_slide(record, TileConfig(tile_size=256, min_tissue=0.0))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert plan.failure == "bad_metadata"
+    assert "10000000x10000000" in plan.message and "metadata" in plan.message
+    assert grown_mib < 200
