@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ._accounting import Accounting
 from ._keys import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
 from ._output import Accounting
 from ._packing import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
@@ -263,7 +264,7 @@ def pair_strip(result: StripResult, layout: RunLayout, table: Any
         `([(bucket, PairSpec)], Accounting)`: the accounting resolves each usable tile
         of the strip as used, or skipped with reason ``no_partner``.
     """
-    from ._output import NO_PARTNER
+    from ._accounting import NO_PARTNER
 
     if not result.tiles:
         return [], Accounting()

@@ -66,8 +66,8 @@ from typing import Any
 import numpy as np
 
 from . import _stages
+from ._accounting import NO_PARTNER, PARTNER_FAILED, Accounting
 from ._keys import PairSpec, SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
-from ._output import NO_PARTNER, PARTNER_FAILED, Accounting
 from ._packing import PackReader, StripResult, StripTask, _write_text_atomic, split_plan
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
 from .errors import PipelineError, SlideError, TileReadError
