@@ -36,8 +36,10 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
     return params  # `_output.finalize_output` adds the software versions
 
 
-def run_fingerprint(job: JobConfig, slides: Sequence[Any]) -> dict[str, Any]:
-    """What makes a run's output what it is: options, seed, software, manifest content.
+def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
+                    stain: Any = None) -> dict[str, Any]:
+    """What makes a run's output what it is: options, seed, software, manifest content
+    (and, with `stain` from a fit JSON file, the target fit it holds).
 
     A resumed run must match the interrupted one on all of it (`fingerprint_diff`).
     Options that never change a byte of the output (workers, caches, batch size,
@@ -53,9 +55,12 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any]) -> dict[str, Any]:
     output = dataclasses.asdict(job.output)
     for key in ("out_dir", "overwrite", "resume"):
         output.pop(key)
+    options = {"tile": dataclasses.asdict(job.tile), "mix": mix, "output": output,
+               "class_names": list(job.class_names) if job.class_names else None}
+    if stain is not None and stain.kind == "path":
+        options["stain_target_fit"] = stain.target
     return {
-        "options": {"tile": dataclasses.asdict(job.tile), "mix": mix, "output": output,
-                    "class_names": list(job.class_names) if job.class_names else None},
+        "options": options,
         "software": software_versions(),
         "slides": {r.slide_id: {"path": r.path, "label": r.label, "group": r.group,
                                 "columns": dict(r.metadata)} for r in slides},
@@ -282,10 +287,11 @@ def _run_id(config: Any) -> str | None:
 
 
 def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
-                   class_names: Sequence[str], params: Mapping[str, Any]) -> dict[str, Any]:
+                   class_names: Sequence[str], params: Mapping[str, Any], *,
+                   stain: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write empty shards for indices no record went to, then publish by swap
     (`_output.finalize_output`), remove the staging folder and release the lock.
-    Returns the manifest.
+    Returns the manifest (with `stain`, the manifest's ``"stain"`` entry).
 
     Raises:
         PipelineError: the run wrote no example (nothing moves; staging is kept), or
@@ -321,7 +327,7 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
     staging = staging_dir(config)
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
     manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
-                               class_names, params, staged_dir=staging)
+                               class_names, params, staged_dir=staging, stain=stain)
     tf.io.gfile.rmtree(staging)
     release_output_lock(config.out_dir, run_id=run_id)
     return manifest

@@ -111,6 +111,9 @@ class SlidePlan:
         chunk_shape: (height, width) of the tiled level's chunks.
         chunks_read, bytes_read, requests: what planning fetched from the slide's
             store (metadata and the tissue level), for the run's read accounting.
+        stain_fit: with stain normalisation, the JSON of the slide's stain fit
+            (`fit.to_dict()` of `softmix_tf.stain`, fitted on its tissue at the tissue
+            level), else None.
     """
 
     slide_id: str
@@ -125,6 +128,7 @@ class SlidePlan:
     bytes_read: int = 0
     requests: int = 0
     reused: bool = dataclasses.field(default=False, compare=False)
+    stain_fit: str | None = dataclasses.field(default=None, compare=False)
 
     @property
     def skipped_dict(self) -> dict[str, int]:

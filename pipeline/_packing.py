@@ -77,6 +77,8 @@ class StripTask:
         chunk_shape: (height, width) of the level's chunks.
         owned_blocks: chunk blocks ``(row, col)`` this strip counts as needed for
             `read_amplification` (each block needed by the run is owned by one strip).
+        stain_fit: the slide's stain fit (JSON, `SlidePlan.stain_fit`) when the run
+            normalises stains (`_stain.strip_transform`), else None.
     """
 
     record: SlideRecord
@@ -85,6 +87,7 @@ class StripTask:
     tile_size: int
     chunk_shape: tuple[int, int]
     owned_blocks: tuple[tuple[int, int], ...]
+    stain_fit: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,7 +149,7 @@ def split_plan(record: SlideRecord, plan: SlidePlan, tile_size: int) -> list[Str
         owned[strip].append(block)
     return [
         StripTask(record, strip, tuple(sorted(by_strip[strip])), tile_size, chunk_shape,
-                  tuple(sorted(owned[strip])))
+                  tuple(sorted(owned[strip])), stain_fit=plan.stain_fit)
         for strip in sorted(by_strip)
     ]
 

@@ -30,12 +30,50 @@ def _to_rgb8(image: np.ndarray) -> np.ndarray:
     return np.repeat(image[..., :1], 3, axis=-1)
 
 
+def _stain_row(manifest: dict[str, Any], records: list[dict[str, Any]]
+               ) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(raw `a` tile read from its slide, its normalised version, caption) per record."""
+    import json
+
+    from ._keys import TileKey
+    from ._manifest import load_slide_manifest
+    from ._slides import open_slide, read_tile
+    from ._stain import TileTransform
+    from .errors import PipelineError
+
+    stain = manifest.get("stain")
+    if not stain:
+        raise PipelineError(
+            "--stain: this run did not normalise stains (no 'stain' in its manifest.json). "
+            "Preview it without --stain, or rerun the job with --stain-norm macenko|reinhard.")
+    params = manifest["params"]
+    slides = {r.slide_id: r for r in load_slide_manifest(
+        params["manifest"], class_names=manifest["class_names"]).slides}
+    size = int(params["tile"]["tile_size"])
+    out = []
+    for record in records:
+        sid = record["a/slide_id"]
+        sid = sid.decode() if isinstance(sid, bytes) else sid
+        if sid not in slides or sid not in stain["fits"]:
+            continue
+        row = slides[sid]
+        slide = open_slide(row.path, slide_id=sid, axes=row.metadata_dict.get("axes") or None)
+        raw = read_tile(slide, TileKey(sid, int(record["a/level"]), int(record["a/x"]),
+                                       int(record["a/y"])), size)
+        transform = TileTransform(stain["method"], json.dumps(stain["fits"][sid]),
+                                  json.dumps(stain["target"]))
+        out.append((raw, transform(raw), f"{sid}: raw | {stain['method']}"))
+    return out
+
+
 def write_preview(out_dir: str, *, output: str | None = None, num_examples: int = 16,
-                  tile_px: int = 160) -> str:
+                  tile_px: int = 160, stain: bool = False) -> str:
     """Write a contact sheet of the first `num_examples` records of a finished run.
 
     Each cell shows the mixed tile, its mask (white = from source b) and a caption with
-    `lam`, the soft label and both sources.
+    `lam`, the soft label and both sources. With `stain` (a run with ``--stain-norm``),
+    a last row shows, for the first examples, the raw source tile `a` read from its
+    slide next to its stain-normalised version (what the job mixed).
 
     Args:
         out_dir: output directory of a finished run (holds `manifest.json`).
@@ -79,6 +117,8 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
 
     cols = min(4, len(records))
     rows = (len(records) + cols - 1) // cols
+    stained = _stain_row(manifest, records[:cols]) if stain else []
+    rows += 1 if stained else 0
     cell_w, cell_h = 2 * tile_px + 8, tile_px + _CAPTION + 8
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -104,6 +144,12 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
         b = b.decode() if isinstance(b, bytes) else b
         draw.text((x0, y0 + tile_px + 2), f"lam {record['lam']:.3f} | {label}", fill="black")
         draw.text((x0, y0 + tile_px + 16), f"a {a} | b {b}", fill="black")
+    for i, (raw, normalised, caption) in enumerate(stained):
+        x0, y0 = i * cell_w, (rows - 1) * cell_h
+        for j, part in enumerate((_to_rgb8(raw), _to_rgb8(normalised))):
+            tile = Image.fromarray(part).resize((tile_px, tile_px), Image.NEAREST)
+            sheet.paste(tile, (x0 + j * (tile_px + 4), y0))
+        draw.text((x0, y0 + tile_px + 2), caption, fill="black")
     path = output or os.path.join(out_dir, "preview.png")
     sheet.save(path)
     return path

@@ -33,7 +33,6 @@ import numpy as np
 
 from ._accounting import Accounting
 from ._keys import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
-from ._output import Accounting
 from ._packing import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
 
@@ -89,6 +88,7 @@ def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
         "dtype": plan.dtype,
         "chunk_shape": list(plan.chunk_shape),
         "reads": [plan.chunks_read, plan.bytes_read, plan.requests],
+        "stain_fit": plan.stain_fit,
     }
 
 
@@ -112,7 +112,8 @@ def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
                          skipped=tuple((r, n) for r, n in data["skipped"]),
                          num_channels=data["num_channels"], dtype=data["dtype"],
                          chunk_shape=tuple(data["chunk_shape"]), chunks_read=chunks_read,
-                         bytes_read=bytes_read, requests=requests, reused=True)
+                         bytes_read=bytes_read, requests=requests, reused=True,
+                         stain_fit=data.get("stain_fit"))
     except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
         return None
 

@@ -166,7 +166,7 @@ def _plan_to_json(plan: SlidePlan) -> str:
               list(t.soft_label) if t.soft_label is not None else None] for t in plan.tiles]
     return json.dumps({"slide_id": plan.slide_id, "tiles": tiles, "skipped": plan.skipped,
                        "num_channels": plan.num_channels, "dtype": plan.dtype,
-                       "chunk_shape": plan.chunk_shape})
+                       "chunk_shape": plan.chunk_shape, "stain_fit": plan.stain_fit})
 
 
 def _plan_from_json(text: str) -> SlidePlan:
@@ -177,7 +177,7 @@ def _plan_from_json(text: str) -> SlidePlan:
                   for level, x, y, label, group, soft in data["tiles"])
     return SlidePlan(sid, tiles=tiles, skipped=tuple((r, n) for r, n in data["skipped"]),
                      num_channels=data["num_channels"], dtype=data["dtype"],
-                     chunk_shape=tuple(data["chunk_shape"]))
+                     chunk_shape=tuple(data["chunk_shape"]), stain_fit=data.get("stain_fit"))
 
 
 def _plan_slide(record: SlideRecord, tile: TileConfig, on_error: str,
@@ -210,8 +210,8 @@ class _Packer:
     """Packs strips once (claimed by whoever needs them first), in background threads."""
 
     def __init__(self, tasks: dict[_StripId, StripTask], staging: str, read_cache_mb: float,
-                 on_error: str, stats: StreamStats):
-        self._tasks, self._staging = tasks, staging
+                 on_error: str, stats: StreamStats, stain: Any = None):
+        self._tasks, self._staging, self._stain = tasks, staging, stain
         self._read_cache_mb, self._on_error, self._stats = read_cache_mb, on_error, stats
         self._claims: dict[_StripId, cf.Future] = {}
         self._lock = threading.Lock()
@@ -230,8 +230,12 @@ class _Packer:
 
         try:
             with _PACK_LOCKS[pack_path(self._staging, *sid)]:
-                result = _stages.pack_task(self._tasks[sid], self._staging,
-                                           self._read_cache_mb, self._on_error)
+                from ._stain import strip_transform
+
+                task = self._tasks[sid]
+                result = _stages.pack_task(task, self._staging, self._read_cache_mb,
+                                           self._on_error,
+                                           transform=strip_transform(task, self._stain))
         except BaseException as err:  # handed to every consumer of the strip
             future.set_exception(err)
             return
@@ -326,7 +330,7 @@ class _Stream:
 
     def __init__(self, job: JobConfig, records: Sequence[SlideRecord],
                  class_names: Sequence[str], staging: str, *, pipeline: tuple[int, int],
-                 plan_threads: int, stats: StreamStats):
+                 plan_threads: int, stats: StreamStats, stain: Any = None):
         self.job, self.records, self.class_names = job, list(records), tuple(class_names)
         self.staging, self.stats = staging, stats
         self.pipeline_id, self.num_pipelines = pipeline
@@ -360,7 +364,10 @@ class _Stream:
                 f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
                 "`min_tissue`.")
         self.strips = sorted(self.tasks)
-        self.packer = _Packer(self.tasks, staging, job.read_cache_mb, on_error, stats)
+        # The stain target of a slide target is that slide's fit (as in the offline job).
+        self.stain = stain.with_slide_fit(plans) if stain is not None else None
+        self.packer = _Packer(self.tasks, staging, job.read_cache_mb, on_error, stats,
+                              self.stain)
         self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
         self._epoch_lock = threading.Lock()
@@ -433,6 +440,10 @@ class _Stream:
         task = self.tasks[sid]
         try:
             pixels = read_tile(self._slide(task.record), key, self.job.tile.tile_size)
+            if self.stain is not None:  # as `pack_task` does: the same pixels as the pack
+                from ._stain import strip_transform
+
+                pixels = strip_transform(task, self.stain)(pixels)
             self.stats.add(direct_reads=1)
             return pixels
         except (TileReadError, SlideError):
@@ -594,6 +605,8 @@ def stream_dataset(
     tissue_level: int | None = None,
     tissue_mode: str = "auto",
     label_image: str | None = None,
+    stain_norm: str = "none",
+    stain_target: str = "builtin",
     grid: int | str | tuple[int, int] = 4,
     softness: float = 0.5,
     alpha: float = 1.0,
@@ -627,7 +640,9 @@ def stream_dataset(
     Args:
         manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
         tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
-            label_image: tiling (`TileConfig`).
+            label_image, stain_norm, stain_target: tiling and stain normalisation
+            (`TileConfig`; `pipeline._stain`): tiles are normalised before mixing
+            exactly as the offline job does.
         grid, softness, alpha, ramp, mix_prob, pairing, group_column, num_mixes,
             keep_originals, seed, batch_size: pairing and mixing (`MixConfig`;
             `batch_size` never changes a pixel).
@@ -671,7 +686,8 @@ def stream_dataset(
 
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
-                      tissue_mode=tissue_mode, label_image=label_image)
+                      tissue_mode=tissue_mode, label_image=label_image,
+                      stain_norm=stain_norm, stain_target=stain_target)
     mix_config = MixConfig(grid=grid, alpha=alpha, softness=softness, ramp=ramp,
                            mix_prob=mix_prob, pairing=pairing, group_column=group_column,
                            num_mixes=num_mixes, keep_originals=keep_originals, seed=seed,
@@ -688,21 +704,28 @@ def stream_dataset(
     if reads < 1 or packers < 0:
         raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
                          f"Received: num_parallel_reads={reads}, pack_threads={packers}")
+    from ._stain import resolve_stain
+
+    slides = load_slide_manifest(os.fspath(manifest),
+                                 class_names=tuple(class_names) if class_names else None,
+                                 group_column=group_column)
+    stain = resolve_stain(stain_norm, stain_target, [s.slide_id for s in slides.slides])
     temporary = cache_dir is None
     root = tempfile.mkdtemp(prefix="softmix-stream-") if temporary else os.fspath(cache_dir)
-    staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', tile, on_error):016x}")
+    # A target fit read from a file is part of what the packs hold.
+    key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
+                              else ())
+    staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}")
     job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,
                     output=OutputConfig(out_dir=root, num_shards=1, on_error=on_error),
                     class_names=tuple(class_names) if class_names else None,
                     read_cache_mb=read_cache_mb)
-    slides = load_slide_manifest(job.manifest, class_names=job.class_names,
-                                 group_column=group_column)
     pipeline = (0, 1)
     if input_context is not None:
         pipeline = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     stats = StreamStats()
     stream = _Stream(job, slides.slides, slides.class_names, staging, pipeline=pipeline,
-                     plan_threads=min(16, 2 * cpus), stats=stats)
+                     plan_threads=min(16, 2 * cpus), stats=stats, stain=stain)
     if temporary:
         _remove_at_exit(root, weakref.ref(stream))
     first = stream.own_units(epoch or 0)

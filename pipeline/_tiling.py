@@ -326,7 +326,9 @@ def _plan(
             "level.",
         )
     mask = None
-    if config.min_tissue > 0:
+    stain_norm = getattr(config, "stain_norm", "none")
+    stain_fit = None
+    if config.min_tissue > 0 or stain_norm != "none":
         tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
         slide.level_shape(tissue_level)  # range check, with a clear error
         try:
@@ -341,13 +343,19 @@ def _plan(
                 f"({type(err).__name__}: {err}). Re-export the slide.",
             ) from err
         mask = tissue_mask(thumbnail, mode=getattr(config, "tissue_mode", "auto"))
-        if not mask.any():
+        if not mask.any() and config.min_tissue > 0:
             raise SlideError(
                 record.slide_id,
                 "no_tissue",
                 f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
                 "Check the slide, or set min_tissue=0 to keep every tile.",
             )
+        if stain_norm != "none":  # the slide's stain, once, on its tissue at this level
+            from ._stain import fit_slide
+
+            stain_fit = fit_slide(record.slide_id, thumbnail, mask, stain_norm, tissue_level)
+        if config.min_tissue <= 0:
+            mask = None  # computed for the fit only: every tile is kept
     # Row by row, so planning memory follows the tiles kept, not the claimed area.
     xs = np.arange(cols, dtype=np.int64) * step
     kept_rows, rejected = [], 0
@@ -388,6 +396,7 @@ def _plan(
         chunks_read=stats.chunks_read if stats is not None else 0,
         bytes_read=stats.bytes_read if stats is not None else 0,
         requests=stats.requests if stats is not None else 0,
+        stain_fit=stain_fit,
     )
 
 

@@ -107,10 +107,12 @@ class _PackStrip(beam.DoFn):
         self._read_cache_mb = read_cache_mb
         self._on_error = on_error
 
-    def process(self, task):
+    def process(self, task, stain=None):
         from ._stages import pack_task
+        from ._stain import strip_transform
 
-        result = pack_task(task, self._staging, self._read_cache_mb, self._on_error)
+        result = pack_task(task, self._staging, self._read_cache_mb, self._on_error,
+                           transform=strip_transform(task, stain))
         counter = beam.metrics.Metrics.counter
         counter(_NAMESPACE, "strips_packed").inc()
         counter(_NAMESPACE, "chunks_read").inc(result.chunks_read)
@@ -133,11 +135,14 @@ class PlansToStrips(beam.PTransform):
         tile_size: tile side in pixels.
         staging: the run's staging directory (packs are written under it).
         read_cache_mb: decoded pixels a strip task holds at once.
+        stain: the run's `_stain.StainSpec` (or a singleton side input of it) when
+            tiles are stain-normalised before packing; None otherwise.
     """
 
     def __init__(self, slides: Sequence[SlideRecord], tile_size: int, staging: str,
-                 read_cache_mb: float, *, on_error: str = "skip"):
+                 read_cache_mb: float, *, on_error: str = "skip", stain: Any = None):
         super().__init__()
+        self._stain = stain
         self._records = {record.slide_id: record for record in slides}
         self._tile_size = tile_size
         self._staging = staging
@@ -153,7 +158,7 @@ class PlansToStrips(beam.PTransform):
             | "SplitPlan" >> beam.FlatMap(lambda p: split_plan(records[p.slide_id], p, size))
             | "FanOutStrips" >> beam.Reshuffle()
             | "PackStrip" >> beam.ParDo(
-                _PackStrip(self._staging, self._read_cache_mb, self._on_error))
+                _PackStrip(self._staging, self._read_cache_mb, self._on_error), self._stain)
         )
 
 
@@ -287,7 +292,8 @@ def _make_table(layout, mix: MixConfig, num_classes: int):
 
 def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[SlideRecord],
                    class_names: Sequence[str], params: dict[str, Any], *,
-                   examples_per_task: int | None = None, resumed: bool = False):
+                   examples_per_task: int | None = None, resumed: bool = False,
+                   stain: Any = None):
     """Add the whole job to `pipeline`; the last step writes `manifest.json`.
 
     Args:
@@ -298,11 +304,16 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         params: the `params` entry of `manifest.json`.
         examples_per_task: examples per mix bucket (default 128).
         resumed: this run continues an interrupted one (`_job.prepare_output`).
+        stain: the resolved `_stain.StainSpec`; None resolves `job.tile`'s stain options.
 
     Returns:
         A PCollection holding the manifest dict once written.
     """
-    from . import _stages
+    from . import _stages, _stain
+
+    if stain is None:
+        stain = _stain.resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                                     [s.slide_id for s in slides])
 
     num_classes = len(class_names)
     on_error = job.output.on_error
@@ -320,8 +331,21 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         | "Majority" >> beam.Map(_stages.majority_kind)
     )
     plans = raw_plans | "Reconcile" >> beam.Map(_stages.reconcile_plan, majority)
+    stain_in: Any = stain
+    fits: Any = []
+    if stain is not None:
+        if stain.target is None:  # a slide's fit: only that slide's plan is looked at
+            target_id = stain.source
+            stain_in = beam.pvalue.AsSingleton(
+                raw_plans
+                | "StainTargetPlan" >> beam.Filter(lambda p: p.slide_id == target_id)
+                | "CollectStainTarget" >> beam.combiners.ToList()
+                | "StainTarget" >> beam.Map(stain.with_slide_fit))
+        fits = beam.pvalue.AsList(plans | "StainFits" >> beam.FlatMap(
+            lambda p: [(p.slide_id, p.stain_fit)] if p.failure is None and p.stain_fit else []))
     strips = plans | "PlansToStrips" >> PlansToStrips(
-        slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=on_error)
+        slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=on_error,
+        stain=stain_in)
 
     def layout_of(summaries, kind):
         channels, dtype = kind if kind is not None else (3, "uint8")
@@ -353,18 +377,23 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
         | "AllAccounting" >> beam.Flatten()
         | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn())
     )
+    def publish(_, infos, lay, acc, slide_fits, spec):
+        section = spec.manifest_section(dict(slide_fits)) if spec is not None else None
+        return _job.publish_output(
+            job.output, infos, lay.num_shards,
+            acc.with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed),
+            class_names, params, stain=section)
+
     return (
         pipeline
         | "Finish" >> beam.Create([None])
         | "Publish" >> beam.Map(
-            lambda _, infos, lay, acc: _job.publish_output(
-                job.output, infos, lay.num_shards,
-                acc.with_resumed({"shards": sum(i.reused for i in infos)},
-                                 resumed_run=resumed),
-                class_names, params),
+            publish,
             beam.pvalue.AsList(shards),
             layout,
             beam.pvalue.AsSingleton(accounting),
+            fits,
+            stain_in,
         )
     )
 
@@ -404,7 +433,11 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
 
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
-    fingerprint = _job.run_fingerprint(job, manifest.slides)
+    from ._stain import resolve_stain
+
+    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                          [s.slide_id for s in manifest.slides])
+    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
     try:
         resumed = _job.prepare_output(job.output, fingerprint)
     except _job.RunFinished as done:
@@ -418,7 +451,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
     with _job.progress_reporter(job.output, enabled=progress):
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params,
-                       examples_per_task=examples_per_task, resumed=resumed)
+                       examples_per_task=examples_per_task, resumed=resumed, stain=stain)
         try:
             pipeline.run().wait_until_finish()
         except Exception as err:

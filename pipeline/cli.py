@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    STAIN_NORMS,
     TISSUE_MODES,
     JobConfig,
     MixConfig,
@@ -94,6 +95,17 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                        help="name of an OME-NGFF labels/ image: per-tile soft labels from "
                        "its class fractions (values 1..K = classes, 0 = unlabelled)")
 
+    stain = parser.add_argument_group("stain normalisation")
+    stain.add_argument("--stain-norm", choices=STAIN_NORMS, default="none",
+                       help="normalise every tile's stain before mixing: a fit of each "
+                       "slide's tissue (on --tissue-level) mapped to --stain-target; RGB "
+                       "uint8 slides only (default none)")
+    stain.add_argument("--stain-target", default="builtin",
+                       help="the stain tiles are normalised toward: builtin (an H&E "
+                       "reference), a slide_id of the manifest (that slide's fit), or the "
+                       "path of a fit JSON (fit.to_dict() of softmix_tf.stain) (default "
+                       "builtin)")
+
     mix = parser.add_argument_group("mixing")
     mix.add_argument("--grid", default="4", help="cell grid, '4' or '4x6' (default 4)")
     mix.add_argument("--softness", type=float, default=0.5, help="transition width in [0, 1]")
@@ -139,6 +151,8 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             tissue_level=args.tissue_level,
             label_image=args.label_image,
             tissue_mode=args.tissue_mode,
+            stain_norm=args.stain_norm,
+            stain_target=args.stain_target,
         ),
         mix=MixConfig(
             grid=parse_grid(args.grid),
@@ -215,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--output", default=None, help="PNG path (default OUT/preview.png)")
     preview.add_argument("--num", type=_positive_int, default=16,
                          help="examples to show (default 16)")
+    preview.add_argument("--stain", action="store_true",
+                         help="add a row: raw source tiles read from their slides next to "
+                         "their stain-normalised versions (runs with --stain-norm)")
     return parser
 
 
@@ -461,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "preview":
             from ._preview import write_preview
 
-            path = write_preview(args.out, output=args.output, num_examples=args.num)
+            path = write_preview(args.out, output=args.output, num_examples=args.num,
+                                 stain=args.stain)
             print(f"preview: {path}")
             return 0
     except PipelineError as err:

@@ -13,6 +13,7 @@ __all__ = [
     "JobConfig",
     "MixConfig",
     "OutputConfig",
+    "STAIN_NORMS",
     "TISSUE_MODES",
     "TileConfig",
     "parse_grid",
@@ -21,6 +22,8 @@ __all__ = [
 PAIRING_POLICIES = ("random", "cross-class", "balanced")
 # `pipeline._tiling.tissue_mask(mode=...)`: what the tissue threshold is computed on.
 TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
+# `softmix_tf.stain` methods the job can normalise tiles with (SPEC section 4c).
+STAIN_NORMS = ("none", "reinhard", "macenko")
 # A stride below tile_size / STRIDE_WARN_RATIO makes each pixel part of more than
 # STRIDE_WARN_RATIO**2 tiles: the tile count (and the output) explodes.
 STRIDE_WARN_RATIO = 8
@@ -75,6 +78,13 @@ class TileConfig:
             "auto" (saturation for RGB(A), intensity otherwise), "saturation",
             "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
             greyscale brightfield).
+        stain_norm: "none", "reinhard" or "macenko": normalise every tile's stain
+            before mixing (`pipeline._stain`), from a fit of its slide's tissue on
+            `tissue_level` toward `stain_target`. Needs RGB uint8 slides.
+        stain_target: the fit tiles are normalised toward: "builtin" (the H&E
+            reference of `softmix_tf.stain.builtin_reference`), a slide id of the
+            manifest (that slide's fit), or the path of a fit JSON written from
+            `fit.to_dict()`. Only with `stain_norm` other than "none".
     """
 
     tile_size: int = 256
@@ -85,6 +95,8 @@ class TileConfig:
     tissue_level: int | None = None
     label_image: str | None = None
     tissue_mode: str = "auto"
+    stain_norm: str = "none"
+    stain_target: str = "builtin"
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
@@ -109,6 +121,21 @@ class TileConfig:
             raise ValueError(
                 f"`tissue_mode` must be one of {TISSUE_MODES}. "
                 f"Received: tissue_mode={self.tissue_mode!r}"
+            )
+        if self.stain_norm not in STAIN_NORMS:
+            raise ValueError(
+                f"`stain_norm` must be one of {STAIN_NORMS}. "
+                f"Received: stain_norm={self.stain_norm!r}"
+            )
+        if not isinstance(self.stain_target, str) or not self.stain_target.strip():
+            raise ValueError(
+                "`stain_target` must be 'builtin', a slide id of the manifest or the path of "
+                f"a stain fit JSON. Received: stain_target={self.stain_target!r}"
+            )
+        if self.stain_norm == "none" and self.stain_target != "builtin":
+            raise ValueError(
+                f"`stain_target` ({self.stain_target!r}) needs stain normalisation: pass "
+                "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop the target."
             )
 
     @property

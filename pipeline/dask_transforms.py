@@ -101,25 +101,49 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
                          examples_per_task=examples_per_task, extra_params=extra_params)
 
 
-def _prepare(job: JobConfig) -> tuple[Any, str, bool]:
-    """Check the manifest and the output directory before any cluster work.
+def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
+    """Check the manifest, the stain target and the output directory before any
+    cluster work.
 
     Returns:
-        `(slide manifest, run fingerprint digest, whether an interrupted run resumes)`.
+        `(slide manifest, run fingerprint digest, whether an interrupted run resumes,
+        the run's `_stain.StainSpec` or None)`.
 
     Raises:
         _job.RunFinished: `--resume` of a run that already finished.
     """
     from ._manifest import load_slide_manifest
+    from ._stain import resolve_stain
 
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
-    fingerprint = _job.run_fingerprint(job, manifest.slides)
+    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                          [s.slide_id for s in manifest.slides])
+    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
     resumed = _job.prepare_output(job.output, fingerprint)
-    return manifest, _job.fingerprint_digest(fingerprint), resumed
+    return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
 
 
-def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], *,
+def _stain_fit_of(plan: Any) -> tuple[str, str] | None:
+    return (plan.slide_id, plan.stain_fit) if plan.failure is None and plan.stain_fit else None
+
+
+def _without_tiles(plan: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(plan, tiles=(), skipped=())
+
+
+def _pack_stained(task: Any, stain: Any, *, staging: str, read_cache_mb: float,
+                  on_error: str) -> Any:
+    from ._stages import pack_task
+    from ._stain import strip_transform
+
+    return pack_task(task, staging, read_cache_mb, on_error,
+                     transform=strip_transform(task, stain))
+
+
+def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, Any], *,
                   progress: bool,
                   examples_per_task: int | None,
                   extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -130,7 +154,7 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], 
     from ._packing import split_plan
     from ._pairing import PairingTable
 
-    manifest, digest, resumed = prepared
+    manifest, digest, resumed, stain = prepared
     class_names, slides = manifest.class_names, manifest.slides
     num_classes = len(class_names)
     workers = client.scheduler_info(n_workers=-1)["workers"]
@@ -151,6 +175,13 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], 
         plans = client.map(_stages.reconcile_plan, raw, majority=majority)
         held += plans
         plan_acc = client.gather(client.map(_output.Accounting.from_plan, plans))
+        slide_fits: dict[str, str] = {}
+        if stain is not None:
+            if stain.target is None:  # only the target slide's plan comes back
+                index = [s.slide_id for s in slides].index(stain.source)
+                stain = stain.with_slide_fit(
+                    [client.submit(_without_tiles, raw[index]).result()])
+            slide_fits = dict(f for f in client.gather(client.map(_stain_fit_of, plans)) if f)
         # 2. Cut plans into strips on the workers and pack every strip.
         strip_lists = client.map(split_plan, list(slides), plans,
                                  tile_size=job.tile.tile_size)
@@ -159,8 +190,14 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], 
         tasks = [client.submit(operator.getitem, lst, i, pure=False)
                  for lst, n in zip(strip_lists, sizes, strict=True) for i in range(n)]
         held += tasks
-        results = client.map(_stages.pack_task, tasks, staging=staging,
-                             read_cache_mb=job.read_cache_mb, on_error=on_error, pure=False)
+        if stain is None:
+            results = client.map(_stages.pack_task, tasks, staging=staging,
+                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
+                                 pure=False)
+        else:
+            results = client.map(_pack_stained, tasks, stain=stain, staging=staging,
+                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
+                                 pure=False)
         held += results
         strip_acc = client.gather(client.map(_stages.strip_accounting, results))
         summaries = client.gather(client.map(_strip_size, results))
@@ -209,8 +246,9 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool], 
     accounting = _output.Accounting.merge_all(
         list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets]
     ).with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed)
+    section = stain.manifest_section(slide_fits) if stain is not None else None
     return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
-                               params)
+                               params, stain=section)
 
 
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,

@@ -12,7 +12,7 @@ import sys
 
 from pipeline.cli import main
 
-SWITCHES = ("overwrite", "keep_originals", "keep-originals")
+SWITCHES = ("overwrite", "keep_originals", "keep-originals", "resume", "verbose")
 
 
 def _switches(argv: list[str]) -> list[str]:
