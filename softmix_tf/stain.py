@@ -323,8 +323,10 @@ def normalize(
     if fit_over not in ("image", "batch"):
         raise ValueError(f"`fit_over` must be 'image' or 'batch'. Received: fit_over={fit_over!r}")
     batch = tf.shape(images)[0]
-    groups = 1 if source is None and fit_over == "batch" else batch
-    pixels = tf.reshape(_to_255(images, value_range), [groups, -1, 3])
+    pooled = source is None and fit_over == "batch"
+    groups = 1 if pooled else batch
+    size = -1 if pooled else _pixels_per_image(images)
+    pixels = tf.reshape(_to_255(images, value_range), [groups, size, 3])
     integer = images.dtype == tf.uint8
     lab = _stain.rgb_to_lab(pixels, integer=integer) if method == "reinhard" else None
     keep = None
@@ -390,6 +392,12 @@ def _from_255(pixels: tf.Tensor, dtype: tf.DType, value_range: tuple[float, floa
     return tf.cast(pixels, dtype)
 
 
+def _pixels_per_image(images: tf.Tensor) -> int:
+    """H * W when static (-1 otherwise), so reshapes keep it with an unknown batch size."""
+    height, width = images.shape[-3], images.shape[-2]
+    return -1 if height is None or width is None else int(height * width)
+
+
 def _groups(
     images: Any, mask: Any, per_image: bool, value_range: tuple[float, float]
 ) -> tuple[tf.Tensor, tf.Tensor, bool]:
@@ -398,7 +406,8 @@ def _groups(
     _check_images(images, "images", ranks=(3, 4))
     squeeze = images.shape.rank == 3 or not per_image
     groups = 1 if squeeze else tf.shape(images)[0]
-    pixels = tf.reshape(_to_255(images, value_range), [groups, -1, 3])
+    size = -1 if squeeze else _pixels_per_image(images)
+    pixels = tf.reshape(_to_255(images, value_range), [groups, size, 3])
     if mask is None:
         return pixels, tf.ones(tf.shape(pixels)[:2], tf.bool), squeeze
     mask = tf.convert_to_tensor(mask)
