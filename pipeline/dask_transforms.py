@@ -52,6 +52,10 @@ def _first(pair: tuple[Any, Any]) -> Any:
     return pair[0]
 
 
+def _specs_of(*paired: tuple[list, Any]) -> list:
+    return [item for specs, _ in paired for item in specs]
+
+
 def _second(pair: tuple[Any, Any]) -> Any:
     return pair[1]
 
@@ -221,9 +225,14 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
         held += paired
         pair_acc = client.gather(client.map(_second, paired))
         num_buckets = layout.num_shards * layout.buckets_per_shard
-        bag = db.from_delayed([dask.delayed(_first)(p) for p in paired])
+        # A task shuffle costs ~n log n tasks for n input partitions: coalesce the
+        # strips' specs (coordinates only) into a few partitions per worker thread.
+        num_threads = sum(w.get("nthreads", 1) for w in workers.values())
+        parts = max(1, min(len(paired), 2 * num_threads))
+        bag = db.from_delayed([dask.delayed(_specs_of)(*paired[i::parts])
+                               for i in range(parts)])
         grouped = bag.groupby(_bucket_key, shuffle="tasks",
-                              npartitions=max(1, min(num_buckets, len(paired))))
+                              npartitions=max(1, min(num_buckets, 4 * num_threads)))
         mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
         total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
                                                    + int(job.mix.keep_originals))
