@@ -11,7 +11,8 @@ mix, PNG-encode, write) with no framework at all: a plain process pool of the sa
 size. `--latency-ms` serves the slides through the `latency://` test filesystem
 (`pipeline.remote`), which adds that delay to every request, like a bucket.
 
-Reported per run: examples/s (wall clock, start-up included), the accounting's
+Each run is a fresh process, like a user's command: examples/s counts its wall clock,
+Python and TensorFlow start-up included. Reported per run: examples/s, the accounting's
 `chunks_read`, `bytes_read`, `read_amplification`, slide-store requests per example,
 the tile-pack ("shuffle") bytes, and the peak RSS of the busiest process of the run
 (driver and workers polled every 0.1 s). `--memory` compares the peak with 4 vs 16
@@ -110,13 +111,36 @@ def _init_worker() -> None:
     configure_tensorflow()
 
 
+class _InProcess:
+    """One worker: the steps run right here, like Beam's in-process runner."""
+
+    def __enter__(self) -> _InProcess:
+        _init_worker()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    @staticmethod
+    def map(fn, *iterables):
+        return map(fn, *iterables)
+
+
+def _pool(workers: int, context):
+    if workers == 1:
+        return _InProcess()
+    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                  initializer=_init_worker)
+
+
 def run_floor(job, workers: int) -> dict:
-    """Plan, pack, pair, mix, encode and write with `workers` plain processes."""
+    """Plan, pack, pair, mix, encode and write: in this process for one worker, else
+    with a pool of `workers` plain processes."""
     import collections
 
     from pipeline import _job, _stages
+    from pipeline._accounting import Accounting
     from pipeline._manifest import load_slide_manifest
-    from pipeline._output import Accounting
     from pipeline._packing import split_plan
     from pipeline._pairing import PairingTable
 
@@ -130,8 +154,7 @@ def run_floor(job, workers: int) -> dict:
 
     # Spawned, not forked: this process already runs TensorFlow, Beam and Dask threads.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                initializer=_init_worker) as pool:
+    with _pool(workers, context) as pool:
         plans = list(pool.map(_stages.plan_task, manifest.slides,
                               [job.tile] * len(records), ["skip"] * len(records),
                               [tuple(names)] * len(records)))
@@ -177,10 +200,19 @@ def run_engine(engine: str, job, workers: int) -> dict:
 
 
 def measure(engine: str, job, workers: int) -> dict:
+    """Run one engine in a fresh process (imports and start-up included, as a user's
+    command would) and poll the peak RSS of its process tree."""
+    import json
+
+    command = [sys.executable, __file__, "--run-one", engine, str(workers), job.manifest,
+               job.output.out_dir, str(job.tile.tile_size)]
     with PeakRss() as rss:
         start = time.perf_counter()
-        manifest = run_engine(engine, job, workers)
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine} x{workers} failed: {done.stderr[-3000:]}")
+    manifest = json.loads(done.stdout.strip().splitlines()[-1])
     acc = manifest["accounting"]
     examples = manifest["num_examples"]
     return {
@@ -190,6 +222,16 @@ def measure(engine: str, job, workers: int) -> dict:
         "requests_per_example": acc.get("store_requests", 0) / max(1, examples),
         "pack_bytes": acc.get("pack_bytes"), "peak_rss": rss.peak,
     }
+
+
+def run_one(engine: str, workers: int, manifest: str, out: str, tile_size: int) -> None:
+    """`--run-one`: run one engine here and print its manifest's counts as JSON."""
+    import json
+
+    job = make_job(pathlib.Path(manifest), pathlib.Path(out), tile_size)
+    result = run_engine(engine, job, workers)
+    print(json.dumps({"num_examples": result["num_examples"],
+                      "accounting": result["accounting"]}))
 
 
 def main() -> None:
@@ -205,7 +247,12 @@ def main() -> None:
                         help="also compare peak RSS with 4 vs 16 slides (Dask, 2 workers)")
     parser.add_argument("--manifest", default=None,
                         help="use these slides instead of `softmix demo-data` ones")
+    parser.add_argument("--run-one", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.run_one:
+        engine, workers, manifest_path, out, tile = args.run_one
+        run_one(engine, int(workers), manifest_path, out, int(tile))
+        return
     if args.manifest:
         manifest = pathlib.Path(args.manifest)
     else:
