@@ -1,7 +1,8 @@
 """Small, hashable, picklable records that travel between pipeline stages.
 
 Only these records (coordinates, labels, seeds) travel through the Beam and Dask
-graphs until a tile is actually read; pixels are read on the worker that mixes them.
+graphs; pixels go from the slides into the run's tile packs and from the packs into
+the mixed buckets, on the workers (see `pipeline._packing`).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Read the tiles of a group of example specs and mix them with the SoftMix op.
 
-The one place where the offline job touches pixels and TensorFlow. Beam's `MixPairs`
-and the Dask shard tasks both call `mix_examples`; it reads each distinct tile once,
-groups the examples by tile shape and dtype, and runs `softmix_tf.softmix` eagerly in
-batches. The op is batch-invariant (SPEC section 2), so the output of an example does
-not depend on which other examples share its batch, and so not on the engine.
+Where the offline job runs the op. `_stages.mix_bucket` (Beam's `MixBuckets`, Dask's
+bucket tasks, the stream) calls `mix_examples` with the bucket's tiles read from the tile
+packs; it takes each distinct tile once, groups the examples by tile shape and dtype,
+and runs `softmix_tf.softmix` in batches, as a `tf.function` traced once per process.
+The op is batch-invariant (SPEC section 2), so the output of an example does not depend
+on which other examples share its batch, and so not on the engine.
 """
 
 from __future__ import annotations
