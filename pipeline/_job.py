@@ -354,8 +354,25 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
 
     def __init__(self, config: Any, *, enabled: bool = True, total: int | None = None):
         self._directory = staging_dir(config)
+        self._out_dir = config.out_dir
         self._enabled = enabled and "://" not in self._directory
         self._total = total
+        self._succeeded = False
+
+    def _final_count(self) -> int:
+        """The last count: the progress files, or, once a successful run has published
+        (and removed its staging folder, progress files included), its manifest."""
+        import json
+        import os
+
+        count = self._count()
+        if self._succeeded:
+            try:
+                with open(os.path.join(self._out_dir, "manifest.json")) as handle:
+                    count = max(count, int(json.load(handle)["num_examples"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return count
 
     def _count(self) -> int:
         import glob
@@ -381,7 +398,7 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
         with tqdm(total=self._total, desc="examples mixed", unit="ex") as bar:
             while not self._stop.wait(0.5):
                 bar.update(max(0, self._count() - bar.n))
-            bar.update(max(0, self._count() - bar.n))  # the last examples, before closing
+            bar.update(max(0, self._final_count() - bar.n))  # the last examples
 
     def _poll_lines(self, stream: Any, interval: float = 10.0) -> None:
         """Plain progress lines for logs and pipes (a tqdm bar redraws in place)."""
@@ -399,7 +416,7 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
             if latest != shown and time.monotonic() - last >= interval:
                 line(latest)
                 shown, last = latest, time.monotonic()
-        latest = max(latest, self._count())
+        latest = max(latest, self._final_count())
         if latest > shown:
             line(latest)
 
@@ -414,6 +431,7 @@ class progress_reporter:  # noqa: N801 - used as a context manager, reads like o
 
     def __exit__(self, *exc: object) -> None:
         if self._enabled:
+            self._succeeded = exc[0] is None
             self._stop.set()
             self._thread.join()
 
