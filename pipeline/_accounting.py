@@ -132,17 +132,23 @@ class Accounting:
             reason = NO_PARTNER
         if partner_failures:
             dropped[PARTNER_FAILED] = partner_failures
-        mass: tuple[int, ...] = ()
-        for example in written:
-            mass = _add_hist(mass, tuple(round(float(v) * _UNIT) for v in _flat(example.label)))
-        return cls(
+        return dataclasses.replace(
+            cls.from_written(written if reason is None else ()),
             tiles_used=1 if reason is None else 0,
             tiles_skipped={reason: 1} if reason is not None else {},
             tiles_pending=-1,
-            class_mass=mass,
-            examples_written=len(written) if reason is None else 0,
             examples_dropped=dropped,
         )
+
+    @classmethod
+    def from_written(cls, written: Iterable[MixedExample]) -> Accounting:
+        """Examples handed to the writer: their count and their labels' class mass."""
+        mass: tuple[int, ...] = ()
+        count = 0
+        for example in written:
+            mass = _add_hist(mass, tuple(round(float(v) * _UNIT) for v in _flat(example.label)))
+            count += 1
+        return cls(class_mass=mass, examples_written=count)
 
     def merge(self, *others: Accounting) -> Accounting:
         """The sum of `self` and `others` (commutative and associative)."""

@@ -339,16 +339,13 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     tf.io.gfile.makedirs(posixpath.dirname(path))
     write_shard(path, records)
     report_progress(progress_dir, len(results))
-    mass: tuple[int, ...] = ()
-    for result in results:
-        label = np.asarray(result.label, dtype=np.float64).reshape(-1)
-        mass = _add(mass, tuple(round(float(v) * float(1 << 32)) for v in label))
+    accounting = Accounting.from_written(results)
     size, crc = file_crc32(path)
     sidecar = {"digest": digest, "num_examples": len(results), "bytes": size, "crc32": crc,
-               "class_mass": list(mass), "ids": sorted(r.spec.example_id for r in results)}
+               "class_mass": list(accounting.class_mass),
+               "ids": sorted(r.spec.example_id for r in results)}
     _write_text_atomic(path + ".json", json.dumps(sidecar))
-    return BucketResult(bucket[0], bucket[1], path,
-                        Accounting(class_mass=mass, examples_written=len(results)))
+    return BucketResult(bucket[0], bucket[1], path, accounting)
 
 
 def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResult | None:
@@ -371,12 +368,6 @@ def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResul
                                    examples_written=sidecar["num_examples"],
                                    resumed={"buckets": 1}),
                         reused=True)
-
-
-def _add(x: tuple[int, ...], y: tuple[int, ...]) -> tuple[int, ...]:
-    if len(x) < len(y):
-        x, y = y, x
-    return tuple(a + (y[i] if i < len(y) else 0) for i, a in enumerate(x))
 
 
 def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
