@@ -62,7 +62,7 @@ def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
     """
     from ._tiling import plan_slide
 
-    path = plan_path(staging, record, config) if staging else None
+    path = plan_path(staging, record, config, class_names) if staging else None
     if path is not None:
         kept = _load_plan(path, record)
         if kept is not None:
@@ -73,8 +73,10 @@ def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
     return plan
 
 
-def plan_path(staging: str, record: SlideRecord, config: TileConfig) -> str:
-    digest = stable_hash("plan", record, dataclasses.astuple(config))
+def plan_path(staging: str, record: SlideRecord, config: TileConfig,
+              class_names: Sequence[str] = ()) -> str:
+    """Where `plan_task` keeps a slide's plan: named by everything the plan depends on."""
+    digest = stable_hash("plan", record, dataclasses.astuple(config), tuple(class_names))
     return posixpath.join(staging, "plans", f"{digest:016x}.json")
 
 

@@ -51,7 +51,6 @@ import atexit
 import collections
 import concurrent.futures as cf
 import dataclasses
-import json
 import logging
 import os
 import posixpath
@@ -67,8 +66,8 @@ import numpy as np
 
 from . import _stages
 from ._accounting import NO_PARTNER, PARTNER_FAILED, Accounting
-from ._keys import PairSpec, SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
-from ._packing import PackReader, StripResult, StripTask, _write_text_atomic, split_plan
+from ._keys import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
+from ._packing import PackReader, StripResult, StripTask, split_plan
 from .config import JobConfig, MixConfig, OutputConfig, TileConfig
 from .errors import PipelineError, SlideError, TileReadError
 
@@ -159,45 +158,6 @@ def dataset_stats(dataset: Any) -> StreamStats:
 
 
 # --- Planning -------------------------------------------------------------------------
-
-
-def _plan_to_json(plan: SlidePlan) -> str:
-    tiles = [[t.key.level, t.key.x, t.key.y, t.label, t.group,
-              list(t.soft_label) if t.soft_label is not None else None] for t in plan.tiles]
-    return json.dumps({"slide_id": plan.slide_id, "tiles": tiles, "skipped": plan.skipped,
-                       "num_channels": plan.num_channels, "dtype": plan.dtype,
-                       "chunk_shape": plan.chunk_shape, "stain_fit": plan.stain_fit})
-
-
-def _plan_from_json(text: str) -> SlidePlan:
-    data = json.loads(text)
-    sid = data["slide_id"]
-    tiles = tuple(TileRecord(TileKey(sid, level, x, y), label, group,
-                             tuple(soft) if soft is not None else None)
-                  for level, x, y, label, group, soft in data["tiles"])
-    return SlidePlan(sid, tiles=tiles, skipped=tuple((r, n) for r, n in data["skipped"]),
-                     num_channels=data["num_channels"], dtype=data["dtype"],
-                     chunk_shape=tuple(data["chunk_shape"]), stain_fit=data.get("stain_fit"))
-
-
-def _plan_slide(record: SlideRecord, tile: TileConfig, on_error: str,
-                class_names: Sequence[str], staging: str) -> tuple[SlidePlan, bool]:
-    """`(plan, reused)`: a usable plan is kept under ``staging/plans`` for later streams."""
-    import tensorflow as tf
-
-    digest = stable_hash("softmix.stream.plan", record, tile, tuple(class_names))
-    path = posixpath.join(staging, "plans", f"{digest:016x}.json")
-    try:
-        if tf.io.gfile.exists(path):
-            with tf.io.gfile.GFile(path, "r") as handle:
-                return _plan_from_json(handle.read()), True
-    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
-        pass  # unreadable: plan again
-    plan = _stages.plan_task(record, tile, on_error, class_names)
-    if plan.failure is None:
-        tf.io.gfile.makedirs(posixpath.dirname(path))
-        _write_text_atomic(path, _plan_to_json(plan))
-    return plan, False
 
 
 # --- Packing --------------------------------------------------------------------------
@@ -337,10 +297,11 @@ class _Stream:
         on_error = job.output.on_error
         start = time.monotonic()
         with cf.ThreadPoolExecutor(max(1, plan_threads)) as pool:
-            raw = list(pool.map(lambda r: _plan_slide(r, job.tile, on_error, class_names,
-                                                      staging), records))
-        majority = _stages.majority_kind(k for p, _ in raw for k in _stages.plan_kind(p))
-        plans = [_stages.reconcile_plan(p, majority) for p, _ in raw]
+            # Usable plans are kept under ``staging/plans`` and reused by later streams.
+            raw = list(pool.map(lambda r: _stages.plan_task(r, job.tile, on_error,
+                                                            class_names, staging), records))
+        majority = _stages.majority_kind(k for p in raw for k in _stages.plan_kind(p))
+        plans = [_stages.reconcile_plan(p, majority) for p in raw]
         by_id = {r.slide_id: r for r in records}
         for plan in plans:
             if plan.failure is not None:
@@ -348,9 +309,11 @@ class _Stream:
                     raise SlideError(plan.slide_id, plan.failure, plan.message)
                 logger.warning("skipped slide %r (%s): %s", plan.slide_id, plan.failure,
                                plan.message)
+            if plan.reused:  # nothing was read now
+                plan = dataclasses.replace(plan, chunks_read=0, bytes_read=0, requests=0)
             stats.add(Accounting.from_plan(plan))
-        stats.add(slides_planned=sum(not reused for _, reused in raw),
-                  plans_reused=sum(reused for _, reused in raw))
+        stats.add(slides_planned=sum(not p.reused for p in raw),
+                  plans_reused=sum(p.reused for p in raw))
         stats.plan_seconds = time.monotonic() - start
         self.kind = majority
         self.tasks: dict[_StripId, StripTask] = {}
