@@ -119,7 +119,6 @@ def test_beam_shards_equal_the_in_process_steps(synthetic_dataset, tmp_path):
 
 
 def test_strips_pairs_and_buckets_as_transforms(synthetic_dataset, tmp_path):
-    from pipeline import _stages
     from pipeline._pairing import PairingTable
 
     from .test_stages import run_in_process
@@ -146,7 +145,6 @@ def test_strips_pairs_and_buckets_as_transforms(synthetic_dataset, tmp_path):
         assert_that(accounting | "Used" >> beam.Map(lambda a: a.tiles_used)
                     | "SumUsed" >> beam.CombineGlobally(sum),
                     equal_to([synthetic_dataset.total_tiles]), label="UsedTiles")
-    assert isinstance(_stages.DEFAULT_EXAMPLES_PER_TASK, int)
 
 
 # --- End to end ---------------------------------------------------------------------------
