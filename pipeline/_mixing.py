@@ -10,7 +10,6 @@ on which other examples share its batch, and so not on the engine.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterable, Sequence
 
@@ -18,34 +17,13 @@ import numpy as np
 
 from ._keys import ExampleSpec, MixedExample, TileKey, TileRecord
 from .config import MixConfig
-from .errors import TileReadError
 
 __all__ = [
-    "ExampleFailure",
     "configure_tensorflow",
     "label_vector",
     "mix_examples",
 ]
 
-
-@dataclasses.dataclass(frozen=True)
-class ExampleFailure:
-    """An example that could not be made because one of its tiles failed to read.
-
-    Attributes:
-        spec: the example.
-        source: "a" or "b": which tile failed.
-        reason: skip reason of the tile (e.g. "read_error", "nan_pixels").
-        message: the error text.
-    """
-
-    spec: ExampleSpec
-    source: str
-    reason: str
-    message: str
-
-
-ExampleResult = MixedExample | ExampleFailure
 
 _TF_CONFIGURED = False
 
@@ -88,52 +66,39 @@ def mix_examples(
     read_tile: Callable[[TileKey], np.ndarray],
     config: MixConfig,
     num_classes: int,
-    *,
-    on_error: str = "skip",
-) -> list[ExampleResult]:
+) -> list[MixedExample]:
     """Read the tiles of `specs` and mix them, in batches of `config.batch_size`.
+
+    Tiles that cannot be used never get here: packing counts them under a skip reason
+    before pairing (`pipeline._packing`), so a tile that fails to read now is an error.
 
     Args:
         specs: examples to make, in any order.
-        read_tile: returns the pixels [H, W, C] of a tile; raises `TileReadError`.
+        read_tile: returns the pixels [H, W, C] of a tile.
         config: the mixing parameters.
         num_classes: length of the label vectors.
-        on_error: "skip" turns a `TileReadError` into an `ExampleFailure`; "fail"
-            raises it.
 
     Returns:
-        One result per spec, sorted by example id: a `MixedExample` or an
-        `ExampleFailure`.
+        One `MixedExample` per spec, sorted by example id.
     """
     specs = sorted(specs)
-    pixels: dict[TileKey, np.ndarray | TileReadError] = {}
+    pixels: dict[TileKey, np.ndarray] = {}
 
-    def fetch(tile: TileRecord) -> np.ndarray | TileReadError:
+    def fetch(tile: TileRecord) -> np.ndarray:
         if tile.key not in pixels:
-            try:
-                pixels[tile.key] = read_tile(tile.key)
-            except TileReadError as err:
-                if on_error == "fail":
-                    raise
-                pixels[tile.key] = err
+            pixels[tile.key] = read_tile(tile.key)
         return pixels[tile.key]
 
-    results: dict[str, ExampleResult] = {}
+    results: dict[str, MixedExample] = {}
     to_mix: dict[tuple, list[tuple[ExampleSpec, np.ndarray, np.ndarray]]] = {}
     for spec in specs:
         image_a = fetch(spec.a)
-        if isinstance(image_a, TileReadError):
-            results[spec.example_id] = ExampleFailure(spec, "a", image_a.reason, str(image_a))
-            continue
         if spec.is_original:
             results[spec.example_id] = MixedExample(
                 spec, image_a, label_vector(spec.a, num_classes), 0.0
             )
             continue
         image_b = fetch(spec.b)
-        if isinstance(image_b, TileReadError):
-            results[spec.example_id] = ExampleFailure(spec, "b", image_b.reason, str(image_b))
-            continue
         if image_a.shape != image_b.shape or image_a.dtype != image_b.dtype:
             raise ValueError(
                 f"Tiles {spec.a.key} and {spec.b.key} cannot be mixed: shapes/dtypes "

@@ -336,7 +336,7 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
         resolved.append(ExampleSpec(spec.example_id, spec.a, b, spec.mix_index, spec.seed))
     keys = sorted(locations)
     pixels = dict(zip(keys, reader.read_many([locations[k] for k in keys]), strict=True))
-    results = mix_examples(resolved, pixels.__getitem__, config, num_classes, on_error="fail")
+    results = mix_examples(resolved, pixels.__getitem__, config, num_classes)
     records = [(r.spec.example_id, encode_example(r)) for r in results]
     tf.io.gfile.makedirs(posixpath.dirname(path))
     write_shard(path, records)
