@@ -40,14 +40,14 @@ def _rss_mib() -> float:
 
 
 def _counts(num_slides: int, tiles_per_slide: int) -> list:
-    from pipeline._pairing import SlideCounts
+    from pipeline.steps.pair import SlideCounts
 
     return [SlideCounts(f"slide{i:05d}", i % 4, f"p{i // GROUP_EVERY}", tiles_per_slide)
             for i in range(num_slides)]
 
 
 def _slide_tiles(slide, tiles_per_slide: int) -> list:
-    from pipeline._keys import TileKey, TileRecord
+    from pipeline.records import TileKey, TileRecord
 
     side = max(1, int(tiles_per_slide ** 0.5))
     return sorted(TileRecord(TileKey(slide.slide_id, 0, 256 * (j % side), 256 * (j // side)),
@@ -55,8 +55,8 @@ def _slide_tiles(slide, tiles_per_slide: int) -> list:
 
 
 def _new_step(num_slides: int, tiles_per_slide: int, partition: int) -> tuple[int, object]:
-    from pipeline._pairing import PairingTable
     from pipeline.config import MixConfig
+    from pipeline.steps.pair import PairingTable
 
     config = MixConfig(seed=1, group_column="patient")
     counts = _counts(num_slides, tiles_per_slide)
@@ -94,9 +94,9 @@ def _old_step(num_slides: int, tiles_per_slide: int, partition: int,
 
 
 def worker(mode: str, num_slides: int, tiles_per_slide: int, partition: int) -> dict:
-    import pipeline._keys  # noqa: F401  (imports before the baseline)
-    import pipeline._pairing  # noqa: F401
     import pipeline.config  # noqa: F401
+    import pipeline.records  # noqa: F401  (imports before the baseline)
+    import pipeline.steps.pair  # noqa: F401
 
     old = _load_old() if mode == "old" else None
 

@@ -6,7 +6,7 @@ Run: `.venv/bin/python benchmarks/bench_pipeline.py --slide-size 8192 --slides 4
 Slides come from `softmix demo-data --size N` (real H&E texture, OME-Zarr v0.5,
 1024-px chunks above 4096 px) and are cached under `.cache/bench/`. Every engine runs
 the same job (tile 256, grid 4, one mix per tile) and writes the same examples. The
-*floor* runs the very same steps (`pipeline._stages`: plan, pack chunk by chunk, pair,
+*floor* runs the very same steps (`pipeline.run.tasks`: plan, pack chunk by chunk, pair,
 mix, PNG-encode, write) with no framework at all: a plain process pool of the same
 size. `--latency-ms` serves the slides through the `latency://` test filesystem
 (`pipeline.remote`), which adds that delay to every request, like a bucket.
@@ -106,7 +106,7 @@ def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int):
 
 
 def _init_worker() -> None:
-    from pipeline._mixing import configure_tensorflow
+    from pipeline.steps.mix import configure_tensorflow
 
     configure_tensorflow()
 
@@ -138,11 +138,12 @@ def run_floor(job, workers: int) -> dict:
     with a pool of `workers` plain processes."""
     import collections
 
-    from pipeline import _job, _stages
-    from pipeline._accounting import Accounting
-    from pipeline._manifest import load_slide_manifest
-    from pipeline._packing import split_plan
-    from pipeline._pairing import PairingTable
+    from pipeline.accounting import Accounting
+    from pipeline.io.manifest import load_slide_manifest
+    from pipeline.run import job as _job
+    from pipeline.run import tasks as _stages
+    from pipeline.steps.pack import split_plan
+    from pipeline.steps.pair import PairingTable
 
     manifest = load_slide_manifest(job.manifest)
     names = manifest.class_names
@@ -191,10 +192,10 @@ def run_engine(engine: str, job, workers: int) -> dict:
     if engine == "floor":
         return run_floor(job, workers)
     if engine == "beam":
-        from pipeline.beam_transforms import run_beam
+        from pipeline.engines.beam import run_beam
 
         return run_beam(job, workers=workers, progress=False)
-    from pipeline.dask_transforms import run_dask
+    from pipeline.engines.dask import run_dask
 
     return run_dask(job, workers=workers, progress=False)
 

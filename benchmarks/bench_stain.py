@@ -34,7 +34,7 @@ from softmix_tf import stain  # noqa: E402
 
 
 def _tiles(batch: int, size: int) -> tuple[np.ndarray, str]:
-    from pipeline._demo import find_he_source, load_he_image
+    from pipeline.tools.demo import find_he_source, load_he_image
 
     source = find_he_source()
     if source is not None:

@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     from bench_pipeline import demo_slides, with_latency
 
     import pipeline
-    from pipeline.beam_transforms import run_beam
     from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+    from pipeline.engines.beam import run_beam
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slide-size", type=int, default=8192)

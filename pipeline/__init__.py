@@ -32,21 +32,21 @@ __all__ = [
 
 
 def read_dataset(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: TensorFlow is heavy
-    """Read a SoftMix output directory as a `tf.data.Dataset`; see `pipeline._reader`."""
-    from ._reader import read_dataset as _read_dataset
+    """Read a SoftMix output directory as a `tf.data.Dataset`; see `pipeline.dataset.reader`."""
+    from .dataset.reader import read_dataset as _read_dataset
 
     return _read_dataset(*args, **kwargs)
 
 
 def stream_dataset(*args, **kwargs):  # noqa: ANN002, ANN003 - lazy: TensorFlow is heavy
-    """Stream mixed tiles from Zarr slides into a `tf.data.Dataset`; see `pipeline._stream`."""
-    from ._stream import stream_dataset as _stream_dataset
+    """Stream mixed tiles from slides into a `tf.data.Dataset`; see `pipeline.engines.stream`."""
+    from .engines.stream import stream_dataset as _stream_dataset
 
     return _stream_dataset(*args, **kwargs)
 
 
 def dataset_stats(dataset):  # noqa: ANN001, ANN201 - lazy, like stream_dataset
     """The live `StreamStats` of a `stream_dataset` (or of a dataset made from one)."""
-    from ._stream import dataset_stats as _dataset_stats
+    from .engines.stream import dataset_stats as _dataset_stats
 
     return _dataset_stats(dataset)

@@ -422,8 +422,8 @@ def _print_failed_summary(job: JobConfig) -> None:
     try:
         import tensorflow as tf
 
-        from ._job import staging_dir, summary_table
-        from ._output import FAILED_RUN_NAME, read_output_lock
+        from .run.job import staging_dir, summary_table
+        from .run.output import FAILED_RUN_NAME, read_output_lock
 
         lock = read_output_lock(job.output.out_dir)
         path = posixpath.join(staging_dir(job.output), FAILED_RUN_NAME)
@@ -437,7 +437,7 @@ def _print_failed_summary(job: JobConfig) -> None:
 
 def _release_lock(job: JobConfig) -> None:
     try:
-        from ._output import release_output_lock
+        from .run.output import release_output_lock
 
         release_output_lock(job.output.out_dir, pid=os.getpid())
     except Exception:  # noqa: BLE001 - never hide the run's own outcome
@@ -462,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_memory_limit(parser, args.memory_limit)
     try:
         if args.command == "demo-data":
-            from ._demo import write_demo_data
+            from .tools.demo import write_demo_data
 
             try:
                 manifest = write_demo_data(
@@ -476,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"demo manifest: {manifest}")
             return 0
         if args.command == "preview":
-            from ._preview import write_preview
+            from .tools.preview import write_preview
 
             path = write_preview(args.out, output=args.output, num_examples=args.num,
                                  stain=args.stain)
@@ -499,16 +499,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
              verbose: bool) -> int:
-    from ._job import STAGING_DIR
+    from .run.job import STAGING_DIR
 
     try:
         if args.command == "beam":
-            from .beam_transforms import run_beam
+            from .engines.beam import run_beam
 
             result = run_beam(job, workers=args.workers, beam_args=extra,
                               progress=not args.no_progress)
         else:
-            from .dask_transforms import run_dask
+            from .engines.dask import run_dask
 
             result = run_dask(job, workers=args.workers, scheduler=args.scheduler,
                               memory_limit=args.memory_limit,
@@ -529,7 +529,7 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
             raise
         print(f"softmix: error: {message}", file=sys.stderr)
         return 1
-    from ._job import exit_status, summary_table
+    from .run.job import exit_status, summary_table
 
     print(summary_table(result))
     return exit_status(result)

@@ -20,7 +20,7 @@ __all__ = [
 ]
 
 PAIRING_POLICIES = ("random", "cross-class", "balanced")
-# `pipeline._tiling.tissue_mask(mode=...)`: what the tissue threshold is computed on.
+# `pipeline.steps.plan.tissue_mask(mode=...)`: what the tissue threshold is computed on.
 TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
 # `softmix_tf.stain` methods the job can normalise tiles with (SPEC section 4c).
 STAIN_NORMS = ("none", "reinhard", "macenko")
@@ -74,12 +74,12 @@ class TileConfig:
         label_image: name of an OME-NGFF label image under the slide's ``labels/``
             whose per-tile class fractions become the tile's soft label; None = the
             slide-level label only.
-        tissue_mode: what the tissue mask thresholds (`pipeline._tiling.tissue_mask`):
+        tissue_mode: what the tissue mask thresholds (`pipeline.steps.plan.tissue_mask`):
             "auto" (saturation for RGB(A), intensity otherwise), "saturation",
             "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
             greyscale brightfield).
         stain_norm: "none", "reinhard" or "macenko": normalise every tile's stain
-            before mixing (`pipeline._stain`), from a fit of its slide's tissue on
+            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue on
             `tissue_level` toward `stain_target`. Needs RGB uint8 slides.
         stain_target: the fit tiles are normalised toward: "builtin" (the H&E
             reference of `softmix_tf.stain.builtin_reference`), a slide id of the

@@ -7,7 +7,7 @@ use it to show how the job behaves against a bucket (SPEC 4a: ~20 ms a request) 
 a network: how many requests it sends, how many bytes it fetches, and whether its reads
 overlap.
 
-URLs (usable in a slide manifest, with `pipeline._slides.open_slide`, `zarr`, `fsspec`):
+URLs (usable in a slide manifest, with `pipeline.io.slides.open_slide`, `zarr`, `fsspec`):
 
 - ``latency:///abs/path/slide.ome.zarr``: a local path (the default target);
 - ``latency::file:///abs/path/slide.ome.zarr``, ``latency::memory://slide.zarr``,
@@ -34,7 +34,7 @@ Example::
 
     import os
     from pipeline import remote
-    from pipeline._slides import open_slide
+    from pipeline.io.slides import open_slide
 
     os.environ["SOFTMIX_LATENCY_MS"] = "20"
     remote.reset_stats()

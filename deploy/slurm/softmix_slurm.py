@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline._job import summary_table
 from pipeline.cli import build_parser, job_config_from_args
+from pipeline.run.job import summary_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from dask_jobqueue import SLURMCluster
     from distributed import Client
 
-    from pipeline.dask_transforms import run_dask
+    from pipeline.engines.dask import run_dask
 
     processes = args.processes or args.cores
     cluster = SLURMCluster(

@@ -265,6 +265,6 @@ def synthetic_dataset_factory(
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """The real demo data (`write_demo_data`), 4 slides of 1024 px; returns the manifest."""
-    from pipeline._demo import write_demo_data
+    from pipeline.tools.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo"), num_slides=4, slide_size=1024, log=None)

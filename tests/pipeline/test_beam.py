@@ -13,10 +13,9 @@ import tensorflow as tf
 from apache_beam.testing import test_pipeline
 from apache_beam.testing.util import assert_that, equal_to
 
-from pipeline import _job
-from pipeline._manifest import load_slide_manifest
-from pipeline._slides import open_slide
-from pipeline.beam_transforms import (
+from pipeline.cli import main as cli_main
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.engines.beam import (
     MixBuckets,
     PairStrips,
     PlansToStrips,
@@ -24,9 +23,10 @@ from pipeline.beam_transforms import (
     local_pipeline_options,
     run_beam,
 )
-from pipeline.cli import main as cli_main
-from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
 from pipeline.errors import OutputExistsError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.io.slides import open_slide
+from pipeline.run import job as _job
 
 TILE = TileConfig(tile_size=128)
 MIX = MixConfig(grid=(4, 4), softness=0.5, seed=7, batch_size=5)
@@ -119,7 +119,7 @@ def test_beam_shards_equal_the_in_process_steps(synthetic_dataset, tmp_path):
 
 
 def test_strips_pairs_and_buckets_as_transforms(synthetic_dataset, tmp_path):
-    from pipeline._pairing import PairingTable
+    from pipeline.steps.pair import PairingTable
 
     from .test_stages import run_in_process
 

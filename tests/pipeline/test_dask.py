@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from pipeline import _job
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
 from pipeline.errors import PipelineError
+from pipeline.run import job as _job
 
 distributed = pytest.importorskip("distributed")
 
@@ -49,7 +49,7 @@ def decoded_examples(out: pathlib.Path) -> list[tuple]:
     """Every record as a comparable tuple (pixels included), sorted: a multiset."""
     import tensorflow as tf
 
-    from pipeline._encoding import decode_example
+    from pipeline.dataset.schema import decode_example
 
     rows = []
     for name in sorted(shard_bytes(out)):
@@ -86,7 +86,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def beam_run(synthetic_dataset, tmp_path_factory) -> pathlib.Path:
-    from pipeline.beam_transforms import run_beam
+    from pipeline.engines.beam import run_beam
 
     out = tmp_path_factory.mktemp("beam") / "out"
     run_beam(make_job(synthetic_dataset.manifest_path, out), progress=False)
@@ -171,7 +171,7 @@ def test_cli_refuses_existing_output(synthetic_dataset, dask_run, capsys):
 def test_killed_worker_mid_run_gives_the_same_output(client, synthetic_dataset, dask_run,
                                                        tmp_path):
     def slow_reads(delay):
-        from pipeline._packing import PackReader
+        from pipeline.steps.pack import PackReader
 
         original = getattr(PackReader, "_test_original_read_many", PackReader.read_many)
         PackReader._test_original_read_many = original
@@ -183,7 +183,7 @@ def test_killed_worker_mid_run_gives_the_same_output(client, synthetic_dataset, 
         PackReader.read_many = read_many
 
     def restore_reads():
-        from pipeline._packing import PackReader
+        from pipeline.steps.pack import PackReader
 
         PackReader.read_many = getattr(PackReader, "_test_original_read_many",
                                        PackReader.read_many)

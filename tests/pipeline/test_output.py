@@ -1,4 +1,4 @@
-"""Tests of pipeline._output: accounting, output dir life cycle, manifest, TFDS metadata."""
+"""Tests of pipeline.run.output: accounting, output dir life cycle, manifest, TFDS metadata."""
 
 from __future__ import annotations
 
@@ -10,17 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._encoding import decode_example, encode_example
-from pipeline._keys import ExampleSpec, MixedExample, SlidePlan, TileKey, TileRecord
-from pipeline._output import (
+from pipeline.config import OutputConfig
+from pipeline.dataset.schema import decode_example, encode_example
+from pipeline.dataset.shards import shard_filename, shard_for, write_shard
+from pipeline.errors import OutputExistsError, PipelineError
+from pipeline.records import ExampleSpec, MixedExample, SlidePlan, TileKey, TileRecord
+from pipeline.run.output import (
     Accounting,
     finalize_output,
     prepare_output_dir,
     read_manifest,
 )
-from pipeline._sharding import shard_filename, shard_for, write_shard
-from pipeline.config import OutputConfig
-from pipeline.errors import OutputExistsError, PipelineError
 
 CLASS_NAMES = ["tumor", "normal", "stroma"]
 

@@ -8,12 +8,12 @@ import pathlib
 import numpy as np
 import pytest
 
-from pipeline._keys import SlideRecord, TileKey, TileRecord
-from pipeline._packing import PackReader, StripTask, pack_strip, split_plan
-from pipeline._slides import open_slide
-from pipeline._store import ReadStats
-from pipeline._tiling import plan_slide
 from pipeline.config import TileConfig
+from pipeline.io.slides import open_slide
+from pipeline.io.store import ReadStats
+from pipeline.records import SlideRecord, TileKey, TileRecord
+from pipeline.steps.pack import PackReader, StripTask, pack_strip, split_plan
+from pipeline.steps.plan import plan_slide
 
 from .conftest import synthetic_tissue, write_ome_zarr
 

@@ -1,4 +1,4 @@
-"""Tests of pipeline._pairing: determinism, policies, group rule, partitioning, scale."""
+"""Tests of pipeline.steps.pair: determinism, policies, group rule, partitioning, scale."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._keys import ExampleSpec, PairSpec, TileKey, TileRecord
-from pipeline._pairing import (
+from pipeline.config import MixConfig
+from pipeline.records import ExampleSpec, PairSpec, TileKey, TileRecord
+from pipeline.steps.pair import (
     PairingTable,
     SlideCounts,
     balanced_class_weights,
@@ -20,7 +21,6 @@ from pipeline._pairing import (
     op_seed,
     pair_tiles,
 )
-from pipeline.config import MixConfig
 
 
 def make_tiles(n, num_classes=2, class_of=None, group_of=None, slides=5):

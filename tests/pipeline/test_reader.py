@@ -1,4 +1,4 @@
-"""Tests of pipeline._reader.read_dataset."""
+"""Tests of pipeline.dataset.reader.read_dataset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import pipeline
-from pipeline._reader import read_dataset
+from pipeline.dataset.reader import read_dataset
 from pipeline.errors import PipelineError
 
 from .test_output import CLASS_NAMES, mixed, write_dataset

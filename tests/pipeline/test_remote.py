@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline import remote
-from pipeline._slides import open_slide
+from pipeline.io.slides import open_slide
 from pipeline.remote import LATENCY_ENV, LatencyFileSystem, RemoteStats
 
 from .conftest import synthetic_tissue, write_ome_zarr

@@ -13,18 +13,18 @@ import time
 
 import pytest
 
-from pipeline import _job
-from pipeline._manifest import load_slide_manifest
 from pipeline.cli import main as cli_main
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
 from pipeline.errors import OutputExistsError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.run import job as _job
 
 # Every completed bucket is followed by a pause in the killed run only (the hook below
 # is put on PYTHONPATH of that run), so the kill lands between buckets, mid-run.
 _HOOK = textwrap.dedent("""
     import os, time
     if os.environ.get("SOFTMIX_TEST_BUCKET_PAUSE"):
-        import pipeline._stages as stages
+        import pipeline.run.tasks as stages
         _mix = stages.mix_bucket
         def mix_bucket(*args, **kwargs):
             result = _mix(*args, **kwargs)
@@ -33,7 +33,7 @@ _HOOK = textwrap.dedent("""
         stages.mix_bucket = mix_bucket
     if os.environ.get("SOFTMIX_TEST_SNAPSHOT"):
         import json, pathlib
-        import pipeline._job as job
+        import pipeline.run.job as job
         _publish = job.publish_output
         def publish_output(config, *args, **kwargs):
             staging = pathlib.Path(job.staging_dir(config))
@@ -131,7 +131,7 @@ def _interrupted_run(manifest: pathlib.Path, out: pathlib.Path, seed: int = 11) 
                     output=OutputConfig(out_dir=str(out), num_shards=4))
     slides = load_slide_manifest(str(manifest)).slides
     _job.prepare_output(job.output, _job.run_fingerprint(job, slides))
-    from pipeline._output import release_output_lock
+    from pipeline.run.output import release_output_lock
 
     release_output_lock(str(out))
 
@@ -177,7 +177,7 @@ def test_prepare_output_keeps_matching_staging_only(synthetic_dataset, tmp_path)
     slides = load_slide_manifest(str(synthetic_dataset.manifest_path)).slides
     assert _job.prepare_output(job.output, _job.run_fingerprint(job, slides)) is True
     assert marker.exists()
-    from pipeline._output import release_output_lock
+    from pipeline.run.output import release_output_lock
 
     release_output_lock(str(out))
     other = JobConfig(manifest=job.manifest, tile=TileConfig(tile_size=64), mix=job.mix,

@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import _job
-from pipeline._manifest import load_slide_manifest
-from pipeline._output import LOCK_NAME, Accounting, finalize_output, read_manifest
-from pipeline._reader import read_dataset
-from pipeline._sharding import shard_filename, write_shard
 from pipeline.cli import main
 from pipeline.config import OutputConfig, TileConfig
+from pipeline.dataset.reader import read_dataset
+from pipeline.dataset.shards import shard_filename, write_shard
 from pipeline.errors import PipelineError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.run import job as _job
+from pipeline.run.output import LOCK_NAME, Accounting, finalize_output, read_manifest
 
 from .test_output import CLASS_NAMES, mixed, write_dataset
 
@@ -317,7 +317,7 @@ def test_publish_refuses_when_the_lock_was_taken_over(tmp_path):
     _job.prepare_output(config)
     # This process holds the lock: another process is refused.
     other = subprocess.run(
-        [sys.executable, "-c", "from pipeline import _job; from pipeline.config import "
+        [sys.executable, "-c", "from pipeline.run import job as _job; from pipeline.config import "
          f"OutputConfig; _job.prepare_output(OutputConfig(out_dir={config.out_dir!r}))"],
         cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
         text=True, timeout=120)

@@ -1,4 +1,4 @@
-"""Tests of pipeline._sharding: names, stable assignment, atomic sorted writes."""
+"""Tests of pipeline.dataset.shards: names, stable assignment, atomic sorted writes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import random
 import pytest
 import tensorflow as tf
 
-from pipeline import _sharding
-from pipeline._sharding import (
+from pipeline.dataset import shards as _sharding
+from pipeline.dataset.shards import (
     ShardInfo,
     filepath_template,
     num_shards_for,

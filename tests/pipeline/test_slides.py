@@ -1,4 +1,4 @@
-"""Tests of pipeline._slides: OME-Zarr v0.4/v0.5, plain Zarr, fsspec URLs, lazy reads, errors."""
+"""Tests of pipeline.io.slides: OME-Zarr v0.4/v0.5, plain Zarr, fsspec URLs, lazy reads, errors."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from pipeline._keys import TileKey
-from pipeline._slides import SlideCache, open_slide, read_tile, unit_to_micrometer
 from pipeline.errors import PipelineError, SlideError, TileReadError
+from pipeline.io.slides import SlideCache, open_slide, read_tile, unit_to_micrometer
+from pipeline.records import TileKey
 
 from .conftest import synthetic_tissue, write_ome_zarr, write_raw_multiscales
 

@@ -15,15 +15,17 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipeline import _job, _pairing, _stages
-from pipeline._encoding import decode_example, encode_example
-from pipeline._manifest import load_slide_manifest
-from pipeline._mixing import mix_examples
-from pipeline._output import Accounting
-from pipeline._packing import split_plan
-from pipeline._pairing import PairingTable
-from pipeline._slides import open_slide, read_tile
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.dataset.schema import decode_example, encode_example
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.io.slides import open_slide, read_tile
+from pipeline.run import job as _job
+from pipeline.run import tasks as _stages
+from pipeline.run.output import Accounting
+from pipeline.steps import pair as _pairing
+from pipeline.steps.mix import mix_examples
+from pipeline.steps.pack import split_plan
+from pipeline.steps.pair import PairingTable
 
 
 def run_in_process(job: JobConfig, examples_per_task: int = 7):
@@ -128,7 +130,7 @@ def test_layout_locates_every_tile_of_a_slide(synthetic_dataset, tmp_path):
 
 
 def test_reconcile_fails_the_minority_kind_and_keeps_counts():
-    from pipeline._keys import SlidePlan, TileKey, TileRecord
+    from pipeline.records import SlidePlan, TileKey, TileRecord
 
     def plan(sid, channels, dtype, n):
         tiles = tuple(TileRecord(TileKey(sid, 0, 128 * i, 0), 0) for i in range(n))

@@ -17,16 +17,16 @@ import tensorflow as tf
 
 import pipeline
 from pipeline import dask_transforms
-from pipeline._encoding import decode_example
-from pipeline._keys import TileKey
-from pipeline._manifest import load_slide_manifest
-from pipeline._slides import open_slide, read_tile
-from pipeline._stain import TileTransform
-from pipeline._tiling import tissue_mask
-from pipeline.beam_transforms import run_beam
 from pipeline.cli import main
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.dataset.schema import decode_example
+from pipeline.engines.beam import run_beam
 from pipeline.errors import PipelineError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.io.slides import open_slide, read_tile
+from pipeline.records import TileKey
+from pipeline.steps.plan import tissue_mask
+from pipeline.steps.stain import TileTransform
 from softmix_tf import stain
 
 MIX = dict(seed=3, num_mixes=1, keep_originals=True, grid=4, batch_size=4)
@@ -238,7 +238,7 @@ def test_stain_target_without_stain_norm_is_a_usage_error(synthetic_dataset, tmp
 
 
 def test_plan_sidecar_keeps_the_fit(synthetic_dataset, tmp_path):
-    from pipeline._stages import plan_task
+    from pipeline.run.tasks import plan_task
 
     record = load_slide_manifest(str(synthetic_dataset.manifest_path)).slides[0]
     config = TileConfig(tile_size=128, stain_norm="reinhard")

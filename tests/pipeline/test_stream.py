@@ -14,11 +14,11 @@ import pytest
 import tensorflow as tf
 
 import pipeline
-from pipeline._encoding import decode_example
-from pipeline._output import read_manifest
-from pipeline.beam_transforms import run_beam
 from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.dataset.schema import decode_example
+from pipeline.engines.beam import run_beam
 from pipeline.errors import PipelineError, SlideError
+from pipeline.run.output import read_manifest
 
 MIX = dict(seed=5, num_mixes=2, keep_originals=True, grid=4, softness=0.5)
 PROVENANCE = ("seed", "mix_index", "a/slide_id", "a/level", "a/x", "a/y", "a/label",

@@ -1,4 +1,4 @@
-"""Tests of pipeline._tiling: grids, tissue masks and fractions, plan_slide."""
+"""Tests of pipeline.steps.plan: grids, tissue masks and fractions, plan_slide."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline._keys import SlideRecord, TileKey
-from pipeline._manifest import load_slide_manifest
-from pipeline._slides import SlideCache, open_slide, read_tile
-from pipeline._tiling import plan_slide, tile_grid, tissue_fraction, tissue_mask
 from pipeline.config import TileConfig
 from pipeline.errors import SlideError
+from pipeline.io.manifest import load_slide_manifest
+from pipeline.io.slides import SlideCache, open_slide, read_tile
+from pipeline.records import SlideRecord, TileKey
+from pipeline.steps.plan import plan_slide, tile_grid, tissue_fraction, tissue_mask
 
 from .conftest import synthetic_tissue, write_ome_zarr
 
@@ -379,7 +379,7 @@ def test_absurd_claimed_shape_is_bad_metadata_not_an_allocation(tmp_path):
 
     import zarr
 
-    from pipeline._keys import SlideRecord
+    from pipeline.records import SlideRecord
 
     path = tmp_path / "huge.zarr"
     zarr.create_array(store=str(path), shape=(3, 10**7, 10**7), chunks=(3, 1024, 1024),

@@ -37,7 +37,7 @@ SIZE = 256
 
 @functools.cache
 def _he_image() -> np.ndarray | None:
-    from pipeline._demo import find_he_source, load_he_image
+    from pipeline.tools.demo import find_he_source, load_he_image
 
     source = find_he_source()
     return None if source is None else load_he_image(source)

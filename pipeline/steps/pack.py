@@ -17,7 +17,7 @@ the job reads in two passes over a *materialised shuffle* of tile pixels:
    written after it (tile coordinates, soft labels, byte ranges); tiles that cannot
    be used are counted under a skip reason (``missing_chunk``, ``read_error``,
    ``nonfinite_pixels``) and never become partners.
-2. **Mix** (`_stages.mix_bucket`): a bucket of examples reads its tiles back from the
+2. **Mix** (`tasks.mix_bucket`): a bucket of examples reads its tiles back from the
    packs by byte range (concurrent reads), mixes, encodes and writes.
 
 Only coordinates travel through the engines (tile records, pair specs), never
@@ -49,8 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from ._keys import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
-from .errors import SlideError, TileReadError
+from ..errors import SlideError, TileReadError
+from ..records import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
 
 __all__ = [
     "PackReader",
@@ -78,7 +78,7 @@ class StripTask:
         owned_blocks: chunk blocks ``(row, col)`` this strip counts as needed for
             `read_amplification` (each block needed by the run is owned by one strip).
         stain_fit: the slide's stain fit (JSON, `SlidePlan.stain_fit`) when the run
-            normalises stains (`_stain.strip_transform`), else None.
+            normalises stains (`stain.strip_transform`), else None.
     """
 
     record: SlideRecord
@@ -250,7 +250,7 @@ def pack_strip(task: StripTask, staging: str, *,
     import numcodecs
     import tensorflow as tf
 
-    from ._slides import open_slide
+    from ..io.slides import open_slide
 
     record = task.record
     slide = open_slide(record.path, slide_id=record.slide_id,

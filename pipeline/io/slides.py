@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._keys import TileKey
-from .errors import SlideError, TileReadError
+from ..errors import SlideError, TileReadError
+from ..records import TileKey
 
 __all__ = ["Slide", "SlideCache", "open_slide", "read_tile", "unit_to_micrometer"]
 
@@ -199,7 +199,7 @@ class Slide:
             )
         self.num_channels = channels.pop()
         self.dtype = np.dtype(self._arrays[0].dtype)
-        self.read_stats: Any = None  # a `_store.ReadStats` when opened by `open_slide`
+        self.read_stats: Any = None  # a `store.ReadStats` when opened by `open_slide`
 
     def __repr__(self) -> str:
         return (
@@ -575,7 +575,7 @@ def open_slide(
                 f"{path_str} does not exist. Check the path in the manifest "
                 "(relative paths are resolved against the manifest's directory).",
             )
-    from ._store import CountingStore
+    from .store import CountingStore
 
     try:
         if is_store:

@@ -2,7 +2,7 @@
 
 Only these records (coordinates, labels, seeds) travel through the Beam and Dask
 graphs; pixels go from the slides into the run's tile packs and from the packs into
-the mixed buckets, on the workers (see `pipeline._packing`).
+the mixed buckets, on the workers (see `pipeline.steps.pack`).
 """
 
 from __future__ import annotations

@@ -35,11 +35,11 @@ def _stain_row(manifest: dict[str, Any], records: list[dict[str, Any]]
     """(raw `a` tile read from its slide, its normalised version, caption) per record."""
     import json
 
-    from ._keys import TileKey
-    from ._manifest import load_slide_manifest
-    from ._slides import open_slide, read_tile
-    from ._stain import TileTransform
-    from .errors import PipelineError
+    from ..errors import PipelineError
+    from ..io.manifest import load_slide_manifest
+    from ..io.slides import open_slide, read_tile
+    from ..records import TileKey
+    from ..steps.stain import TileTransform
 
     stain = manifest.get("stain")
     if not stain:
@@ -92,9 +92,9 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
 
     import softmix_tf
 
-    from ._encoding import decode_example
-    from ._output import read_manifest
-    from .errors import PipelineError
+    from ..dataset.schema import decode_example
+    from ..errors import PipelineError
+    from ..run.output import read_manifest
 
     manifest = read_manifest(out_dir)
     params: dict[str, Any] = manifest["params"]

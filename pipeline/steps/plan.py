@@ -18,10 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from ._keys import SlidePlan, SlideRecord, TileKey, TileRecord
-from ._slides import Slide, SlideCache, open_slide
-from .config import TileConfig
-from .errors import SlideError
+from ..config import TileConfig
+from ..errors import SlideError
+from ..io.slides import Slide, SlideCache, open_slide
+from ..records import SlidePlan, SlideRecord, TileKey, TileRecord
 
 __all__ = [
     "label_fractions",
@@ -391,7 +391,7 @@ def _plan(
                 "Check the slide, or set min_tissue=0 to keep every tile.",
             )
         if stain_norm != "none":  # the slide's stain, once, on its tissue at this level
-            from ._stain import fit_slide
+            from .stain import fit_slide
 
             stain_fit = fit_slide(record.slide_id, thumbnail, mask, stain_norm, tissue_level)
         if config.min_tissue <= 0:

@@ -15,8 +15,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from ._keys import SlideRecord
-from .errors import ManifestError
+from ..errors import ManifestError
+from ..records import SlideRecord
 
 __all__ = ["REQUIRED_COLUMNS", "SlideManifest", "load_slide_manifest"]
 

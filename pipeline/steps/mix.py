@@ -1,6 +1,6 @@
 """Read the tiles of a group of example specs and mix them with the SoftMix op.
 
-Where the offline job runs the op. `_stages.mix_bucket` (Beam's `MixBuckets`, Dask's
+Where the offline job runs the op. `tasks.mix_bucket` (Beam's `MixBuckets`, Dask's
 bucket tasks, the stream) calls `mix_examples` with the bucket's tiles read from the tile
 packs; it takes each distinct tile once, groups the examples by tile shape and dtype,
 and runs `softmix_tf.softmix` in batches, as a `tf.function` traced once per process.
@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ._keys import ExampleSpec, MixedExample, TileKey, TileRecord
-from .config import MixConfig
+from ..config import MixConfig
+from ..records import ExampleSpec, MixedExample, TileKey, TileRecord
 
 __all__ = [
     "configure_tensorflow",
@@ -70,7 +70,7 @@ def mix_examples(
     """Read the tiles of `specs` and mix them, in batches of `config.batch_size`.
 
     Tiles that cannot be used never get here: packing counts them under a skip reason
-    before pairing (`pipeline._packing`), so a tile that fails to read now is an error.
+    before pairing (`pipeline.steps.pack`), so a tile that fails to read now is an error.
 
     Args:
         specs: examples to make, in any order.

@@ -1,7 +1,7 @@
 """Engine-independent steps of one offline run, shared by the Beam and Dask adapters.
 
 Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* the steps of
-`_stages` run; this module holds what surrounds them: the run's parameters, the output
+`tasks` run; this module holds what surrounds them: the run's parameters, the output
 directory's life cycle (staging, publishing), progress and error reporting.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .config import JobConfig
+from ..config import JobConfig
 
 __all__ = [
     "exit_status",
@@ -33,7 +33,7 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
     }
     params["mix"]["grid"] = list(job.mix.grid)
     params.update(extra)
-    return params  # `_output.finalize_output` adds the software versions
+    return params  # `output.finalize_output` adds the software versions
 
 
 def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
@@ -47,7 +47,7 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
     """
     import dataclasses
 
-    from ._output import software_versions
+    from .output import software_versions
 
     mix = dataclasses.asdict(job.mix)
     mix.pop("batch_size")
@@ -160,7 +160,7 @@ def staging_dir(config: Any) -> str:
 
 
 def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) -> bool:
-    """Lock OUT, check it (`_output.prepare_output_dir`), then start or resume staging.
+    """Lock OUT, check it (`output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
     staging folder is discarded (the lock guarantees no live run owns it). With
@@ -183,14 +183,14 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
 
     import tensorflow as tf
 
-    from ._output import (
+    from ..errors import OutputExistsError
+    from .output import (
         acquire_output_lock,
         ensure_output_dir,
         existing_dataset,
         prepare_output_dir,
         release_output_lock,
     )
-    from .errors import OutputExistsError
 
     digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
     resume = bool(getattr(config, "resume", False))
@@ -263,7 +263,7 @@ def write_staged_shard(config: Any, index: int, num_shards: int,
     """Write shard `index` of `num_shards` into the staging folder (atomic, sorted)."""
     import posixpath
 
-    from ._sharding import shard_filename, write_shard
+    from ..dataset.shards import shard_filename, write_shard
 
     path = posixpath.join(staging_dir(config), shard_filename(config.name, index, num_shards))
     try:
@@ -290,7 +290,7 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
                    class_names: Sequence[str], params: Mapping[str, Any], *,
                    stain: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write empty shards for indices no record went to, then publish by swap
-    (`_output.finalize_output`), remove the staging folder and release the lock.
+    (`output.finalize_output`), remove the staging folder and release the lock.
     Returns the manifest (with `stain`, the manifest's ``"stain"`` entry).
 
     Raises:
@@ -301,9 +301,9 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
 
     import tensorflow as tf
 
-    from ._output import finalize_output, read_output_lock, release_output_lock
-    from ._sharding import shard_filename
-    from .errors import PipelineError
+    from ..dataset.shards import shard_filename
+    from ..errors import PipelineError
+    from .output import finalize_output, read_output_lock, release_output_lock
 
     by_index = {}
     for info in shards:
@@ -444,7 +444,7 @@ def reraise_pipeline_error(err: BaseException) -> None:
     """
     import re
 
-    from .errors import PipelineError
+    from ..errors import PipelineError
 
     seen = err
     while seen is not None:

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from ._keys import MixedExample, TileRecord
+from ..records import MixedExample, TileRecord
 
 __all__ = [
     "PNG_DTYPES",

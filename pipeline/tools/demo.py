@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from ._demo_streamed import (
+from ..errors import OutputExistsError, PipelineError
+from .demo_render import (
     GLASS_RGB,
     num_levels,
     ome_format,
@@ -54,7 +55,6 @@ from ._demo_streamed import (
     tiled_slide,
     write_streamed,
 )
-from .errors import OutputExistsError, PipelineError
 
 __all__ = [
     "HE_MPP",

@@ -1,5 +1,5 @@
 """The output directory's life cycle and the manifest (the run's accounting is
-`pipeline._accounting.Accounting`, re-exported here).
+`pipeline.accounting.Accounting`, re-exported here).
 
 Output directory life cycle: a directory holds a SoftMix dataset only when its
 ``manifest.json`` says so (``"format": "softmix.dataset/1"``), and the dataset is exactly
@@ -35,11 +35,11 @@ from typing import Any
 
 import tensorflow as tf
 
-from ._accounting import NO_PARTNER, PARTNER_FAILED, Accounting  # noqa: F401 - re-exported
-from ._job import STAGING_DIR
-from ._sharding import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
-from .config import OutputConfig
-from .errors import OutputExistsError, PipelineError
+from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting  # noqa: F401 - re-exported
+from ..config import OutputConfig
+from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
+from ..errors import OutputExistsError, PipelineError
+from .job import STAGING_DIR
 
 __all__ = [
     "DATASET_FORMAT",
@@ -473,7 +473,7 @@ def finalize_output(
             options and software versions (``params["versions"]``) are added.
         description: free text for ``dataset_info.json``.
         staged_dir: where the shards are (default: OUT itself).
-        stain: the run's stain normalisation (`_stain.StainSpec.manifest_section`:
+        stain: the run's stain normalisation (`stain.StainSpec.manifest_section`:
             method, target fit, target source, per-slide fits), written as the
             manifest's ``"stain"``; None without normalisation.
 

@@ -3,7 +3,7 @@
 With ``--stain-norm macenko|reinhard`` every tile is normalised before it is packed
 (so before any mixing), by `softmix_tf.stain`:
 
-- **Source fit, once per slide** (`fit_slide`): planning (`_tiling._plan`) already reads
+- **Source fit, once per slide** (`fit_slide`): planning (`plan._plan`) already reads
   the slide's low-resolution tissue level and computes its tissue mask; the slide's
   fit is made there, on the masked pixels, and kept in its `SlidePlan` as JSON
   (``fit.to_dict()``), in the plan sidecar (resumed runs keep it) and in the output's
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import PipelineError, SlideError
+from ..errors import PipelineError, SlideError
 
 __all__ = ["StainSpec", "TileTransform", "fit_slide", "resolve_stain", "strip_transform"]
 
@@ -144,7 +144,7 @@ def fit_slide(slide_id: str, thumbnail: np.ndarray, mask: np.ndarray, method: st
             f"{thumbnail.dtype}. Run slides like this one with --stain-norm none.")
     from softmix_tf import stain
 
-    from ._mixing import configure_tensorflow
+    from .mix import configure_tensorflow
 
     configure_tensorflow()
     try:
@@ -166,7 +166,7 @@ def _normalizer(method: str) -> Any:
 
     from softmix_tf import stain
 
-    from ._mixing import configure_tensorflow
+    from .mix import configure_tensorflow
 
     configure_tensorflow()
     fit_class = stain.MacenkoFit if method == "macenko" else stain.ReinhardFit

@@ -23,7 +23,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ._keys import MixedExample, SlidePlan, TileRecord
+from .records import MixedExample, SlidePlan, TileRecord
 
 __all__ = ["NO_PARTNER", "PARTNER_FAILED", "Accounting"]
 

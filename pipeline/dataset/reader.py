@@ -16,9 +16,9 @@ import struct
 import numpy as np
 import tensorflow as tf
 
-from ._encoding import feature_spec, parse_and_decode
-from ._output import read_manifest
-from .errors import PipelineError
+from ..errors import PipelineError
+from ..run.output import read_manifest
+from .schema import feature_spec, parse_and_decode
 
 __all__ = ["read_dataset"]
 

@@ -1,6 +1,6 @@
 """Stream mixed tiles from Zarr slides straight into `tf.data` training (SPEC section 4b).
 
-One truth, two paths: the stream runs the offline job's own steps (`_stages`):
+One truth, two paths: the stream runs the offline job's own steps (`tasks`):
 plan every slide (`plan_task`, `reconcile_plan`), cut plans into strips
 (`split_plan`), read each strip chunk by chunk once into a zstd tile pack
 (`pack_task`), draw each strip's examples (`pair_strip` with a `PairingTable`) and mix
@@ -26,7 +26,7 @@ How it runs
 - **Background packing**: ``pack_threads`` threads pack the strips in the first
   epoch's order (this pipeline's units first), so packs are mostly ready before they
   are needed. A partner tile whose strip is not packed yet is read straight from its
-  slide (`_slides.read_tile`: the same pixels). Its cost: the chunk(s) under the tile
+  slide (`slides.read_tile`: the same pixels). Its cost: the chunk(s) under the tile
   are fetched and decoded for one tile (a 1024-px chunk for a 256-px tile is 16x the
   tile's bytes) until background packing catches up; `StreamStats.direct_reads`
   counts them. Waiting for partner packs instead would make the first batch wait for
@@ -64,12 +64,12 @@ from typing import Any
 
 import numpy as np
 
-from . import _stages
-from ._accounting import NO_PARTNER, PARTNER_FAILED, Accounting
-from ._keys import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
-from ._packing import PackReader, StripResult, StripTask, split_plan
-from .config import JobConfig, MixConfig, OutputConfig, TileConfig
-from .errors import PipelineError, SlideError, TileReadError
+from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
+from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..errors import PipelineError, SlideError, TileReadError
+from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
+from ..run import tasks as _stages
+from ..steps.pack import PackReader, StripResult, StripTask, split_plan
 
 __all__ = ["StreamStats", "dataset_stats", "epoch_seed", "stream_dataset"]
 
@@ -186,11 +186,11 @@ class _Packer:
             return future, True
 
     def _pack(self, sid: _StripId, future: cf.Future) -> None:
-        from ._packing import pack_path
+        from ..steps.pack import pack_path
 
         try:
             with _PACK_LOCKS[pack_path(self._staging, *sid)]:
-                from ._stain import strip_transform
+                from ..steps.stain import strip_transform
 
                 task = self._tasks[sid]
                 result = _stages.pack_task(task, self._staging, self._read_cache_mb,
@@ -364,8 +364,8 @@ class _Stream:
                 [(*sid, len(t)) for sid, t in tiles.items()], self.records, self.job,
                 self.staging, tile_bytes=_stages.example_bytes(channels, dtype,
                                                                self.job.tile.tile_size))
-            from ._packing import pack_path
-            from ._pairing import PairingTable
+            from ..steps.pack import pack_path
+            from ..steps.pair import PairingTable
 
             mix = dataclasses.replace(self.job.mix, seed=epoch_seed(self.job.mix.seed, number))
             try:
@@ -383,7 +383,7 @@ class _Stream:
     # Reading.
 
     def _slide(self, record: SlideRecord) -> Any:
-        from ._slides import open_slide
+        from ..io.slides import open_slide
 
         with self._slides_lock:
             slide = self._slides.get(record.slide_id)
@@ -398,13 +398,13 @@ class _Stream:
         return None if local is None else (result.pack, local)
 
     def _read_direct(self, sid: _StripId, key: TileKey) -> np.ndarray | None:
-        from ._slides import read_tile
+        from ..io.slides import read_tile
 
         task = self.tasks[sid]
         try:
             pixels = read_tile(self._slide(task.record), key, self.job.tile.tile_size)
             if self.stain is not None:  # as `pack_task` does: the same pixels as the pack
-                from ._stain import strip_transform
+                from ..steps.stain import strip_transform
 
                 pixels = strip_transform(task, self.stain)(pixels)
             self.stats.add(direct_reads=1)
@@ -439,7 +439,7 @@ class _Stream:
 
     def examples(self, number: Any, unit: Any) -> Iterator[dict[str, np.ndarray]]:
         """One work unit: the examples whose source `a` lies in one strip, in batches."""
-        from ._mixing import label_vector
+        from ..steps.mix import label_vector
 
         ep = self.epoch(int(number))
         sid = ep.units[int(unit)]
@@ -486,7 +486,7 @@ class _Stream:
 
     def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
-        from ._encoding import _class_index
+        from ..dataset.schema import _class_index
 
         out: dict[str, np.ndarray] = {
             "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
@@ -604,7 +604,7 @@ def stream_dataset(
         manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
         tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
             label_image, stain_norm, stain_target: tiling and stain normalisation
-            (`TileConfig`; `pipeline._stain`): tiles are normalised before mixing
+            (`TileConfig`; `pipeline.steps.stain`): tiles are normalised before mixing
             exactly as the offline job does.
         grid, softness, alpha, ramp, mix_prob, pairing, group_column, num_mixes,
             keep_originals, seed, batch_size: pairing and mixing (`MixConfig`;
@@ -645,7 +645,7 @@ def stream_dataset(
     """
     import tensorflow as tf
 
-    from ._manifest import load_slide_manifest
+    from ..io.manifest import load_slide_manifest
 
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
@@ -667,7 +667,7 @@ def stream_dataset(
     if reads < 1 or packers < 0:
         raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
                          f"Received: num_parallel_reads={reads}, pack_threads={packers}")
-    from ._stain import resolve_stain
+    from ..steps.stain import resolve_stain
 
     slides = load_slide_manifest(os.fspath(manifest),
                                  class_names=tuple(class_names) if class_names else None,

@@ -158,7 +158,7 @@ def write_streamed(
 
 def scan_glass(image: np.ndarray) -> tuple[int, int, int]:
     """Median colour of a scan's own glass, so a tiled scan shows no outline on ours."""
-    from ._tiling import tissue_mask
+    from ..steps.plan import tissue_mask
 
     thumbnail = image[::4, ::4]
     glass = thumbnail[~tissue_mask(thumbnail)]

@@ -60,7 +60,7 @@ sums and returns ``(slide_id, r - prefix[s])``. Class draws use a second hash
 Tiles with no eligible partner (a single tile, or every other tile in the anchor's
 group) get no mixed examples; with `keep_originals` they still get their original.
 A tile that ends up with no example at all is counted by the accounting as skipped
-with reason ``"no_partner"`` (see `pipeline._accounting.Accounting`).
+with reason ``"no_partner"`` (see `pipeline.accounting.Accounting`).
 
 Example ids are ``"<slide>/L<level>/x<x>/y<y>#m<mix_index>"`` for mixed examples and
 ``"...#orig"`` for originals; they are unique and sort the records inside a shard.
@@ -74,8 +74,8 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from ._keys import ExampleSpec, PairSpec, TileKey, TileRecord, stable_hash
-from .config import MixConfig
+from ..config import MixConfig
+from ..records import ExampleSpec, PairSpec, TileKey, TileRecord, stable_hash
 
 __all__ = [
     "PairingTable",

@@ -7,7 +7,7 @@
       shard + BucketResults --finalize_shard--> ShardInfo (parts concatenated)
 
 Only coordinates travel between steps: pixels go from the slides into the strips'
-tile packs (`_packing`) and from the packs into the bucket files. Every step is a pure
+tile packs (`pack`) and from the packs into the bucket files. Every step is a pure
 function of its inputs and the run's seed, so the engine, the worker count and the
 grouping of work never change a byte of the output.
 
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from ._accounting import Accounting
-from ._keys import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
-from ._packing import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
-from .config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..accounting import Accounting
+from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..records import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
+from ..steps.pack import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
 
 __all__ = [
     "BucketResult",
@@ -60,7 +60,7 @@ def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
     once complete) and a later attempt (a resumed run, a retried task) reuses it
     instead of reading the slide again. Failed plans are not kept: they are retried.
     """
-    from ._tiling import plan_slide
+    from ..steps.plan import plan_slide
 
     path = plan_path(staging, record, config, class_names) if staging else None
     if path is not None:
@@ -97,7 +97,7 @@ def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
 def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
     import tensorflow as tf
 
-    from ._keys import TileKey
+    from ..records import TileKey
 
     try:
         if not tf.io.gfile.exists(path):
@@ -152,8 +152,8 @@ def reconcile_plan(plan: SlidePlan, majority: tuple[int, str] | None) -> SlidePl
 
 def pack_task(task: StripTask, staging: str, read_cache_mb: float, on_error: str = "skip",
               transform: Any = None) -> StripResult:
-    """Pack one strip (see `_packing.pack_strip`)."""
-    from ._packing import pack_strip
+    """Pack one strip (see `pack.pack_strip`)."""
+    from ..steps.pack import pack_strip
 
     return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
                       on_error=on_error)
@@ -207,13 +207,13 @@ class RunLayout:
         return layout.offsets[layout.strips.index(strip)]
 
     def bucket_of(self, example_id: str) -> tuple[int, int]:
-        from ._sharding import shard_for
+        from ..dataset.shards import shard_for
 
         return (shard_for(example_id, self.num_shards),
                 stable_hash("softmix.bucket", example_id) % self.buckets_per_shard)
 
     def counts(self) -> list[Any]:
-        from ._pairing import SlideCounts
+        from ..steps.pair import SlideCounts
 
         return [SlideCounts(s.slide_id, s.label, s.group, s.num_tiles)
                 for s in sorted(self.slides.values(), key=lambda s: s.slide_id)]
@@ -232,7 +232,7 @@ def build_layout(strips: Iterable[tuple[str, int, int]], records: Sequence[Slide
         tile_bytes: approximate encoded bytes of one example (sizes the shards).
         examples_per_task: examples per bucket; default `DEFAULT_EXAMPLES_PER_TASK`.
     """
-    from ._sharding import num_shards_for
+    from ..dataset.shards import num_shards_for
 
     by_slide: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
     for slide_id, strip, count in strips:
@@ -267,7 +267,7 @@ def pair_strip(result: StripResult, layout: RunLayout, table: Any
         `([(bucket, PairSpec)], Accounting)`: the accounting resolves each usable tile
         of the strip as used, or skipped with reason ``no_partner``.
     """
-    from ._accounting import NO_PARTNER
+    from ..accounting import NO_PARTNER
 
     if not result.tiles:
         return [], Accounting()
@@ -307,11 +307,11 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     """Read a bucket's tiles from the packs, mix, encode and write its part file."""
     import tensorflow as tf
 
-    from ._encoding import encode_example
-    from ._job import report_progress
-    from ._mixing import configure_tensorflow, mix_examples
-    from ._packing import PackReader
-    from ._sharding import write_shard
+    from ..dataset.schema import encode_example
+    from ..dataset.shards import write_shard
+    from ..steps.mix import configure_tensorflow, mix_examples
+    from ..steps.pack import PackReader
+    from .job import report_progress
 
     specs = sorted(specs)
     path = bucket_path(layout.staging, *bucket)
@@ -381,8 +381,8 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     """
     import tensorflow as tf
 
-    from ._job import staging_dir
-    from ._sharding import merge_shards, shard_filename
+    from ..dataset.shards import merge_shards, shard_filename
+    from .job import staging_dir
 
     parts = []
     for bucket in sorted(buckets, key=lambda b: b.bucket):
@@ -397,7 +397,7 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
             sidecar = json.loads(handle.read())
         if sidecar["digest"] == digest and file_crc32(path) == (sidecar["bytes"],
                                                                 sidecar["crc32"]):
-            from ._sharding import ShardInfo
+            from ..dataset.shards import ShardInfo
 
             return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"], reused=True)
     except (ValueError, KeyError, OSError, tf.errors.OpError):

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import tensorflow as tf
 
-from ._keys import stable_hash
+from ..records import stable_hash
 
 __all__ = [
     "SHARD_PATTERN",

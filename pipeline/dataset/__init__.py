@@ -1,0 +1,1 @@
+"""The output dataset: the example schema, TFRecord shards, and the tf.data reader."""

@@ -1,0 +1,1 @@
+"""Where the steps run: Apache Beam, Dask distributed, and the tf.data stream."""

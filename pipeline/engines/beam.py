@@ -1,0 +1,462 @@
+"""Apache Beam adapter: the offline SoftMix job as composite PTransforms.
+
+    manifest rows -> SlidesToPlans -> PlansToStrips (tile packs) -> PairStrips
+                  -> MixBuckets -> WriteShards (+ accounting) -> manifest.json
+
+Each transform only wires the steps of `tasks` (and through them `plan`,
+`pack`, `pair`, `mix`, `schema`, `shards`, `output`) into Beam;
+nothing here computes anything the Dask adapter does not compute the same way. Only
+coordinates travel through Beam: strips carry tile records, the one shuffle carries
+pair specs to their bucket, and pixels go from the slides into the tile packs and
+from the packs into the bucket files (see `pipeline.steps.pack`). The run layout and
+pairing table (one entry per slide) are singleton side inputs; no step holds all
+tiles of the run. `Reshuffle`s fan slides and strips out over the workers.
+
+Local runs use Beam's portable `FnApiRunner` (in-process or multi-process): Beam
+2.77's `DirectRunner` would first try to download the Prism runner binary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..records import SlidePlan, SlideRecord
+from ..run import job as _job
+from ..run import output as _output
+
+__all__ = [
+    "MixBuckets",
+    "PairStrips",
+    "PlansToStrips",
+    "SlidesToPlans",
+    "WriteShards",
+    "build_pipeline",
+    "local_pipeline_options",
+    "run_beam",
+]
+
+_NAMESPACE = "softmix"
+
+
+class _PlanSlide(beam.DoFn):
+    """Open one slide, tile it and filter background (pixels never leave the worker)."""
+
+    def __init__(self, config: TileConfig, on_error: str, class_names: Sequence[str] | None,
+                 staging: str | None):
+        self._config = config
+        self._on_error = on_error
+        self._class_names = class_names
+        self._staging = staging
+
+    def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
+        from ..run.tasks import plan_task
+
+        plan = plan_task(record, self._config, self._on_error, self._class_names,
+                         self._staging)
+        beam.metrics.Metrics.counter(_NAMESPACE, "slides_planned").inc()
+        beam.metrics.Metrics.counter(_NAMESPACE, "chunks_read").inc(plan.chunks_read)
+        beam.metrics.Metrics.counter(_NAMESPACE, "bytes_read").inc(plan.bytes_read)
+        if plan.failure is not None:
+            beam.metrics.Metrics.counter(_NAMESPACE, "slides_failed").inc()
+        beam.metrics.Metrics.counter(_NAMESPACE, "tiles_kept").inc(len(plan.tiles))
+        for _, count in plan.skipped:
+            beam.metrics.Metrics.counter(_NAMESPACE, "tiles_skipped").inc(count)
+        yield plan
+
+
+class SlidesToPlans(beam.PTransform):
+    """`SlideRecord`s -> `SlidePlan`s: tile keys of tissue, skip counts, slide failures.
+
+    Slides fan out over workers with a Reshuffle; each worker opens its slides once.
+
+    Args:
+        config: tiling settings.
+        on_error: "skip" turns a bad slide into a failed plan; "fail" raises.
+        class_names: the run's classes (needed for soft labels from label images).
+        staging: the run's staging directory: plans are kept there and reused by a
+            resumed run (None: not kept).
+    """
+
+    def __init__(self, config: TileConfig, *, on_error: str = "skip",
+                 class_names: Sequence[str] | None = None, staging: str | None = None):
+        super().__init__()
+        self._config = config
+        self._on_error = on_error
+        self._class_names = tuple(class_names) if class_names is not None else None
+        self._staging = staging
+
+    def expand(self, records):
+        return (
+            records
+            | "FanOutSlides" >> beam.Reshuffle()
+            | "PlanSlide" >> beam.ParDo(
+                _PlanSlide(self._config, self._on_error, self._class_names, self._staging))
+        )
+
+
+class _PackStrip(beam.DoFn):
+    """Pack one strip: read its chunks once, cut and compress its tiles."""
+
+    def __init__(self, staging: str, read_cache_mb: float, on_error: str):
+        self._staging = staging
+        self._read_cache_mb = read_cache_mb
+        self._on_error = on_error
+
+    def process(self, task, stain=None):
+        from ..run.tasks import pack_task
+        from ..steps.stain import strip_transform
+
+        result = pack_task(task, self._staging, self._read_cache_mb, self._on_error,
+                           transform=strip_transform(task, stain))
+        counter = beam.metrics.Metrics.counter
+        counter(_NAMESPACE, "strips_packed").inc()
+        counter(_NAMESPACE, "chunks_read").inc(result.chunks_read)
+        counter(_NAMESPACE, "bytes_read").inc(result.bytes_read)
+        counter(_NAMESPACE, "bytes_needed").inc(result.bytes_needed)
+        counter(_NAMESPACE, "tiles_read").inc(len(result.tiles))
+        for _, count in result.skipped:
+            counter(_NAMESPACE, "tiles_skipped").inc(count)
+        yield result
+
+
+class PlansToStrips(beam.PTransform):
+    """`SlidePlan`s -> `StripResult`s: every kept tile read once into the tile packs.
+
+    A plan is cut into strips (chunk columns, `pack.split_plan`) that fan out over
+    the workers, so one slide's reading is spread over several workers too.
+
+    Args:
+        slides: the manifest's slide records.
+        tile_size: tile side in pixels.
+        staging: the run's staging directory (packs are written under it).
+        read_cache_mb: decoded pixels a strip task holds at once.
+        stain: the run's `stain.StainSpec` (or a singleton side input of it) when
+            tiles are stain-normalised before packing; None otherwise.
+    """
+
+    def __init__(self, slides: Sequence[SlideRecord], tile_size: int, staging: str,
+                 read_cache_mb: float, *, on_error: str = "skip", stain: Any = None):
+        super().__init__()
+        self._stain = stain
+        self._records = {record.slide_id: record for record in slides}
+        self._tile_size = tile_size
+        self._staging = staging
+        self._read_cache_mb = read_cache_mb
+        self._on_error = on_error
+
+    def expand(self, plans):
+        from ..steps.pack import split_plan
+
+        records, size = self._records, self._tile_size
+        return (
+            plans
+            | "SplitPlan" >> beam.FlatMap(lambda p: split_plan(records[p.slide_id], p, size))
+            | "FanOutStrips" >> beam.Reshuffle()
+            | "PackStrip" >> beam.ParDo(
+                _PackStrip(self._staging, self._read_cache_mb, self._on_error), self._stain)
+        )
+
+
+_ACCOUNTING = "accounting"
+
+
+class _PairStrip(beam.DoFn):
+    def process(self, result, layout, table):
+        from ..run.tasks import pair_strip
+
+        pairs, accounting = pair_strip(result, layout, table)
+        yield beam.pvalue.TaggedOutput(_ACCOUNTING, accounting)
+        yield from pairs
+
+
+class PairStrips(beam.PTransform):
+    """`StripResult`s -> `((shard, bucket), PairSpec)`, partners drawn per strip.
+
+    Each worker holds the small run layout and pairing table (one entry per slide)
+    as side inputs, never the tiles of other strips.
+
+    Returns:
+        `(pairs, accounting)`: the keyed specs and one `Accounting` per strip.
+    """
+
+    def __init__(self, layout: Any, table: Any):
+        super().__init__()
+        self._layout = layout
+        self._table = table
+
+    def expand(self, strips):
+        outputs = strips | "Pair" >> beam.ParDo(
+            _PairStrip(), self._layout, self._table).with_outputs(_ACCOUNTING, main="pairs")
+        return outputs.pairs, outputs[_ACCOUNTING]
+
+
+class _MixBucket(beam.DoFn):
+    def __init__(self, config: MixConfig, num_classes: int, progress_dir: str | None):
+        self._config = config
+        self._num_classes = num_classes
+        self._progress_dir = progress_dir
+
+    def setup(self) -> None:
+        from ..steps.mix import configure_tensorflow
+
+        configure_tensorflow()
+        import softmix_tf  # noqa: F401 - build TensorFlow state once per worker
+
+    def process(self, item, layout):
+        from ..run.tasks import mix_bucket
+
+        bucket, specs = item
+        result = mix_bucket(bucket, specs, layout, self._config, self._num_classes,
+                            progress_dir=self._progress_dir)
+        beam.metrics.Metrics.counter(_NAMESPACE, "examples_mixed").inc(
+            result.accounting.examples_written)
+        yield result
+
+
+class MixBuckets(beam.PTransform):
+    """`((shard, bucket), PairSpec)` -> `BucketResult`: read from packs, mix, encode.
+
+    Specs are grouped by bucket (a shuffle of coordinates only); each bucket's part
+    file is sorted by example id, so its bytes do not depend on the engine.
+    """
+
+    def __init__(self, config: MixConfig, num_classes: int, layout: Any, *,
+                 progress_dir: str | None = None):
+        super().__init__()
+        self._dofn = _MixBucket(config, num_classes, progress_dir)
+        self._layout = layout
+
+    def expand(self, pairs):
+        return (
+            pairs
+            | "GroupByBucket" >> beam.GroupByKey()
+            | "Mix" >> beam.ParDo(self._dofn, self._layout)
+        )
+
+
+class WriteShards(beam.PTransform):
+    """`BucketResult`s -> staged shards (`ShardInfo`): a shard's parts concatenated."""
+
+    def __init__(self, config: OutputConfig, layout: Any):
+        super().__init__()
+        self._config = config
+        self._layout = layout
+
+    def expand(self, buckets):
+        from ..run.tasks import finalize_shard
+
+        config = self._config
+
+        def write(item, layout):
+            shard, parts = item
+            info = finalize_shard(shard, list(parts), layout.num_shards, config)
+            beam.metrics.Metrics.counter(_NAMESPACE, "examples_written").inc(info.num_examples)
+            return info
+
+        return (
+            buckets
+            | "KeyByShard" >> beam.Map(lambda b: (b.shard, b))
+            | "GroupByShard" >> beam.GroupByKey()
+            | "ConcatShard" >> beam.Map(write, self._layout)
+        )
+
+
+class _AccountingFn(beam.CombineFn):
+    def create_accumulator(self):
+        return _output.Accounting()
+
+    def add_input(self, accumulator, element):
+        return accumulator.merge(element)
+
+    def merge_accumulators(self, accumulators):
+        return _output.Accounting.merge_all(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def _make_table(layout, mix: MixConfig, num_classes: int):
+    from ..errors import PipelineError
+    from ..steps.pair import PairingTable
+
+    try:
+        return PairingTable(layout.counts(), mix, num_classes)
+    except ValueError as err:
+        raise PipelineError(str(err)) from err
+
+
+def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[SlideRecord],
+                   class_names: Sequence[str], params: dict[str, Any], *,
+                   examples_per_task: int | None = None, resumed: bool = False,
+                   stain: Any = None):
+    """Add the whole job to `pipeline`; the last step writes `manifest.json`.
+
+    Args:
+        pipeline: a Beam pipeline (any runner).
+        job: the run's configuration.
+        slides: the manifest's slide records.
+        class_names: the run's classes.
+        params: the `params` entry of `manifest.json`.
+        examples_per_task: examples per mix bucket (default 128).
+        resumed: this run continues an interrupted one (`job.prepare_output`).
+        stain: the resolved `stain.StainSpec`; None resolves `job.tile`'s stain options.
+
+    Returns:
+        A PCollection holding the manifest dict once written.
+    """
+    from ..run import tasks as _stages
+    from ..steps import stain as _stain
+
+    if stain is None:
+        stain = _stain.resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                                     [s.slide_id for s in slides])
+
+    num_classes = len(class_names)
+    on_error = job.output.on_error
+    staging = _job.staging_dir(job.output)
+    raw_plans = (
+        pipeline
+        | "Slides" >> beam.Create(list(slides))
+        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names,
+                                           staging=staging)
+    )
+    majority = beam.pvalue.AsSingleton(
+        raw_plans
+        | "Kinds" >> beam.FlatMap(_stages.plan_kind)
+        | "CollectKinds" >> beam.combiners.ToList()
+        | "Majority" >> beam.Map(_stages.majority_kind)
+    )
+    plans = raw_plans | "Reconcile" >> beam.Map(_stages.reconcile_plan, majority)
+    stain_in: Any = stain
+    fits: Any = []
+    if stain is not None:
+        if stain.target is None:  # a slide's fit: only that slide's plan is looked at
+            target_id = stain.source
+            stain_in = beam.pvalue.AsSingleton(
+                raw_plans
+                | "StainTargetPlan" >> beam.Filter(lambda p: p.slide_id == target_id)
+                | "CollectStainTarget" >> beam.combiners.ToList()
+                | "StainTarget" >> beam.Map(stain.with_slide_fit))
+        fits = beam.pvalue.AsList(plans | "StainFits" >> beam.FlatMap(
+            lambda p: [(p.slide_id, p.stain_fit)] if p.failure is None and p.stain_fit else []))
+    strips = plans | "PlansToStrips" >> PlansToStrips(
+        slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=on_error,
+        stain=stain_in)
+
+    def layout_of(summaries, kind):
+        channels, dtype = kind if kind is not None else (3, "uint8")
+        return _stages.build_layout(
+            summaries, slides, job, staging,
+            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
+            examples_per_task=examples_per_task)
+
+    layout_pc = (
+        strips
+        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles)))
+        | "CollectSizes" >> beam.combiners.ToList()
+        | "Layout" >> beam.Map(layout_of, majority)
+    )
+    layout = beam.pvalue.AsSingleton(layout_pc)
+    table = beam.pvalue.AsSingleton(
+        layout_pc | "PairingTable" >> beam.Map(_make_table, job.mix, num_classes))
+    pairs, pair_accounting = strips | "PairStrips" >> PairStrips(layout, table)
+    buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, num_classes, layout,
+                                                 progress_dir=staging)
+    shards = buckets | "WriteShards" >> WriteShards(job.output, layout)
+    accounting = (
+        (
+            plans | "PlanAccounting" >> beam.Map(_output.Accounting.from_plan),
+            strips | "StripAccounting" >> beam.Map(_stages.strip_accounting),
+            pair_accounting,
+            buckets | "BucketAccounting" >> beam.Map(lambda b: b.accounting),
+        )
+        | "AllAccounting" >> beam.Flatten()
+        | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn())
+    )
+    def publish(_, infos, lay, acc, slide_fits, spec):
+        section = spec.manifest_section(dict(slide_fits)) if spec is not None else None
+        return _job.publish_output(
+            job.output, infos, lay.num_shards,
+            acc.with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed),
+            class_names, params, stain=section)
+
+    return (
+        pipeline
+        | "Finish" >> beam.Create([None])
+        | "Publish" >> beam.Map(
+            publish,
+            beam.pvalue.AsList(shards),
+            layout,
+            beam.pvalue.AsSingleton(accounting),
+            fits,
+            stain_in,
+        )
+    )
+
+
+def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> PipelineOptions:
+    """Pipeline options for a local run that never downloads a runner binary.
+
+    Without `--runner` in `beam_args`, runs on Beam's portable FnApiRunner: in-process
+    for one worker, `multi_processing` with `workers` SDK worker processes otherwise.
+    """
+    args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    if not any(a.startswith("--runner") for a in args):
+        args.append("--runner=FnApiRunner")
+        if workers > 1:
+            args += [f"--direct_num_workers={workers}", "--direct_running_mode=multi_processing"]
+    return PipelineOptions(args)
+
+
+def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
+             progress: bool = True, examples_per_task: int | None = None) -> dict[str, Any]:
+    """Run the whole job on Beam and return the written manifest.
+
+    Args:
+        job: the run's configuration.
+        workers: local worker processes (ignored by remote runners).
+        beam_args: extra Beam pipeline options, e.g. ``["--runner=DataflowRunner", ...]``.
+        progress: show a progress counter for local runs.
+        examples_per_task: examples per mix bucket (default 128; never changes output).
+
+    Raises:
+        PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
+            slide or tile.
+    """
+    from ..io.manifest import load_slide_manifest
+
+    manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
+                                   group_column=job.mix.group_column)
+    from ..steps.stain import resolve_stain
+
+    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                          [s.slide_id for s in manifest.slides])
+    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
+    try:
+        resumed = _job.prepare_output(job.output, fingerprint)
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
+    params = _job.job_params(job, "beam", workers=workers,
+                             beam_options=[a for a in beam_args],
+                             run_fingerprint=_job.fingerprint_digest(fingerprint))
+    options = local_pipeline_options(workers, beam_args)
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    with _job.progress_reporter(job.output, enabled=progress):
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params,
+                       examples_per_task=examples_per_task, resumed=resumed, stain=stain)
+        try:
+            pipeline.run().wait_until_finish()
+        except Exception as err:
+            _job.reraise_pipeline_error(err)
+            raise
+    return _output.read_manifest(job.output.out_dir)

@@ -1,0 +1,397 @@
+"""Dask adapter: the offline SoftMix job on a `distributed` cluster.
+
+    manifest rows -> plan tasks (one per slide) -> strip tasks (pack each chunk column)
+                  -> run layout + pairing table on the client (one entry per slide)
+                  -> pair tasks (one per strip) -> bag shuffle of specs by bucket
+                  -> mix tasks (one per bucket) -> concat tasks (one per shard)
+                  -> accounting + manifest.json on the client
+
+Like `beam_transforms`, this module only decides *where* the steps of `tasks` run;
+it computes nothing itself. Futures carry the data-dependent phases (how many strips a
+slide has is known only after planning); the client only ever gathers small results:
+`(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
+shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
+(coordinates only) regrouped by bucket, is a `dask.bag` task shuffle. Pixels never
+enter the graph: they go from the slides into the tile packs and from the packs into
+the bucket files in the run's staging area (see `pipeline.steps.pack` for why).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import operator
+import os
+import threading
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from ..config import JobConfig, MixConfig
+from ..errors import PipelineError
+from ..run import job as _job
+from ..run import output as _output
+
+__all__ = [
+    "WorkerMemoryMonitor",
+    "measure_peak_worker_rss",
+    "run_dask",
+    "run_job",
+    "start_local_cluster",
+]
+
+logger = logging.getLogger(__name__)
+
+# --- Client side -----------------------------------------------------------------------
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _first(pair: tuple[Any, Any]) -> Any:
+    return pair[0]
+
+
+def _specs_of(*paired: tuple[list, Any]) -> list:
+    return [item for specs, _ in paired for item in specs]
+
+
+def _second(pair: tuple[Any, Any]) -> Any:
+    return pair[1]
+
+
+def _strip_size(result: Any) -> tuple[str, int, int]:
+    return (result.slide_id, result.strip, len(result.tiles))
+
+
+def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
+               progress_dir: str | None) -> Any:
+    from ..run.tasks import mix_bucket
+
+    bucket, items = group
+    return mix_bucket(bucket, [spec for _, spec in items], layout, config, num_classes,
+                      progress_dir=progress_dir)
+
+
+def _bucket_key(item: tuple[Any, Any]) -> Any:
+    return item[0]
+
+
+def run_job(client: Any, job: JobConfig, *, progress: bool = True,
+            examples_per_task: int | None = None,
+            extra_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Run the whole job on the cluster behind `client` and return the written manifest.
+
+    The Python API for users who already hold a `distributed.Client`; the workers must
+    see the slides and `job.output.out_dir` at the same paths/URLs as the client.
+
+    Args:
+        client: a connected `distributed.Client`.
+        job: the run's configuration.
+        progress: show a progress counter (local output only).
+        examples_per_task: examples per mix bucket (default 128).
+        extra_params: more entries for the manifest's `params`.
+
+    Raises:
+        PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
+            slide or tile.
+    """
+    try:
+        manifest = _prepare(job)
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
+    return _run_prepared(client, job, manifest, progress=progress,
+                         examples_per_task=examples_per_task, extra_params=extra_params)
+
+
+def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
+    """Check the manifest, the stain target and the output directory before any
+    cluster work.
+
+    Returns:
+        `(slide manifest, run fingerprint digest, whether an interrupted run resumes,
+        the run's `stain.StainSpec` or None)`.
+
+    Raises:
+        _job.RunFinished: `--resume` of a run that already finished.
+    """
+    from ..io.manifest import load_slide_manifest
+    from ..steps.stain import resolve_stain
+
+    manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
+                                   group_column=job.mix.group_column)
+    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
+                          [s.slide_id for s in manifest.slides])
+    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
+    resumed = _job.prepare_output(job.output, fingerprint)
+    return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
+
+
+def _stain_fit_of(plan: Any) -> tuple[str, str] | None:
+    return (plan.slide_id, plan.stain_fit) if plan.failure is None and plan.stain_fit else None
+
+
+def _without_tiles(plan: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(plan, tiles=(), skipped=())
+
+
+def _pack_stained(task: Any, stain: Any, *, staging: str, read_cache_mb: float,
+                  on_error: str) -> Any:
+    from ..run.tasks import pack_task
+    from ..steps.stain import strip_transform
+
+    return pack_task(task, staging, read_cache_mb, on_error,
+                     transform=strip_transform(task, stain))
+
+
+def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, Any], *,
+                  progress: bool,
+                  examples_per_task: int | None,
+                  extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
+    import dask
+    import dask.bag as db
+
+    from ..run import tasks as _stages
+    from ..steps.pack import split_plan
+    from ..steps.pair import PairingTable
+
+    manifest, digest, resumed, stain = prepared
+    class_names, slides = manifest.class_names, manifest.slides
+    num_classes = len(class_names)
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    params = _job.job_params(job, "dask", workers=len(workers), **dict(extra_params or {}),
+                             run_fingerprint=digest)
+    on_error = job.output.on_error
+    staging = _job.staging_dir(job.output)
+    run_id = uuid.uuid4().hex[:8]
+    held: list[Any] = []
+    try:
+        # 1. Plan every slide; only (channels, dtype) come back to the client.
+        raw = client.map(_stages.plan_task, list(slides), config=job.tile, on_error=on_error,
+                         class_names=tuple(class_names), staging=staging,
+                         key=[f"softmix-plan-{run_id}-{i}" for i in range(len(slides))])
+        held += raw
+        kinds = [k for ks in client.gather(client.map(_stages.plan_kind, raw)) for k in ks]
+        majority = _stages.majority_kind(kinds)
+        plans = client.map(_stages.reconcile_plan, raw, majority=majority)
+        held += plans
+        plan_acc = client.gather(client.map(_output.Accounting.from_plan, plans))
+        slide_fits: dict[str, str] = {}
+        if stain is not None:
+            if stain.target is None:  # only the target slide's plan comes back
+                index = [s.slide_id for s in slides].index(stain.source)
+                stain = stain.with_slide_fit(
+                    [client.submit(_without_tiles, raw[index]).result()])
+            slide_fits = dict(f for f in client.gather(client.map(_stain_fit_of, plans)) if f)
+        # 2. Cut plans into strips on the workers and pack every strip.
+        strip_lists = client.map(split_plan, list(slides), plans,
+                                 tile_size=job.tile.tile_size)
+        held += strip_lists
+        sizes = client.gather(client.map(len, strip_lists))
+        tasks = [client.submit(operator.getitem, lst, i, pure=False)
+                 for lst, n in zip(strip_lists, sizes, strict=True) for i in range(n)]
+        held += tasks
+        if stain is None:
+            results = client.map(_stages.pack_task, tasks, staging=staging,
+                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
+                                 pure=False)
+        else:
+            results = client.map(_pack_stained, tasks, stain=stain, staging=staging,
+                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
+                                 pure=False)
+        held += results
+        strip_acc = client.gather(client.map(_stages.strip_accounting, results))
+        summaries = client.gather(client.map(_strip_size, results))
+        # 3. The small run layout and pairing table, broadcast to every worker.
+        channels, dtype = majority if majority is not None else (3, "uint8")
+        layout = _stages.build_layout(
+            summaries, slides, job, staging,
+            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
+            examples_per_task=examples_per_task)
+        try:
+            table = PairingTable(layout.counts(), job.mix, num_classes)
+        except ValueError as err:
+            raise PipelineError(str(err)) from err
+        # Tasks, not `scatter`: a scattered value is lost with its worker, a task's
+        # result is recomputed.
+        layout_f = client.submit(_identity, layout, key=f"softmix-layout-{run_id}")
+        table_f = client.submit(_identity, table, key=f"softmix-table-{run_id}")
+        held += [layout_f, table_f]
+        # 4. Pair per strip, shuffle the (small) specs by bucket, mix each bucket.
+        paired = client.map(_stages.pair_strip, results, layout=layout_f, table=table_f)
+        held += paired
+        pair_acc = client.gather(client.map(_second, paired))
+        num_buckets = layout.num_shards * layout.buckets_per_shard
+        # A task shuffle costs ~n log n tasks for n input partitions: coalesce the
+        # strips' specs (coordinates only) into a few partitions per worker thread.
+        num_threads = sum(w.get("nthreads", 1) for w in workers.values())
+        parts = max(1, min(len(paired), 2 * num_threads))
+        bag = db.from_delayed([dask.delayed(_specs_of)(*paired[i::parts])
+                               for i in range(parts)])
+        grouped = bag.groupby(_bucket_key, shuffle="tasks",
+                              npartitions=max(1, min(num_buckets, 4 * num_threads)))
+        mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
+        total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
+                                                   + int(job.mix.keep_originals))
+        with _job.progress_reporter(job.output, enabled=progress, total=total):
+            buckets = client.gather(client.compute(mixed))
+        # 5. Concatenate each shard's buckets.
+        by_shard: dict[int, list] = collections.defaultdict(list)
+        for bucket in buckets:
+            by_shard[bucket.shard].append(bucket)
+        infos = client.gather(client.map(
+            _stages.finalize_shard, sorted(by_shard), [by_shard[s] for s in sorted(by_shard)],
+            num_shards=layout.num_shards, config=job.output, pure=False))
+    except PipelineError:
+        raise
+    except Exception as err:
+        _job.reraise_pipeline_error(err)
+        raise
+    finally:
+        client.cancel(held)
+    accounting = _output.Accounting.merge_all(
+        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets]
+    ).with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed)
+    section = stain.manifest_section(slide_fits) if stain is not None else None
+    return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
+                               params, stain=section)
+
+
+def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
+                        memory_limit: str | int = "4GiB") -> Any:
+    """A `distributed.LocalCluster` of `workers` processes, dashboard on a free port.
+
+    Each worker's TensorFlow gets `threads_per_worker` threads (`SOFTMIX_TF_THREADS`),
+    so workers x threads never oversubscribe the cores.
+    """
+    from distributed import LocalCluster
+
+    env = {"SOFTMIX_TF_THREADS": os.environ.get("SOFTMIX_TF_THREADS", str(threads_per_worker)),
+           "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                        processes=True, memory_limit=memory_limit, dashboard_address=":0",
+                        env=env, silence_logs=logging.ERROR)
+
+
+def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None,
+             workers: int = 1, memory_limit: str | int = "4GiB", threads_per_worker: int = 1,
+             progress: bool = True, examples_per_task: int | None = None) -> dict[str, Any]:
+    """Run the whole job on Dask and return the written manifest (`softmix dask`).
+
+    Uses `client` if given, else connects to `scheduler`, else starts (and closes) a
+    LocalCluster of `workers` processes with `memory_limit` and `threads_per_worker`
+    each. Prints the dashboard link.
+
+    Raises:
+        PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
+            slide or tile.
+    """
+    from distributed import Client
+
+    extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
+             "threads_per_worker": threads_per_worker}
+    try:
+        manifest = _prepare(job)  # bad input fails before any cluster starts
+    except _job.RunFinished as done:
+        print(done, flush=True)
+        return done.manifest
+    options = {"progress": progress, "examples_per_task": examples_per_task,
+               "extra_params": extra}
+    if client is not None:
+        return _run_prepared(client, job, manifest, **options)
+    if scheduler is not None:
+        with Client(scheduler) as own:
+            print(f"dask dashboard: {own.dashboard_link}", flush=True)
+            return _run_prepared(own, job, manifest, **options)
+    with start_local_cluster(workers, threads_per_worker=threads_per_worker,
+                             memory_limit=memory_limit) as cluster, Client(cluster) as own:
+        print(f"dask dashboard: {own.dashboard_link}", flush=True)
+        return _run_prepared(own, job, manifest, **options)
+
+
+# --- Memory measurement (benchmarks) ---------------------------------------------------
+
+
+def _process_rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def _process_peak_rss() -> int:
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+
+
+class WorkerMemoryMonitor:
+    """Poll every worker's RSS in a thread while a job runs (a context manager).
+
+    Attributes:
+        peak_rss: worker address -> highest polled RSS in bytes.
+        peak_maxrss: worker address -> the process's lifetime peak RSS (`ru_maxrss`),
+            read on exit; exact, where polling may miss short spikes.
+    """
+
+    def __init__(self, client: Any, interval: float = 0.2):
+        self._client = client
+        self._interval = interval
+        self.peak_rss: dict[str, int] = {}
+        self.peak_maxrss: dict[str, int] = {}
+
+    def _poll(self) -> None:
+        values = self._client.run(_process_rss, on_error="ignore")
+        for address, rss in values.items():
+            self.peak_rss[address] = max(rss, self.peak_rss.get(address, 0))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self._poll()
+            except Exception:  # noqa: BLE001 - a worker restarting must not end the poll
+                logger.debug("worker RSS poll failed", exc_info=True)
+
+    def __enter__(self) -> WorkerMemoryMonitor:
+        self._stop = threading.Event()
+        self._poll()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._poll()
+        self.peak_maxrss = dict(self._client.run(_process_peak_rss, on_error="ignore"))
+
+    @property
+    def peak_bytes(self) -> int:
+        """The highest RSS of any worker (polled or `ru_maxrss`), in bytes."""
+        return max([0, *self.peak_rss.values(), *self.peak_maxrss.values()])
+
+
+def measure_peak_worker_rss(job: JobConfig, *, workers: int = 1, threads_per_worker: int = 1,
+                            memory_limit: str | int = "4GiB", interval: float = 0.2,
+                            examples_per_task: int | None = None
+                            ) -> tuple[dict[str, Any], dict[str, int]]:
+    """Run `job` on a fresh LocalCluster and measure the workers' peak RSS.
+
+    For the benchmark "peak worker RSS with 4 vs 16 demo slides": a fresh cluster per
+    call, so `ru_maxrss` covers this run only.
+
+    Returns:
+        `(manifest, {"peak_rss_bytes": max over workers, "baseline_rss_bytes": max
+        worker RSS before the run})`.
+    """
+    from distributed import Client
+
+    with start_local_cluster(workers, threads_per_worker=threads_per_worker,
+                             memory_limit=memory_limit) as cluster, Client(cluster) as client:
+        baseline = max(client.run(_process_rss).values())
+        with WorkerMemoryMonitor(client, interval) as monitor:
+            manifest = run_job(client, job, progress=False, examples_per_task=examples_per_task)
+    return manifest, {"peak_rss_bytes": monitor.peak_bytes, "baseline_rss_bytes": baseline}

@@ -1,0 +1,1 @@
+"""One run: job parameters, the output directory's life cycle, checkpointed tasks."""

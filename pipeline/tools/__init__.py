@@ -1,0 +1,1 @@
+"""User tools around the job: demo data, preview contact sheets."""
