@@ -117,9 +117,11 @@ def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
     Raises:
         _job.RunFinished: `--resume` of a run that already finished.
     """
+    from ..io import storage
     from ..io.manifest import load_slide_manifest
     from ..steps.stain import resolve_stain
 
+    storage.ensure(job.output.storage_options)  # before any worker process starts
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
     stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
@@ -155,11 +157,14 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
     import dask
     import dask.bag as db
 
+    from ..io import storage
     from ..run import tasks as _stages
     from ..steps.pack import split_plan
     from ..steps.pair import PairingTable
 
     manifest, digest, resumed, stain = prepared
+    if job.output.storage_options:  # workers of a cluster started elsewhere, too
+        client.run(storage.ensure, job.output.storage_options)
     class_names, slides = manifest.class_names, manifest.slides
     num_classes = len(class_names)
     workers = client.scheduler_info(n_workers=-1)["workers"]

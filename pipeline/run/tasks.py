@@ -33,6 +33,7 @@ import numpy as np
 
 from ..accounting import Accounting
 from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..io import storage
 from ..records import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
 from ..steps.pack import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
 
@@ -95,15 +96,10 @@ def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
 
 
 def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
-    import tensorflow as tf
-
     from ..records import TileKey
 
     try:
-        if not tf.io.gfile.exists(path):
-            return None
-        with tf.io.gfile.GFile(path, "r") as handle:
-            data = json.loads(handle.read())
+        data = storage.read_json(path)  # one GET; absent -> FileNotFoundError
         level = data["level"]
         tiles = tuple(
             TileRecord(TileKey(record.slide_id, level, x, y), label=record.label_index,
@@ -116,7 +112,7 @@ def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
                          chunk_shape=tuple(data["chunk_shape"]), chunks_read=chunks_read,
                          bytes_read=bytes_read, requests=requests, reused=True,
                          stain_fit=data.get("stain_fit"))
-    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+    except (ValueError, KeyError, TypeError, OSError):
         return None
 
 
@@ -305,8 +301,6 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
                config: MixConfig, num_classes: int, *, progress_dir: str | None = None
                ) -> BucketResult:
     """Read a bucket's tiles from the packs, mix, encode and write its part file."""
-    import tensorflow as tf
-
     from ..dataset.schema import encode_example
     from ..dataset.shards import write_shard
     from ..steps.mix import configure_tensorflow, mix_examples
@@ -338,12 +332,11 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     pixels = dict(zip(keys, reader.read_many([locations[k] for k in keys]), strict=True))
     results = mix_examples(resolved, pixels.__getitem__, config, num_classes)
     records = [(r.spec.example_id, encode_example(r)) for r in results]
-    tf.io.gfile.makedirs(posixpath.dirname(path))
-    write_shard(path, records)
+    written = write_shard(path, records)  # size and CRC computed while writing
     report_progress(progress_dir, len(results))
     accounting = Accounting.from_written(results)
-    size, crc = file_crc32(path)
-    sidecar = {"digest": digest, "num_examples": len(results), "bytes": size, "crc32": crc,
+    sidecar = {"digest": digest, "num_examples": len(results), "bytes": written.num_bytes,
+               "crc32": written.crc32,
                "class_mass": list(accounting.class_mass),
                "ids": sorted(r.spec.example_id for r in results)}
     _write_text_atomic(path + ".json", json.dumps(sidecar))
@@ -352,18 +345,13 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
 
 def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResult | None:
     """A bucket file an earlier attempt completed and that still verifies, or None."""
-    import tensorflow as tf
-
-    try:
-        if not (tf.io.gfile.exists(path + ".json") and tf.io.gfile.exists(path)):
-            return None
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            sidecar = json.loads(handle.read())
+    try:  # the sidecar is written after the part file: no sidecar, no bucket
+        sidecar = storage.read_json(path + ".json")
         if sidecar.get("digest") != digest:
             return None
         if file_crc32(path) != (sidecar["bytes"], sidecar["crc32"]):
             return None
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
+    except (ValueError, KeyError, OSError, AttributeError):
         return None
     return BucketResult(bucket[0], bucket[1], path,
                         Accounting(class_mass=tuple(sidecar["class_mass"]),
@@ -379,33 +367,30 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     The shard's bytes depend only on which examples it holds, never on how they
     were bucketed (`examples_per_task`) or which engine mixed them.
     """
-    import tensorflow as tf
-
     from ..dataset.shards import merge_shards, shard_filename
     from .job import staging_dir
 
+    storage.ensure(config.storage_options)
     parts = []
     for bucket in sorted(buckets, key=lambda b: b.bucket):
-        with tf.io.gfile.GFile(bucket.path + ".json", "r") as handle:
-            parts.append((bucket.path, json.loads(handle.read())["ids"]))
+        parts.append((bucket.path, storage.read_json(bucket.path + ".json")["ids"]))
     name = shard_filename(config.name, shard, num_shards)
     path = posixpath.join(staging_dir(config), name)
     ids = sorted(i for _, part_ids in parts for i in part_ids)
     digest = f"{stable_hash('shard', ids, config.compression):016x}"
     try:
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            sidecar = json.loads(handle.read())
+        sidecar = storage.read_json(path + ".json")
         if sidecar["digest"] == digest and file_crc32(path) == (sidecar["bytes"],
                                                                 sidecar["crc32"]):
             from ..dataset.shards import ShardInfo
 
             return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"], reused=True)
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
+    except (ValueError, KeyError, OSError, TypeError):
         pass  # not there, or not verifiable: write it (again)
     info = merge_shards(path, parts, compression=config.compression)
-    size, crc = file_crc32(path)
     _write_text_atomic(path + ".json", json.dumps(
-        {"digest": digest, "num_examples": info.num_examples, "bytes": size, "crc32": crc}))
+        {"digest": digest, "num_examples": info.num_examples, "bytes": info.num_bytes,
+         "crc32": info.crc32}))
     return info
 
 

@@ -41,7 +41,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import posixpath
 import zlib
 from collections.abc import Iterator, Sequence
@@ -50,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SlideError, TileReadError
+from ..io import storage
 from ..records import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
 
 __all__ = [
@@ -248,7 +248,6 @@ def pack_strip(task: StripTask, staging: str, *,
         TileReadError: with ``on_error="fail"``, the first unusable tile.
     """
     import numcodecs
-    import tensorflow as tf
 
     from ..io.slides import open_slide
 
@@ -284,9 +283,8 @@ def pack_strip(task: StripTask, staging: str, *,
     if kept is not None:
         return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
-    tf.io.gfile.makedirs(posixpath.dirname(path))
     crc = 0
-    with tf.io.gfile.GFile(path + ".bin", "wb") as out:
+    with storage.writer(path + ".bin") as out:
         for tile in in_read_order:
             x, y = tile.key.x, tile.key.y
             try:
@@ -361,21 +359,14 @@ def _task_digest(task: StripTask) -> str:
 
 
 def _write_text_atomic(path: str, text: str) -> None:
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(posixpath.dirname(path))
-    temp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temp, path, overwrite=True)
+    """Write `path` whole (local: temp + rename; store: one upload), see `storage`."""
+    storage.write_text(path, text)
 
 
 def file_crc32(path: str) -> tuple[int, int]:
     """`(size, crc32)` of a file, read in 4 MiB blocks."""
-    import tensorflow as tf
-
     crc, size = 0, 0
-    with tf.io.gfile.GFile(path, "rb") as handle:
+    with storage.open_read(path) as handle:
         while block := handle.read(4 << 20):
             crc = zlib.crc32(block, crc)
             size += len(block)
@@ -389,19 +380,14 @@ def load_pack_result(task: StripTask, path: str) -> StripResult | None:
     written for the same task and its data file has the recorded size and CRC32;
     anything truncated or unverifiable is packed again.
     """
-    import tensorflow as tf
-
-    if not tf.io.gfile.exists(path + ".json") or not tf.io.gfile.exists(path + ".bin"):
-        return None
-    try:
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            index = json.loads(handle.read())
+    try:  # the index is written after the data: no index, no pack (one GET, no HEAD)
+        index = storage.read_json(path + ".json")
         if index.get("task") != _task_digest(task):
             return None
         if file_crc32(path + ".bin") != (index["bin_bytes"], index["bin_crc32"]):
             return None
         done = index["result"]
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
+    except (ValueError, KeyError, OSError, AttributeError):
         return None
     keys = {(x, y) for x, y, *_ in index["tiles"]}
     readable = tuple(t for t in task.tiles if (t.key.x, t.key.y) in keys)
@@ -426,12 +412,9 @@ class PackReader:
 
     def index(self, pack: str) -> dict[str, Any]:
         """The JSON index of `pack`."""
-        import tensorflow as tf
-
         found = self._indexes.get(pack)
         if found is None:
-            with tf.io.gfile.GFile(pack + ".json", "r") as handle:
-                found = json.loads(handle.read())
+            found = storage.read_json(pack + ".json")
             self._indexes[pack] = found
             while len(self._indexes) > self._max:
                 self._indexes.popitem(last=False)
@@ -448,41 +431,36 @@ class PackReader:
 
     def read_many(self, locations: Sequence[tuple[str, int]], *, threads: int = 8
                   ) -> list[np.ndarray]:
-        """Pixels of tiles ``(pack, local index)``, fetched concurrently."""
+        """Pixels of tiles ``(pack, local index)``.
+
+        The tiles of one pack are fetched together: neighbouring byte ranges coalesce
+        into one request (`storage.read_ranges`); packs are fetched concurrently.
+        """
         from concurrent.futures import ThreadPoolExecutor
 
         import numcodecs
 
         codec = numcodecs.Zstd()
-        indexes = [self.index(pack) for pack, _ in locations]
+        by_pack: dict[str, list[int]] = collections.defaultdict(list)
+        for position, (pack, _) in enumerate(locations):
+            by_pack[pack].append(position)
+        out: list[np.ndarray | None] = [None] * len(locations)
 
-        def fetch(item: tuple[tuple[str, int], dict[str, Any]]) -> np.ndarray:
-            (pack, local), index = item
-            _, _, offset, length, _ = index["tiles"][local]
-            raw = _read_range(pack + ".bin", offset, length)
+        def fetch(pack: str) -> None:
+            index = self.index(pack)
+            positions = by_pack[pack]
+            entries = [index["tiles"][locations[p][1]] for p in positions]
+            blobs = storage.read_ranges(pack + ".bin", [(e[2], e[3]) for e in entries])
             size, channels = index["tile_size"], index["num_channels"]
-            data = np.frombuffer(codec.decode(raw), dtype=np.dtype(index["dtype"]))
-            return data.reshape(size, size, channels)
+            for position, raw in zip(positions, blobs, strict=True):
+                data = np.frombuffer(codec.decode(raw), dtype=np.dtype(index["dtype"]))
+                out[position] = data.reshape(size, size, channels)
 
-        items = list(zip(locations, indexes, strict=True))
-        if len(items) <= 1 or threads <= 1:
-            return [fetch(item) for item in items]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(fetch, items))
-
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    if "://" not in path:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(length)
-    else:
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(length)
-    if len(data) != length:
-        raise OSError(f"tile pack {path} is truncated: wanted {length} bytes at {offset}, "
-                      f"got {len(data)}. Rerun with --overwrite.")
-    return data
+        packs = list(by_pack)
+        if len(packs) <= 1 or threads <= 1:
+            for pack in packs:
+                fetch(pack)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(fetch, packs))
+        return out  # type: ignore[return-value]
