@@ -592,6 +592,7 @@ def stream_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     num_parallel_reads: int | None = None,
     pack_threads: int | None = None,
+    storage_options: dict[str, Any] | str | None = None,
 ) -> Any:
     """Stream SoftMix examples from the slides of `manifest` into a `tf.data.Dataset`.
 
@@ -632,6 +633,9 @@ def stream_dataset(
         num_parallel_reads: work units read concurrently (default min(8, CPUs)).
         pack_threads: background packing threads (default min(4, CPUs)); each holds
             up to `read_cache_mb` of decoded rows.
+        storage_options: fsspec options for the manifest, the slides and `cache_dir`
+            when they are URLs (a dict or JSON text; flat or per protocol, as
+            ``softmix beam --storage-options``); None keeps those in force.
 
     Returns:
         A `tf.data.Dataset` of `(image, label)` (image [tile_size, tile_size, C] in the
@@ -645,8 +649,11 @@ def stream_dataset(
     """
     import tensorflow as tf
 
+    from ..io import storage
     from ..io.manifest import load_slide_manifest
 
+    if storage_options is not None:
+        storage.configure(storage_options)
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,

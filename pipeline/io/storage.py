@@ -228,8 +228,13 @@ def options_for(path: str, options: Mapping[str, Any] | None = None) -> dict[str
         for key, value in source.items():
             if key != "*" and aliases.get(key, key) == aliases.get(proto, proto):
                 merged.update(value)
-        return merged
-    return source
+    else:
+        merged = source
+    if proto in ("s3", "s3a"):
+        # s3fs sends a HEAD (for the size) before every whole-object GET unless its
+        # concurrent download is off; our objects (chunks, indexes, sidecars) are small.
+        merged.setdefault("max_concurrency", 1)
+    return merged
 
 
 def filesystem(path: str, options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
