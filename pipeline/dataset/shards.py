@@ -53,6 +53,9 @@ class ShardInfo:
     num_bytes: int
     reused: bool = dataclasses.field(default=False, compare=False)
     crc32: int | None = dataclasses.field(default=None, compare=False)
+    # Requests and bytes sent to a remote store while writing it (accounting only).
+    requests: int = dataclasses.field(default=0, compare=False)
+    bytes_written: int = dataclasses.field(default=0, compare=False)
 
 
 def shard_for(example_id: str, num_shards: int) -> int:

@@ -45,6 +45,7 @@ __all__ = [
     "ENV_OPTIONS",
     "StoreStats",
     "configure",
+    "counting",
     "create_exclusive",
     "current_options",
     "ensure",
@@ -113,6 +114,10 @@ class StoreStats:
         with _lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+        mine = getattr(_thread, "counts", None)
+        if mine is not None:
+            for name, value in counts.items():
+                mine[name] = mine.get(name, 0) + value
 
     def snapshot(self) -> dict[str, int]:
         with _lock:
@@ -128,6 +133,31 @@ class StoreStats:
 
 
 STATS = StoreStats()
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """Count the requests this thread sends through this module inside the block.
+
+    Yields a dict that holds, once the block exits, ``requests`` (all kinds),
+    ``writes`` and ``bytes_written`` (a task's share of `STATS`, thread-exact).
+    """
+    outer = getattr(_thread, "counts", None)
+    _thread.counts = {}
+    result: dict[str, int] = {}
+    try:
+        yield result
+    finally:
+        mine = _thread.counts
+        _thread.counts = outer
+        if outer is not None:
+            for name, value in mine.items():
+                outer[name] = outer.get(name, 0) + value
+        result["requests"] = sum(mine.get(k, 0) for k in
+                                 ("reads", "writes", "metadata", "listings", "deletes"))
+        result["writes"] = mine.get("writes", 0)
+        result["bytes_written"] = mine.get("bytes_written", 0)
 
 
 # --- Options ------------------------------------------------------------------------------

@@ -312,6 +312,11 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
         if index not in by_index:
             by_index[index] = write_staged_shard(config, index, num_shards, [])
     staging = staging_dir(config)
+    from ..accounting import Accounting
+
+    accounting = accounting + Accounting(
+        output_requests=sum(getattr(s, "requests", 0) for s in by_index.values()),
+        bytes_written=sum(getattr(s, "bytes_written", 0) for s in by_index.values()))
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
     manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
                                class_names, params, staged_dir=staging, stain=stain)

@@ -151,8 +151,11 @@ def pack_task(task: StripTask, staging: str, read_cache_mb: float, on_error: str
     """Pack one strip (see `pack.pack_strip`)."""
     from ..steps.pack import pack_strip
 
-    return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
-                      on_error=on_error)
+    with storage.counting() as sent:
+        result = pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
+                            on_error=on_error)
+    return dataclasses.replace(result, output_requests=sent["requests"],
+                               bytes_written=sent["bytes_written"])
 
 
 def strip_accounting(result: StripResult) -> Accounting:
@@ -161,7 +164,9 @@ def strip_accounting(result: StripResult) -> Accounting:
     return Accounting(tiles_skipped=skipped, tiles_pending=-sum(skipped.values()),
                       chunks_read=result.chunks_read, bytes_read=result.bytes_read,
                       bytes_needed=result.bytes_needed, requests=result.requests,
-                      pack_bytes=result.pack_bytes, resumed={"strips": int(result.reused)})
+                      pack_bytes=result.pack_bytes, resumed={"strips": int(result.reused)},
+                      output_requests=result.output_requests,
+                      bytes_written=result.bytes_written)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,6 +306,17 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
                config: MixConfig, num_classes: int, *, progress_dir: str | None = None
                ) -> BucketResult:
     """Read a bucket's tiles from the packs, mix, encode and write its part file."""
+    with storage.counting() as sent:
+        result = _mix_bucket(bucket, specs, layout, config, num_classes,
+                             progress_dir=progress_dir)
+    counted = Accounting(output_requests=sent["requests"],
+                         bytes_written=sent["bytes_written"])
+    return dataclasses.replace(result, accounting=result.accounting + counted)
+
+
+def _mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
+                config: MixConfig, num_classes: int, *, progress_dir: str | None = None
+                ) -> BucketResult:
     from ..dataset.schema import encode_example
     from ..dataset.shards import write_shard
     from ..steps.mix import configure_tensorflow, mix_examples
@@ -367,6 +383,14 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     The shard's bytes depend only on which examples it holds, never on how they
     were bucketed (`examples_per_task`) or which engine mixed them.
     """
+    with storage.counting() as sent:
+        info = _finalize_shard(shard, buckets, num_shards, config)
+    return dataclasses.replace(info, requests=sent["requests"],
+                               bytes_written=sent["bytes_written"])
+
+
+def _finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
+                    config: OutputConfig) -> Any:
     from ..dataset.shards import merge_shards, shard_filename
     from .job import staging_dir
 

@@ -119,6 +119,8 @@ class StripResult:
     bytes_needed: int = 0
     pack_bytes: int = 0
     reused: bool = False
+    output_requests: int = 0
+    bytes_written: int = 0
 
 
 def _tile_blocks(x: int, y: int, tile_size: int, chunk_shape: tuple[int, int]

@@ -50,7 +50,10 @@ class Server:
         self.process = process
 
     def requests(self) -> dict[str, int]:
-        """Requests answered so far, by HTTP method (S3 server only)."""
+        """Requests answered so far (S3 server only): by HTTP method (``"GET"``), by
+        kind of path and method (``"input:GET"``: slides and manifest; ``"staging:PUT"``;
+        ``"output:HEAD"``: OUT itself, any prefix starting ``out``) and bytes each way
+        (``"input:bytes_read"``, ``"output:bytes_written"``...)."""
         if self.kind != "s3":
             raise NotImplementedError("request counts come from the S3 server only")
         with urllib.request.urlopen(self.url + _COUNTS_PATH, timeout=10) as reply:
@@ -157,9 +160,26 @@ def _serve_s3(port: int) -> None:
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))])
             return [body]
+        path = environ.get("PATH_INFO", "")
+        kind = ("staging" if ".softmix.tmp-staging" in path
+                else "output" if "/out" in path else "input")
+        method = environ["REQUEST_METHOD"]
+        sent = int(environ.get("CONTENT_LENGTH") or 0)
         with lock:
-            counts[environ["REQUEST_METHOD"]] += 1
-        return moto_app(environ, start_response)
+            counts[method] += 1
+            counts[f"{kind}:{method}"] += 1
+            counts[f"{kind}:bytes_written"] += sent if method in ("PUT", "POST") else 0
+        body = moto_app(environ, start_response)
+        size = 0
+        chunks = []
+        for chunk in body:
+            size += len(chunk)
+            chunks.append(chunk)
+        if hasattr(body, "close"):
+            body.close()
+        with lock:
+            counts[f"{kind}:bytes_read"] += size if method == "GET" else 0
+        return chunks
 
     make_server("127.0.0.1", port, app, threaded=True).serve_forever()
 
