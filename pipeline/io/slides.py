@@ -601,7 +601,10 @@ def open_slide(
         else:
             store = zarr.storage.LocalStore(path_str, read_only=True)
         counting = CountingStore(store)
-        node = zarr.open(store=counting, mode="r")
+        try:  # Zarr v3 first: one zarr.json GET instead of probing v2 and v3 keys
+            node = zarr.open(store=counting, mode="r", zarr_format=3)
+        except FileNotFoundError:  # GroupNotFoundError too: a Zarr v2 store
+            node = zarr.open(store=counting, mode="r", zarr_format=2)
     except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError) as err:
         if not is_store and _is_url(path_str) and not _url_exists(path_str, options):
             raise SlideError(

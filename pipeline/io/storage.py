@@ -592,8 +592,8 @@ def move(source: str, target: str) -> None:
         return
     fs, inner = filesystem(source)
     _, target_inner = filesystem(target)
-    fs.copy(inner, target_inner)
-    STATS.add(writes=1)
+    fs.cp_file(inner, target_inner)  # server-side copy; `copy` would list both paths
+    STATS.add(metadata=1, writes=1)
     remove(source)
 
 

@@ -160,9 +160,11 @@ def _serve_s3(port: int) -> None:
             start_response("200 OK", [("Content-Type", "application/json"),
                                       ("Content-Length", str(len(body)))])
             return [body]
-        path = environ.get("PATH_INFO", "")
+        from urllib.parse import unquote
+
+        path = environ.get("PATH_INFO", "") + "?" + unquote(environ.get("QUERY_STRING", ""))
         kind = ("staging" if ".softmix.tmp-staging" in path
-                else "output" if "/out" in path else "input")
+                else "output" if "/out" in path or "prefix=out" in path else "input")
         method = environ["REQUEST_METHOD"]
         sent = int(environ.get("CONTENT_LENGTH") or 0)
         with lock:

@@ -117,13 +117,6 @@ def test_unknown_scheme_is_a_clear_error():
         storage.read_bytes("nosuch://bucket/key")
 
 
-def test_manifest_never_holds_storage_options(s3_store, s3_slides):
-    out = f"{s3_store.root}/secret-out"
-    assert cli_main(_argv("beam", s3_slides, out, s3_store, "--workers", "1")) == 0
-    text = storage.read_text(f"{out}/manifest.json")
-    assert "storage_options" not in text and "testing" not in text  # the credentials
-
-
 # --- Bucket to bucket ----------------------------------------------------------------------
 
 
@@ -134,6 +127,11 @@ def test_s3_beam_then_dask_overwrite_bucket_to_bucket(s3_store, s3_slides, refer
     assert _bucket_files(s3_store, out) == reference
     names = storage.listdir(out)
     assert _output.LOCK_NAME not in names and _job.STAGING_DIR not in names
+    text = storage.read_text(f"{out}/manifest.json")  # never the options (credentials)
+    assert "storage_options" not in text and "testing" not in text
+    accounting = json.loads(text)["accounting"]
+    assert accounting["output_requests"] > 0 and accounting["bytes_written"] > sum(
+        len(v) for v in reference.values())
     # A finished dataset is refused without --overwrite, by name.
     capsys.readouterr()
     assert cli_main(_argv("dask", s3_slides, out, s3_store, "--workers", "2")) == 1
