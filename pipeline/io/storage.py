@@ -531,6 +531,14 @@ def create_exclusive(path: str, data: bytes) -> None:
         return
     fs, inner = filesystem(path)
     STATS.add(writes=1, bytes_written=len(data))
+    if protocol(path) in ("az", "abfs", "abfss"):  # adlfs: upload with If-None-Match: *
+        try:
+            fs.pipe_file(inner, bytes(data), overwrite=False)
+        except Exception as err:
+            if "exist" in f"{type(err).__name__} {err}".lower():
+                raise FileExistsError(path) from err
+            raise
+        return
     try:
         fs.pipe_file(inner, bytes(data), mode="create")
     except FileExistsError:

@@ -275,3 +275,38 @@ def test_second_run_is_refused_by_name_and_dead_lock_taken_over(s3_store, s3_sli
     with pytest.raises(Exception, match="host 'elsewhere'"):
         _output.acquire_output_lock(out)
     storage.remove(f"{out}/{_output.LOCK_NAME}")
+
+
+# --- Request economy, counted by the S3 server ---------------------------------------------
+
+
+def test_requests_the_server_sees(s3_store):
+    server, base = s3_store.server, f"{s3_store.root}/economy"
+    data = bytes(range(256)) * 400
+    server.reset_requests()
+    storage.write_bytes(f"{base}/blob.bin", data)
+    assert storage.read_bytes(f"{base}/blob.bin") == data
+    ranges = [(1000, 50), (1100, 10), (5000, 300), (90_000, 7), (4000, 20)]
+    assert storage.read_ranges(f"{base}/blob.bin", ranges, gap=60_000) == [
+        data[o:o + n] for o, n in ranges]
+    seen = server.requests()
+    # One PUT, one GET for the whole object (no HEAD first), and the five ranges in two
+    # GETs (neighbours coalesced; the one 85 kB further on alone).
+    assert (seen.get("PUT"), seen.get("GET"), seen.get("HEAD", 0)) == (1, 3, 0)
+    server.reset_requests()
+    with pytest.raises(FileNotFoundError):
+        storage.read_json(f"{base}/missing.json")  # a sidecar check: one GET, no HEAD
+    assert server.requests().get("GET") == 1 and "HEAD" not in server.requests()
+
+
+def test_writer_commits_only_on_success(s3_store, tmp_path):
+    for base in (str(tmp_path), f"{s3_store.root}/writer"):
+        with pytest.raises(RuntimeError), storage.writer(f"{base}/x.bin") as handle:
+            handle.write(b"partial")
+            raise RuntimeError("the task died")
+        assert not storage.exists(f"{base}/x.bin") and storage.listdir(base) == []
+        with storage.writer(f"{base}/x.bin") as handle:
+            handle.write(b"whole")
+        assert storage.read_bytes(f"{base}/x.bin") == b"whole"
+        with pytest.raises(FileExistsError):
+            storage.create_exclusive(f"{base}/x.bin", b"again")
