@@ -110,6 +110,23 @@ def test_storage_options_per_protocol_and_flat():
         storage.parse_options("endpoint_url=http://a")
 
 
+def test_missing_client_names_the_package(monkeypatch):
+    import importlib
+
+    from pipeline.errors import PipelineError
+
+    registry = importlib.import_module("fsspec.registry")  # the module, not fsspec.registry
+
+    # As on a machine without gcsfs: fsspec cannot import the class behind gs://.
+    monkeypatch.setitem(registry.known_implementations, "gs",
+                        {"class": "no_such_gcsfs.GCSFileSystem", "err": "Please install gcsfs"})
+    monkeypatch.setattr(registry, "_registry",
+                        {k: v for k, v in registry._registry.items() if k not in ("gs", "gcs")})
+    with pytest.raises(PipelineError, match=r"client 'gcsfs' is not installed.*pip install "
+                       r"gcsfs"):
+        storage.read_bytes("gs://bucket/manifest.csv")
+
+
 def test_unknown_scheme_is_a_clear_error():
     from pipeline.errors import PipelineError
 
