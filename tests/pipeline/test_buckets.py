@@ -327,3 +327,18 @@ def test_writer_commits_only_on_success(s3_store, tmp_path):
         assert storage.read_bytes(f"{base}/x.bin") == b"whole"
         with pytest.raises(FileExistsError):
             storage.create_exclusive(f"{base}/x.bin", b"again")
+
+
+def test_lock_heartbeat_renews_the_lease(gcs_store, monkeypatch):
+    monkeypatch.setenv("SOFTMIX_LOCK_LEASE_S", "1.5")
+    out = f"{gcs_store.root}/heartbeat"
+    lock = _output.acquire_output_lock(out)
+    try:
+        deadline = time.monotonic() + 20
+        while _output.read_output_lock(out)["heartbeat"] == lock["heartbeat"]:
+            assert time.monotonic() < deadline, "the heartbeat was never renewed"
+            time.sleep(0.2)
+        assert _output.read_output_lock(out)["run_id"] == lock["run_id"]
+    finally:
+        assert _output.release_output_lock(out, run_id=lock["run_id"])
+    assert _output.read_output_lock(out) is None
