@@ -586,10 +586,16 @@ def writer(path: str) -> Iterator[IO[bytes]]:
         spool.seek(0)
         if nbytes <= _SPOOL_BYTES:
             fs.pipe_file(inner, spool.read())
-        else:
-            with fs.open(inner, "wb", block_size=32 << 20) as out:
+        else:  # a multipart upload, completed only if every part went up
+            out = fs.open(inner, "wb", block_size=32 << 20)
+            try:
                 while block := spool.read(32 << 20):
                     out.write(block)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    out.discard()  # abort: nothing appears under `path`
+                raise
+            out.close()
         STATS.add(writes=max(1, -(-nbytes // (32 << 20))), bytes_written=nbytes)
 
 

@@ -149,6 +149,12 @@ def ensure_output_dir(out_dir: str) -> bool:
         if is_object:
             raise OutputExistsError(f"Output path {out_dir!r} exists and is an object, not "
                                     "a prefix. Choose a directory path for --out.")
+        bucket = out_dir.split("://", 1)[0] + "://" + out_dir.split("://", 1)[1].split("/")[0]
+        if not storage.exists(bucket):
+            raise PipelineError(
+                f"Cannot write to {out_dir!r}: the bucket {bucket!r} does not exist or is "
+                "not reachable with these credentials. Create it first, or check "
+                "--storage-options (endpoint_url, credentials).")
         return True
     if not os.path.exists(out_dir):
         parent = posixpath.dirname(out_dir.rstrip("/"))

@@ -342,3 +342,13 @@ def test_lock_heartbeat_renews_the_lease(gcs_store, monkeypatch):
     finally:
         assert _output.release_output_lock(out, run_id=lock["run_id"])
     assert _output.read_output_lock(out) is None
+
+
+@pytest.mark.parametrize("store_name", ["s3_store", "gcs_store"])
+def test_missing_bucket_is_named(store_name, request):
+    from pipeline.errors import PipelineError
+
+    store = request.getfixturevalue(store_name)
+    with pytest.raises(PipelineError, match="the bucket .*no-such-bucket.* does not exist"):
+        _output.ensure_output_dir(f"{store.protocol}://no-such-bucket/out")
+    assert _output.ensure_output_dir(f"{store.root}/fresh-out") is True
