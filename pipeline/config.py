@@ -13,6 +13,7 @@ __all__ = [
     "JobConfig",
     "MixConfig",
     "OutputConfig",
+    "STAIN_FIT_TILES",
     "STAIN_NORMS",
     "TISSUE_MODES",
     "TileConfig",
@@ -24,6 +25,10 @@ PAIRING_POLICIES = ("random", "cross-class", "balanced")
 TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
 # `softmix_tf.stain` methods the job can normalise tiles with (SPEC section 4c).
 STAIN_NORMS = ("none", "reinhard", "macenko")
+# Tiles a slide's stain fit reads by default, and at most (each up to tile_size^2 pixels;
+# `pipeline.steps.stain.fit_slide` strides them down to 4 Mpx).
+STAIN_FIT_TILES = 32
+MAX_STAIN_FIT_TILES = 1024
 # A stride below tile_size / STRIDE_WARN_RATIO makes each pixel part of more than
 # STRIDE_WARN_RATIO**2 tiles: the tile count (and the output) explodes.
 STRIDE_WARN_RATIO = 8
@@ -79,12 +84,16 @@ class TileConfig:
             "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
             greyscale brightfield).
         stain_norm: "none", "reinhard" or "macenko": normalise every tile's stain
-            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue on
-            `tissue_level` toward `stain_target`. Needs RGB uint8 slides.
+            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue
+            (on a sample of its kept tiles, at the tiled level) toward `stain_target`.
+            Needs RGB uint8 slides.
         stain_target: the fit tiles are normalised toward: "builtin" (the H&E
             reference of `softmix_tf.stain.builtin_reference`), a slide id of the
             manifest (that slide's fit), or the path of a fit JSON written from
             `fit.to_dict()`. Only with `stain_norm` other than "none".
+        stain_fit_tiles: how many of a slide's kept tiles (a tissue-weighted, fixed
+            sample) its stain fit reads, in 1..MAX_STAIN_FIT_TILES. Only with
+            `stain_norm` other than "none".
     """
 
     tile_size: int = 256
@@ -97,6 +106,7 @@ class TileConfig:
     tissue_mode: str = "auto"
     stain_norm: str = "none"
     stain_target: str = "builtin"
+    stain_fit_tiles: int = STAIN_FIT_TILES
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
@@ -136,6 +146,19 @@ class TileConfig:
             raise ValueError(
                 f"`stain_target` ({self.stain_target!r}) needs stain normalisation: pass "
                 "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop the target."
+            )
+        tiles = self.stain_fit_tiles
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or not (
+            1 <= tiles <= MAX_STAIN_FIT_TILES
+        ):
+            raise ValueError(
+                f"`stain_fit_tiles` must be an int in 1..{MAX_STAIN_FIT_TILES} (tiles a "
+                f"slide's stain fit reads). Received: stain_fit_tiles={tiles!r}"
+            )
+        if self.stain_norm == "none" and tiles != STAIN_FIT_TILES:
+            raise ValueError(
+                f"`stain_fit_tiles` ({tiles}) needs stain normalisation: pass "
+                "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop it."
             )
 
     @property

@@ -331,7 +331,8 @@ def _write_json_atomic(path: str, payload: Any) -> None:
     directory, base = posixpath.split(path)
     temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
     with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(json.dumps(payload, indent=2) + "\n")
+        # allow_nan=False: NaN / Infinity are not JSON; a value like that is a bug upstream.
+        handle.write(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     tf.io.gfile.rename(temp, path, overwrite=True)
 
 
