@@ -22,6 +22,14 @@ Fits need `min_tissue_pixels` (default 100) tissue pixels; the public fit functi
 `ValueError` eagerly and fail a `tf.debugging` check in graphs (XLA drops that check, so
 check fits eagerly where a slide may have no tissue). `normalize(images)` without a
 source fits each image itself and returns images without enough tissue unchanged.
+`fit_from_dict` and `normalize` (with eager fits) raise `ValueError` naming the field of a
+fit with NaN, Infinity or values no fit can have (a stain vector that is not unit length
+or has a negative component, parallel stain vectors, a max concentration or std <= 0, a
+Lab mean out of range): such a fit would turn every pixel black.
+
+Fits depend on resolution (averaging pixels lowers the 99th concentration percentiles):
+fit at the resolution you normalise. The built-in target is the SoftMix job's fit of
+CMU-1-Small-Region at full resolution (`_stain_reference`).
 
 Everything is pure TensorFlow and compiles with `tf.function(jit_compile=True)`, fits
 included (percentiles come from a two-pass histogram search instead of a sort; see

@@ -3,17 +3,20 @@
 With ``--stain-norm macenko|reinhard`` every tile is normalised before it is packed
 (so before any mixing), by `softmix_tf.stain`:
 
-- **Source fit, once per slide** (`fit_slide`): planning (`plan._plan`) already reads
-  the slide's low-resolution tissue level and computes its tissue mask; the slide's
-  fit is made there, on the masked pixels, and kept in its `SlidePlan` as JSON
-  (``fit.to_dict()``), in the plan sidecar (resumed runs keep it) and in the output's
-  ``manifest.json`` (``"stain": {"method", "target", "target_source", "fits"}``). A
-  slide whose fit fails (too little tissue, not RGB uint8) fails with reason
-  ``stain_fit``.
+- **Source fit, once per slide** (`fit_slide`), at planning (`plan._plan`): on a
+  tissue-weighted, fixed sample (`sample_fit_tiles`, ``stain_fit_tiles`` of them) of the
+  slide's kept tiles, read at the level tiles are cut from, i.e. on the pixels the fit is
+  applied to (a fit of a downsampled level has lower concentration percentiles and
+  darkens the tiles). Kept in its `SlidePlan` as JSON (``fit.to_dict()``), in the plan
+  sidecar (resumed runs keep it) and in the output's ``manifest.json`` (``"stain":
+  {"method", "target", "target_source", "fits"}``). A slide whose fit fails (too little
+  tissue, not RGB uint8, a fit that is not finite and in range) fails with reason
+  ``stain_fit``; a slide without kept tiles has no fit.
 - **Target** (`resolve_stain`, on the client before any work): ``builtin`` is
   `builtin_reference(method)`; a slide id of the manifest is that slide's fit, known
   once it is planned (`StainSpec.with_slide_fit`: a Beam singleton side input, a Dask
-  future of that one plan); a path is a fit JSON loaded up front.
+  future of that one plan); a path is a fit JSON loaded and checked (finite, in range)
+  up front.
 - **Applying** (`TileTransform`, passed to `pack_task` as its ``transform``):
   ``normalize(tile[None], source, target, method)`` through one traced, XLA-compiled
   `tf.function` per process and method (uint8 in, uint8 out). Every engine and the stream use this
