@@ -264,3 +264,26 @@ def test_stain_fit_tiles_option(synthetic_dataset, tmp_path, capsys):
                   str(tmp_path / "out"), *argv])
         assert exit_info.value.code == 2
         assert "stain-fit-tiles" in capsys.readouterr().err.replace("_", "-")
+
+
+def test_unreadable_tiles_are_passed_over_by_the_fit(tmp_path):
+    image = _on_plane_image(512, 512, (0, 0, 512, 512), seed=5)
+    manifest = _manifest(tmp_path, {"s": image})
+    root = tmp_path / "s.ome.zarr"
+    level0 = json.loads((root / "zarr.json").read_text())["attributes"]["ome"][
+        "multiscales"][0]["datasets"][0]["path"]
+    (root / level0 / "c" / "0" / "1" / "2").write_bytes(b"not a chunk")  # tile y=128, x=256
+    record = load_slide_manifest(str(manifest)).slides[0]
+    plan = plan_slide(record, TileConfig(tile_size=128, stain_norm="reinhard"), on_error="fail")
+    assert len(plan.tiles) == 16
+    readable = [image[y:y + 128, x:x + 128] for y in range(0, 512, 128)
+                for x in range(0, 512, 128) if (y, x) != (128, 256)]
+    want = stain.reinhard_fit(np.stack(readable))
+    got = stain.fit_from_dict(json.loads(plan.stain_fit))
+    np.testing.assert_allclose(got.means.numpy(), want.means.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(got.stds.numpy(), want.stds.numpy(), rtol=1e-5)
+    for chunk in (root / level0 / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk")
+    plan = plan_slide(record, TileConfig(tile_size=128, stain_norm="reinhard"))
+    assert plan.failure == "stain_fit" and "cannot read any of the 16 tile(s)" in plan.message
