@@ -7,6 +7,7 @@ one concept has one name everywhere (`softness` <-> `--softness`).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 __all__ = [
     "PAIRING_POLICIES",
@@ -115,8 +116,8 @@ class TileConfig:
             raise ValueError(f"`stride` must be >= 1. Received: stride={self.stride}")
         if self.level < 0:
             raise ValueError(f"`level` must be >= 0. Received: level={self.level}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ValueError(f"`mpp` must be > 0. Received: mpp={self.mpp}")
+        if self.mpp is not None and not 0 < self.mpp < math.inf:
+            raise ValueError(f"`mpp` must be finite and > 0. Received: mpp={self.mpp}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ValueError(
                 f"`min_tissue` must be in [0, 1]. Received: min_tissue={self.min_tissue}"
@@ -219,8 +220,8 @@ class MixConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", parse_grid(self.grid))
-        if not self.alpha > 0:
-            raise ValueError(f"`alpha` must be > 0. Received: alpha={self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be finite and > 0. Received: alpha={self.alpha}")
         if not 0.0 <= self.softness <= 1.0:
             raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
         if self.ramp not in ("cosine", "linear"):
@@ -285,9 +286,10 @@ class OutputConfig:
             )
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"`num_shards` must be >= 1. Received: num_shards={self.num_shards}")
-        if not self.shard_size_mb > 0:
+        if not 0 < self.shard_size_mb < math.inf:
             raise ValueError(
-                f"`shard_size_mb` must be > 0. Received: shard_size_mb={self.shard_size_mb}"
+                "`shard_size_mb` must be finite and > 0. "
+                f"Received: shard_size_mb={self.shard_size_mb}"
             )
         if self.on_error not in ON_ERROR:
             raise ValueError(
@@ -320,9 +322,9 @@ class JobConfig:
     read_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        if not self.read_cache_mb > 0:
-            raise ValueError(
-                f"`read_cache_mb` must be > 0. Received: read_cache_mb={self.read_cache_mb}")
+        if not 0 < self.read_cache_mb < math.inf:
+            raise ValueError("`read_cache_mb` must be finite and > 0. "
+                             f"Received: read_cache_mb={self.read_cache_mb}")
         rows, cols = self.mix.grid
         if max(rows, cols) > self.tile.tile_size:
             raise ValueError(

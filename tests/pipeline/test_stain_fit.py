@@ -287,3 +287,24 @@ def test_unreadable_tiles_are_passed_over_by_the_fit(tmp_path):
             chunk.write_bytes(b"not a chunk")
     plan = plan_slide(record, TileConfig(tile_size=128, stain_norm="reinhard"))
     assert plan.failure == "stain_fit" and "cannot read any of the 16 tile(s)" in plan.message
+
+
+@pytest.mark.parametrize("flag", ["--alpha", "--mpp", "--read-cache-mb", "--shard-size-mb"])
+def test_infinite_options_are_refused_so_manifest_json_holds_no_infinity(
+        synthetic_dataset, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["beam", "--manifest", str(synthetic_dataset.manifest_path), "--out",
+              str(tmp_path / "out"), flag, "inf"])
+    assert exit_info.value.code == 2
+    assert "finite" in capsys.readouterr().err
+
+
+def test_manifest_json_is_never_written_with_nan(tmp_path):
+    from pipeline.run.output import _write_json_atomic
+
+    path = tmp_path / "manifest.json"
+    with pytest.raises(ValueError, match="JSON compliant"):
+        _write_json_atomic(str(path), {"stain": {"target": {"stds": [float("nan")]}}})
+    assert list(tmp_path.iterdir()) == []  # not even a temporary file
+    _write_json_atomic(str(path), {"ok": 1.5})
+    assert json.loads(path.read_text()) == {"ok": 1.5}
