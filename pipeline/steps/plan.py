@@ -454,13 +454,15 @@ def plan_slide(
     on_error: str = "skip",
     class_names: Sequence[str] | None = None,
 ) -> SlidePlan:
-    """Tile one slide and keep the tiles with enough tissue; no tile pixel is read.
+    """Tile one slide and keep the tiles with enough tissue; no tile pixel is read
+    (with ``config.stain_norm``: only the tiles of the slide's stain fit).
 
     Chooses the level (``config.mpp`` if set, else ``config.level``), lays out the
     tile grid (`tile_grid`), computes `tissue_mask` on ``config.tissue_level`` (the
     lowest resolution by default) and keeps tiles whose `tissue_fraction` is at least
     ``config.min_tissue`` (all tiles, without reading anything, when it is 0). Each
-    rejected tile is counted under ``skipped["background"]``.
+    rejected tile is counted under ``skipped["background"]``. With ``config.stain_norm``,
+    the plan's ``stain_fit`` is `stain.fit_slide` of a sample of the kept tiles.
 
     With ``config.label_image`` set, each kept tile's ``soft_label`` is the class
     fractions of the labelled pixels (value 0 = unlabelled, values 1..K = classes in
@@ -482,7 +484,8 @@ def plan_slide(
     Raises:
         SlideError: with ``on_error="fail"``: ``missing``, ``not_zarr``,
             ``bad_metadata``, ``unsupported_axes``, ``level_out_of_range``, ``no_units``,
-            ``mpp_out_of_range``, ``too_small``, ``no_tissue``, ``read_error``...
+            ``mpp_out_of_range``, ``too_small``, ``no_tissue``, ``read_error``,
+            ``stain_fit``...
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"`on_error` must be 'skip' or 'fail'. Received: on_error={on_error!r}")
