@@ -391,7 +391,10 @@ def release_output_lock(out_dir: str, *, run_id: str | None = None,
 
 def _write_json_atomic(path: str, payload: Any) -> None:
     """Local: temporary name + rename; store: one upload (see `storage.write_bytes`)."""
-    storage.write_json(path, payload, indent=2)
+    # allow_nan=False: NaN / Infinity are not JSON; a value like that is a bug upstream.
+    # Serialised before anything is opened, so an error leaves no temporary behind.
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    storage.write_text(path, text)
 
 
 def _tensor(dtype: str, dims: Sequence[int] = ()) -> dict[str, Any]:
