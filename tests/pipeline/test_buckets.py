@@ -352,3 +352,27 @@ def test_missing_bucket_is_named(store_name, request):
     with pytest.raises(PipelineError, match="the bucket .*no-such-bucket.* does not exist"):
         _output.ensure_output_dir(f"{store.protocol}://no-such-bucket/out")
     assert _output.ensure_output_dir(f"{store.root}/fresh-out") is True
+
+
+@pytest.mark.parametrize("compression", [None, "GZIP"])
+def test_shards_on_a_bucket_equal_local_shards(s3_store, tmp_path, compression):
+    from pipeline.dataset.shards import merge_shards, write_shard
+
+    records = [(f"id-{i:03d}", bytes([i]) * (i * 37)) for i in range(40)]
+    local = write_shard(str(tmp_path / "a.tfrecord"), records, compression=compression)
+    remote = write_shard(f"{s3_store.root}/shards/a.tfrecord", records,
+                         compression=compression)
+    data = (tmp_path / "a.tfrecord").read_bytes()
+    assert storage.read_bytes(f"{s3_store.root}/shards/a.tfrecord") == data
+    assert (remote.num_bytes, remote.crc32) == (local.num_bytes, local.crc32)
+    with storage.open_read(f"{s3_store.root}/shards/a.tfrecord", block_size=1024) as handle:
+        assert list(iter_records(handle, compression=compression)) == [r for _, r in records]
+    # A shard merged from parts on the bucket equals the one written at once.
+    parts = []
+    for k in range(2):
+        part = records[k::2]
+        write_shard(f"{s3_store.root}/shards/part-{k}", part)
+        parts.append((f"{s3_store.root}/shards/part-{k}", [i for i, _ in part]))
+    merged = merge_shards(f"{s3_store.root}/shards/m.tfrecord", parts, compression=compression)
+    assert storage.read_bytes(f"{s3_store.root}/shards/m.tfrecord") == data
+    assert merged.num_examples == 40
