@@ -128,6 +128,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--workers", type=_positive_int, default=1,
                      help="local worker processes (>= 1)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-report", action="store_true",
+                     help="do not write OUT/report.html at the end of the run (write it "
+                     "later with `softmix report OUT`)")
     run.add_argument("--verbose", action="store_true",
                      help="show library logs (TensorFlow, Beam, Dask) and full tracebacks")
     run.add_argument("--read-cache-mb", type=float, default=256.0,
@@ -232,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--stain", action="store_true",
                          help="add a row: raw source tiles read from their slides next to "
                          "their stain-normalised versions (runs with --stain-norm)")
+
+    report = sub.add_parser("report", help="write OUT/report.html: slides, tiles, skips, "
+                            "accounting, labels, lam, pairing (self-contained, offline)")
+    report.add_argument("out", help="output directory of a finished run (path or URL)")
+    report.add_argument("--max-examples", type=_positive_int, default=20_000,
+                        help="read whole shards until this many examples are read, for the "
+                        "lam / class / pairing plots (default 20000)")
+    report.add_argument("--stain-tiles", type=int, default=3,
+                        help="tiles per slide shown raw and normalised, for runs with "
+                        "--stain-norm (default 3)")
+    report.add_argument("--workers", type=_positive_int, default=None,
+                        help="threads drawing slides (default 2 x CPUs, at most 16)")
     return parser
 
 
@@ -482,6 +497,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  stain=args.stain)
             print(f"preview: {path}")
             return 0
+        if args.command == "report":
+            from .tools.report import write_report
+
+            path = write_report(args.out, workers=args.workers, max_examples=args.max_examples,
+                                stain_tiles=args.stain_tiles)
+            print(f"report: {path}")
+            return 0
     except PipelineError as err:
         print(f"softmix: error: {err}", file=sys.stderr)
         return 1
@@ -532,7 +554,23 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
     from .run.job import exit_status, summary_table
 
     print(summary_table(result))
-    return exit_status(result)
+    status = exit_status(result)
+    if status == 0 and not args.no_report:
+        _write_run_report(job.output.out_dir, verbose=verbose)
+    return status
+
+
+def _write_run_report(out_dir: str, *, verbose: bool) -> None:
+    """`softmix report OUT` at the end of a run; a failure is a warning, not the run's."""
+    try:
+        from .tools.report import write_report
+
+        print(f"report: {write_report(out_dir)}")
+    except Exception as err:  # noqa: BLE001 - the dataset is published either way
+        if verbose:
+            raise
+        print(f"softmix: warning: the run report was not written ({type(err).__name__}: "
+              f"{err}); retry with `softmix report {out_dir}`.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from ..config import OutputConfig
 from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from ..errors import OutputExistsError, PipelineError
 from .job import STAGING_DIR
+from .tile_record import REPORT_FILES, publish_report_files
 
 __all__ = [
     "DATASET_FORMAT",
@@ -525,7 +526,7 @@ def finalize_output(
         "num_examples": num_examples,
         "class_names": list(class_names),
         "shards": [{"file": s.file, "num_examples": s.num_examples} for s in ordered],
-        "files": [*expected, *tfds_files, PREVIEW_NAME],
+        "files": [*expected, *tfds_files, PREVIEW_NAME, *REPORT_FILES],
         "image": _first_image(source_dir, ordered, config.compression),
         "params": all_params,
         "accounting": accounting.to_dict(len(class_names)),
@@ -553,11 +554,12 @@ def finalize_output(
         _write_json_atomic(posixpath.join(out_dir, "dataset_info.json"),
                            tfds_dataset_info(config.name, ordered, description))
     if old is not None:
-        keep = set(expected) | set(tfds_files)
+        keep = set(expected) | set(tfds_files) | set(REPORT_FILES)
         for name in dataset_files(old):
             path = posixpath.join(out_dir, name)
             if name not in keep and name != MANIFEST_NAME and tf.io.gfile.exists(path):
                 tf.io.gfile.remove(path)
+    publish_report_files(out_dir, staged_dir)
     _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
 
