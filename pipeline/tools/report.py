@@ -588,7 +588,8 @@ text-align:left;vertical-align:top}.num{text-align:right;font-variant-numeric:ta
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.ok{color:#080}.bad{color:#b00}
 .swatch{display:inline-block;width:12px;height:12px;margin:0 4px 0 10px;vertical-align:middle;
 border:1px solid #888}.muted{color:#777;font-size:12px}#slides td img{display:block}
-img{max-width:100%}#controls{margin:6px 0}#controls input,#controls select,#controls button{font-size:13px;margin-right:6px}
+img{max-width:100%}#controls{margin:6px 0}
+#controls input,#controls select,#controls button{font-size:13px;margin-right:6px}
 .msg{max-width:520px;font-size:12px;color:#555}
 """
 
