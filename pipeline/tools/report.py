@@ -77,7 +77,7 @@ def slide_png_name(slide_id: str) -> str:
     >>> slide_png_name("case-1")
     'case-1.png'
     >>> slide_png_name("../a b/c")
-    '_a_b_c-b3a1c5a2.png'
+    'a_b_c-b716564e.png'
     """
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", slide_id).strip("._")[:80]
     if safe == slide_id and safe:
@@ -417,7 +417,7 @@ def _render_slide(slide_id: str, info: Mapping[str, Any], entry: Mapping[str, An
 
 def _figure_png(fig: Any) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=80)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -426,6 +426,8 @@ def _figure_png(fig: Any) -> bytes:
 
 def _plots(manifest: Mapping[str, Any], sample: ShardSample, timeline: Mapping[str, Any] | None
            ) -> dict[str, bytes]:
+    """The run's plots: one figure of 4-5 panels (one savefig is much faster than five),
+    and the stain fits."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -435,61 +437,57 @@ def _plots(manifest: Mapping[str, Any], sample: ShardSample, timeline: Mapping[s
     k = len(names)
     out: dict[str, bytes] = {}
     acc = manifest["accounting"]
-    per_example = sample.examples or 1
-    scale = manifest["num_examples"] / per_example if sample.examples else 0.0
+    scale = manifest["num_examples"] / sample.examples if sample.examples else 0.0
+    stages = _stage_times(timeline)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5))
+    (ax_class, ax_lam, ax_pair), (ax_shard, ax_stage, ax_free) = axes
+    ax_free.set_visible(False)
 
-    fig, ax = plt.subplots(figsize=(5, 3))
     pos = np.arange(k)
     before = np.array([sample.a_class.get(i, 0) for i in range(k)], np.float64) * scale
     after = np.asarray(acc.get("class_histogram") or [0.0] * k, np.float64)
-    ax.bar(pos - 0.2, before, 0.4, label="before mixing (class of a)")
-    ax.bar(pos + 0.2, after, 0.4, label="after mixing (soft label mass)")
-    ax.set_xticks(pos, names)
-    ax.set_ylabel("examples")
-    ax.set_title("Class histogram")
-    ax.legend(fontsize=8)
-    out["class_histogram"] = _figure_png(fig)
+    ax_class.bar(pos - 0.2, before, 0.4, label="before mixing (class of a)")
+    ax_class.bar(pos + 0.2, after, 0.4, label="after mixing (soft label mass)")
+    ax_class.set_xticks(pos, names)
+    ax_class.set_ylabel("examples")
+    ax_class.set_title("Class histogram")
+    ax_class.legend(fontsize=8)
 
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.hist(sample.lam, bins=np.linspace(0, 1, 21), color="#4a7ab5")
-    ax.set_xlabel("lam (weight of source b)")
-    ax.set_ylabel("examples")
-    ax.set_title(f"lam histogram ({sample.examples} examples read)")
-    out["lam_histogram"] = _figure_png(fig)
+    ax_lam.hist(sample.lam, bins=np.linspace(0, 1, 21), color="#4a7ab5")
+    ax_lam.set_xlabel("lam (weight of source b)")
+    ax_lam.set_ylabel("examples")
+    ax_lam.set_title(f"lam histogram ({sample.examples} examples read)")
 
-    fig, ax = plt.subplots(figsize=(3.2 + 0.4 * k, 2.8 + 0.4 * k))
     matrix = np.array([[sample.pairs.get((i, j), 0) for j in range(k)] for i in range(k)])
-    ax.imshow(matrix, cmap="Blues")
+    ax_pair.imshow(matrix, cmap="Blues")
     for i in range(k):
         for j in range(k):
-            ax.text(j, i, str(matrix[i, j]), ha="center", va="center",
-                    color="white" if matrix[i, j] > matrix.max() / 2 else "black")
-    ax.set_xticks(range(k), names)
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("class of b")
-    ax.set_ylabel("class of a")
-    ax.set_title("Pairing matrix (mixed examples)")
-    out["pairing_matrix"] = _figure_png(fig)
+            ax_pair.text(j, i, str(matrix[i, j]), ha="center", va="center",
+                         color="white" if matrix[i, j] > matrix.max() / 2 else "black")
+    ax_pair.set_xticks(range(k), names)
+    ax_pair.set_yticks(range(k), names)
+    ax_pair.set_xlabel("class of b")
+    ax_pair.set_ylabel("class of a")
+    ax_pair.set_title(f"Pairing matrix ({sample.mixed} mixed examples read)")
 
     shards = manifest.get("shards", [])
-    fig, ax = plt.subplots(figsize=(5, 3))
-    ax.bar(range(len(shards)), [s["num_examples"] for s in shards], color="#6a9a5b")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("shard")
-    ax.set_ylabel("examples")
-    ax.set_title("Examples per shard")
-    out["examples_per_shard"] = _figure_png(fig)
+    ax_shard.bar(range(len(shards)), [s["num_examples"] for s in shards], color="#6a9a5b")
+    ax_shard.xaxis.get_major_locator().set_params(integer=True)
+    ax_shard.set_xlabel("shard")
+    ax_shard.set_ylabel("examples")
+    ax_shard.set_title("Examples per shard")
 
-    stages = _stage_times(timeline)
     if stages:
-        fig, ax = plt.subplots(figsize=(5, 0.5 + 0.35 * len(stages)))
-        starts = [s for _, s, _ in stages]
-        ax.barh(range(len(stages)), [d for _, _, d in stages], left=starts, color="#b57a4a")
-        ax.set_yticks(range(len(stages)), [n for n, _, _ in stages])
-        ax.invert_yaxis()
-        ax.set_xlabel("seconds since the run started")
-        ax.set_title("Time per stage (until its last output)")
-        out["stage_times"] = _figure_png(fig)
+        ax_stage.barh(range(len(stages)), [d for _, _, d in stages],
+                      left=[s for _, s, _ in stages], color="#b57a4a")
+        ax_stage.set_yticks(range(len(stages)), [n for n, _, _ in stages])
+        ax_stage.invert_yaxis()
+        ax_stage.set_xlabel("seconds since the run started")
+        ax_stage.set_title("Time per stage (until its last output)")
+    else:
+        ax_stage.set_visible(False)
+    fig.tight_layout()
+    out["run"] = _figure_png(fig)
 
     stain = manifest.get("stain")
     if stain and stain.get("fits") and stain.get("target"):
@@ -529,6 +527,7 @@ def _stain_plot(stain: Mapping[str, Any]) -> bytes:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Stain fits ({stain.get('method')}) of {len(fits)} slides vs the target "
                  f"({stain.get('target_source')})", fontsize=9)
+    fig.tight_layout()
     return _figure_png(fig)
 
 
@@ -782,10 +781,9 @@ def _build_html(out_dir: str, manifest: Mapping[str, Any], views: Sequence[Slide
     if sample.error:
         parts.append(f"<p class='bad'>reading the shards stopped: {_esc(sample.error)}</p>")
     parts.append(f"<div class='grid' id='plots' data-examples-read='{sample.examples}'>")
-    for key in ("class_histogram", "lam_histogram", "pairing_matrix", "examples_per_shard",
-                "stage_times"):
-        if key in plots:
-            parts.append(_img(plots[key], key.replace("_", " "), extra=f" id='plot-{key}'"))
+    parts.append(_img(plots["run"], "class histogram before and after mixing, lam "
+                      "histogram, pairing matrix, examples per shard, time per stage",
+                      extra=" id='plot-run'"))
     parts.append("</div>")
     parts.append("<table id='shards'><tr><th>shard</th><th>examples</th></tr>" + "".join(
         f"<tr><td>{_esc(s['file'])}</td><td class='num' data-shard='{_esc(s['file'])}'>"
