@@ -239,9 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write OUT/report.html: slides, tiles, skips, "
                             "accounting, labels, lam, pairing (self-contained, offline)")
     report.add_argument("out", help="output directory of a finished run (path or URL)")
-    report.add_argument("--max-examples", type=_positive_int, default=20_000,
+    report.add_argument("--max-examples", type=_positive_int, default=2000,
                         help="read whole shards until this many examples are read, for the "
-                        "lam / class / pairing plots (default 20000)")
+                        "lam / class / pairing plots (default 2000)")
     report.add_argument("--stain-tiles", type=int, default=3,
                         help="tiles per slide shown raw and normalised, for runs with "
                         "--stain-norm (default 3)")

@@ -862,7 +862,7 @@ def _slide_infos(manifest: Mapping[str, Any], record: Mapping[str, Any] | None
                 for sid in manifest["accounting"].get("slides_failed", {})}
 
 
-def write_report(out_dir: str, *, workers: int | None = None, max_examples: int = 20_000,
+def write_report(out_dir: str, *, workers: int | None = None, max_examples: int = 2000,
                  stain_tiles: int = 3, contact_sheet: bool = True,
                  log: Callable[[str], None] | None = None) -> str:
     """Write ``OUT/report.html`` and ``OUT/report/<slide>.png`` for a finished run.
