@@ -122,14 +122,16 @@ def main() -> None:
 
     from pipeline.tools.report import write_report
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     write_report(str(out), log=print)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     page = (out / "report.html").stat().st_size
     pngs = list((out / "report").glob("*.png"))
     mean_png = sum(p.stat().st_size for p in pngs) / max(1, len(pngs))
-    print(f"write_report: {seconds:.1f} s for {args.slides} slides "
-          f"({os.cpu_count()} CPUs); report.html {page / 2**20:.1f} MB; "
+    load = os.getloadavg()[0]
+    print(f"write_report: {seconds:.1f} s ({cpu:.1f} CPU-s) for {args.slides} slides "
+          f"({os.cpu_count()} CPUs, load average {load:.1f}); report.html "
+          f"{page / 2**20:.1f} MB; "
           f"{len(pngs)} slide PNGs, {mean_png / 1024:.0f} KB each")
 
 

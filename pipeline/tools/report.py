@@ -5,7 +5,9 @@ stain fits), ``OUT/report/tiles.json.gz`` (which tile of each slide was used or 
 and why: `pipeline.run.tile_record`, written by the run when it published), the shards
 (a uniform sample of whole shards for the ``lam``, label and pairing plots: each shard
 holds the examples whose id hashes to it), and each slide's lowest-resolution level (the
-thumbnail and its tissue mask). Nothing is rerun. ``OUT`` may be any fsspec URL.
+thumbnail, and its tissue mask: the run's rule, `steps.plan.tissue_mask` on the run's
+tissue level, box-averaged to at most the 512-px display size). Nothing is rerun.
+``OUT`` may be any fsspec URL.
 
 What it writes: ``OUT/report.html`` (images are base64 PNG ``data:`` URIs: no external
 resource, it opens offline) and ``OUT/report/<slide>.png`` (the slide's thumbnail with
@@ -67,6 +69,7 @@ _STATUS_CODES = {name: i + 1 for i, name in enumerate(STATUS_COLORS)}
 DISPLAY_MAX = 512  # long side of a slide's PNG
 DISPLAY_MIN = 256
 THUMB_MAX = 200  # long side of a slide's thumbnail in the page
+MASK_MAX = 256  # long side of the image the tissue outline is computed on
 PAGE_SIZE = 25
 
 
@@ -208,23 +211,23 @@ class SlideView:
         return sum(self.counts.values())
 
 
-def _png(image: Any, *, palette: int | None = None) -> bytes:
+def _png(image: Any, *, palette: int | None = None, level: int = 3) -> bytes:
     from PIL import Image
 
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if palette:
-        image = image.convert("RGB").quantize(colors=palette, method=Image.Quantize.MEDIANCUT)
+        image = image.convert("RGB").quantize(colors=palette, method=Image.Quantize.FASTOCTREE)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=6)
+    image.save(buffer, format="PNG", optimize=False, compress_level=level)
     return buffer.getvalue()
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
-    """The boundary pixels of a boolean mask (2 px wide)."""
+    """The boundary pixels of a boolean mask."""
     from scipy import ndimage
 
-    inner = ndimage.binary_erosion(mask, iterations=2, border_value=1)
+    inner = ndimage.binary_erosion(mask, border_value=1)
     return mask & ~inner
 
 
@@ -265,7 +268,10 @@ def _draw_slide(view: SlideView, thumb: np.ndarray, mask: np.ndarray | None,
     th, tw = rgb.shape[:2]
     scale = max(DISPLAY_MIN / max(th, tw), min(1.0, DISPLAY_MAX / max(th, tw)))
     dw, dh = max(1, round(tw * scale)), max(1, round(th * scale))
-    image = Image.fromarray(rgb).resize((dw, dh), Image.BILINEAR).convert("RGBA")
+    image = Image.fromarray(rgb)
+    if scale < 1:  # a box reduction first: much cheaper than filtering the full size
+        image = image.reduce(max(1, int(1 / scale)))
+    image = image.resize((dw, dh), Image.BILINEAR).convert("RGBA")
     if entry is not None and entry.get("planned") and view.level_shape is not None:
         grid, counts, used = _status_grid(entry, view.level_shape, size, step)
         view.counts = counts
@@ -288,14 +294,13 @@ def _draw_slide(view: SlideView, thumb: np.ndarray, mask: np.ndarray | None,
                     draw.rectangle([x * sx, y * sy, (x + size) * sx - 1, (y + size) * sy - 1],
                                    outline=USED_OUTLINE + (255,))
     if mask is not None and mask.any():
-        big = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(
+        edge = np.asarray(Image.fromarray(_outline(mask).astype(np.uint8) * 255).resize(
             (dw, dh), Image.NEAREST)) > 0
-        edge = _outline(big)
         pixels = np.array(image)
         pixels[edge] = TISSUE_OUTLINE + (255,)
         image = Image.fromarray(pixels, "RGBA")
     image = image.convert("RGB")
-    view.png = _png(image)
+    view.png = _png(image, level=1)
     small = image.copy()
     small.thumbnail((THUMB_MAX, THUMB_MAX), Image.BILINEAR)
     view.thumb = _png(small, palette=96)
@@ -365,6 +370,28 @@ def _fit_swatch(fit: Mapping[str, Any], target: Mapping[str, Any]) -> np.ndarray
     return out
 
 
+def _shrink(image: np.ndarray, longest: int) -> np.ndarray:
+    """`image` box-averaged by an integer factor so that its long side is <= `longest`
+    (same dtype): the tissue outline is a picture, and the mask of a 1024-px level costs
+    ~16x the mask of a 256-px one."""
+    factor = -(-max(image.shape[:2]) // longest)
+    if factor <= 1:
+        return image
+    if image.dtype == np.uint8 and image.ndim == 3 and image.shape[-1] in (1, 3, 4):
+        from PIL import Image
+
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[image.shape[-1]]
+        small = Image.fromarray(np.ascontiguousarray(image.squeeze(-1) if mode == "L"
+                                                     else image), mode).reduce(factor)
+        return np.asarray(small).reshape(small.height, small.width, image.shape[-1])
+    h, w = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    blocks = image[:h, :w].reshape(h // factor, factor, w // factor, factor, -1)
+    mean = blocks.mean(axis=(1, 3), dtype=np.float64)
+    if image.dtype.kind in "ui":
+        mean = np.rint(mean)
+    return mean.astype(image.dtype)
+
+
 def _render_slide(slide_id: str, info: Mapping[str, Any], entry: Mapping[str, Any] | None,
                   failed: Mapping[str, str], messages: Mapping[str, str],
                   tile: Mapping[str, Any], stain: Mapping[str, Any] | None,
@@ -399,7 +426,8 @@ def _render_slide(slide_id: str, info: Mapping[str, Any], entry: Mapping[str, An
             source = thumb
             if tissue_level is not None and tissue_level != lowest:
                 source = slide.read_level(int(tissue_level))
-            mask = tissue_mask(source, mode=tile.get("tissue_mode") or "auto")
+            mask = tissue_mask(_shrink(source, MASK_MAX),
+                               mode=tile.get("tissue_mode") or "auto")
         except Exception:  # noqa: BLE001 - a slide whose mask fails still gets its picture
             mask = None
         _draw_slide(view, thumb, mask, entry, size, step)
