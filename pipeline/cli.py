@@ -561,10 +561,19 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
 
 
 def _write_run_report(out_dir: str, *, verbose: bool) -> None:
-    """`softmix report OUT` at the end of a run; a failure is a warning, not the run's."""
+    """`softmix report OUT` at the end of a run; a failure is a warning, not the run's.
+
+    A run that publishes removes the old dataset's report, so an existing report.html
+    means nothing was published (`--resume` of a finished run): it is left as it is.
+    """
     try:
+        import fsspec
+
         from .tools.report import write_report
 
+        fs, root = fsspec.core.url_to_fs(out_dir)
+        if fs.exists(f"{root.rstrip('/')}/report.html"):
+            return
         print(f"report: {write_report(out_dir)}")
     except Exception as err:  # noqa: BLE001 - the dataset is published either way
         if verbose:

@@ -6,7 +6,7 @@ and why: `pipeline.run.tile_record`, written by the run when it published), the 
 (a uniform sample of whole shards for the ``lam``, label and pairing plots: each shard
 holds the examples whose id hashes to it), and each slide's lowest-resolution level (the
 thumbnail, and its tissue mask: the run's rule, `steps.plan.tissue_mask` on the run's
-tissue level, box-averaged to at most the 512-px display size). Nothing is rerun.
+tissue level, box-averaged to at most 192 px: it is drawn on pictures of 256-384 px).
 ``OUT`` may be any fsspec URL.
 
 What it writes: ``OUT/report.html`` (images are base64 PNG ``data:`` URIs: no external
@@ -66,10 +66,10 @@ TISSUE_OUTLINE = (0, 210, 255)
 USED_OUTLINE = (0, 120, 40)
 SKIP_REASONS = ("background", "read_error", "missing_chunk", "nonfinite_pixels", "no_partner")
 _STATUS_CODES = {name: i + 1 for i, name in enumerate(STATUS_COLORS)}
-DISPLAY_MAX = 512  # long side of a slide's PNG
+DISPLAY_MAX = 384  # long side of a slide's PNG
 DISPLAY_MIN = 256
 THUMB_MAX = 200  # long side of a slide's thumbnail in the page
-MASK_MAX = 256  # long side of the image the tissue outline is computed on
+MASK_MAX = 192  # long side of the image the tissue outline is computed on
 PAGE_SIZE = 25
 
 
@@ -373,7 +373,7 @@ def _fit_swatch(fit: Mapping[str, Any], target: Mapping[str, Any]) -> np.ndarray
 def _shrink(image: np.ndarray, longest: int) -> np.ndarray:
     """`image` box-averaged by an integer factor so that its long side is <= `longest`
     (same dtype): the tissue outline is a picture, and the mask of a 1024-px level costs
-    ~16x the mask of a 256-px one."""
+    ~20x the mask of a 192-px one."""
     factor = -(-max(image.shape[:2]) // longest)
     if factor <= 1:
         return image

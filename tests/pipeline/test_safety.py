@@ -270,7 +270,7 @@ def test_overwrite_keeps_other_datasets_files(capsys, synthetic_dataset, tmp_pat
                                     "--overwrite", "--num-shards", "2"))
     assert rc == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
-        "dataset_info.json", "features.json", "manifest.json",
+        "dataset_info.json", "features.json", "manifest.json", "report", "report.html",
         "second-00000-of-00002.tfrecord", "second-00001-of-00002.tfrecord"]
 
 
