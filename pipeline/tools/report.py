@@ -53,7 +53,7 @@ __all__ = ["STATUS_COLORS", "slide_png_name", "write_report"]
 
 # RGBA overlay colour of each tile status (background: low alpha, problems: strong).
 STATUS_COLORS: dict[str, tuple[int, int, int, int]] = {
-    "used": (0, 170, 60, 60),
+    "used": (0, 170, 60, 35),
     "background": (70, 110, 200, 55),
     "no_partner": (235, 200, 0, 170),
     "read_error": (220, 0, 0, 190),
