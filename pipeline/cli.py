@@ -1,4 +1,4 @@
-"""`softmix` command line: demo data, the Beam and Dask jobs, and previews.
+"""`softmix` command line: demo data, the Beam and Dask jobs, previews and run reports.
 
 Flags map one to one onto the config dataclasses (`--softness` <-> `MixConfig.softness`).
 Other flags of `softmix beam` must be Beam pipeline options (they are passed through, so
