@@ -1,0 +1,85 @@
+"""Trust boundaries of the CLI (issue 15): names read from disk are data, counts are
+bounded, OUT never lies inside a slide, interrupts and refusals exit cleanly.
+
+Every case runs the real CLI (`pipeline.cli.main` in process, or ``python -m pipeline``
+in a subprocess) on real files, as `test_safety.py` does.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.dataset.reader import read_dataset
+from pipeline.io.names import RecordedNameError
+from pipeline.run.output import LOCK_NAME, finalize_output
+
+from .test_output import mixed, write_dataset
+from .test_safety import STAGING, _args, _run, _snapshot
+
+BAD_NAMES = ["../victim.txt", "/ABS/victim.txt", "file:///ABS/victim.txt", "sub/x.tfrecord",
+             "..", "C:\\victim.txt", LOCK_NAME, STAGING]
+
+
+def _victims(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    return victim
+
+
+@pytest.mark.parametrize("field", ["files", "shards"])
+@pytest.mark.parametrize("bad", BAD_NAMES)
+def test_overwrite_never_acts_on_names_outside_out(capsys, synthetic_dataset, tmp_path,
+                                                   field, bad):
+    """BAD 1: a manifest listing ../victim.txt or an absolute path is refused by name
+    and nothing (inside or outside OUT) is deleted."""
+    victim = _victims(tmp_path)
+    bad = bad.replace("/ABS", str(tmp_path))
+    out = tmp_path / "o"
+    write_dataset(out, [mixed(i) for i in range(4)], num_shards=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if field == "files":
+        manifest["files"].append(bad)
+    else:
+        manifest["shards"].append({"file": bad, "num_examples": 0})
+        del manifest["files"]  # older manifests: the shards list is the dataset
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(out)
+    rc, _, err = _run(capsys, _args(synthetic_dataset, out, "--overwrite"))
+    assert rc == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("softmix: error: ") and repr(bad) in line
+    assert "nothing was deleted" in line and "Traceback" not in err
+    assert victim.read_text() == "mine"
+    assert _snapshot(out) == before and not (out / STAGING).exists()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_publish_and_read_refuse_a_tampered_manifest(tmp_path):
+    """The same check guards the swap at publish time and the reader."""
+    victim = _victims(tmp_path)
+    out = tmp_path / "o"
+    config, manifest = write_dataset(out, [mixed(i) for i in range(4)], num_shards=2)
+    manifest["files"].append(str(victim))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RecordedNameError, match="victim.txt"):
+        write_dataset(out, [mixed(i) for i in range(3)], num_shards=1, overwrite=True)
+    with pytest.raises(RecordedNameError, match="victim.txt"):
+        finalize_output(config, [], None, [], {})  # refused before any check or move
+    assert victim.read_text() == "mine" and (out / "manifest.json").exists()
+    manifest["files"].pop()
+    manifest["shards"][0]["file"] = "../victim.txt"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RecordedNameError, match=r"'\.\./victim\.txt'"):
+        read_dataset(str(out))
+
+
+def test_names_inside_out_still_replace(tmp_path):
+    """Plain names keep working: an overwrite replaces the old dataset's files."""
+    out = tmp_path / "o"
+    write_dataset(out, [mixed(i) for i in range(4)], num_shards=2)
+    write_dataset(out, [mixed(i) for i in range(3)], num_shards=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "dataset_info.json", "features.json", "manifest.json",
+        "softmix-00000-of-00001.tfrecord"]
