@@ -22,6 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    MAX_BATCH_SIZE,
+    MAX_NUM_MIXES,
+    MAX_NUM_SHARDS,
+    MAX_WORKERS,
     STAIN_NORMS,
     TISSUE_MODES,
     JobConfig,
@@ -33,6 +37,8 @@ from .config import (
 from .errors import PipelineError
 
 __all__ = ["build_parser", "job_config_from_args", "main"]
+
+MAX_PREVIEW = 1024  # examples on one contact sheet
 
 
 def _positive_int(text: str) -> int:
@@ -46,6 +52,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(high: int, fix: str):  # noqa: ANN202 - an argparse type
+    """argparse type: an int in [1, high] (`_positive_int` with an upper bound)."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(
+                f"must be in [1, {high}]. Received: {value}. {fix}")
+        return value
+
+    return parse
+
+
+_WORKERS = _count(MAX_WORKERS, "Local runs gain nothing beyond the machine's cores; to "
+                  "scale out use a Dask --scheduler or --runner=DataflowRunner.")
+
+
+def _flag_message(parser: argparse.ArgumentParser, message: str) -> str:
+    """Prefix a config error with the flag it is about (`num_shards` -> --num-shards),
+    as argparse does for its own checks."""
+    match = re.match(r"`(\w+)", message)
+    if match:
+        flag = "--" + match.group(1).replace("_", "-")
+        if any(flag in a.option_strings for a in parser._actions):
+            return f"argument {flag}: {message}"
+    return message
+
+
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
     io.add_argument("--manifest", required=True, help="slide manifest (CSV or Parquet) "
@@ -55,7 +88,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--class-names", default=None,
                     help="comma-separated class order (default: sorted distinct labels)")
     io.add_argument("--num-shards", type=_positive_int, default=None,
-                    help="number of shards (default: from --shard-size-mb)")
+                    help=f"number of shards, 1 to {MAX_NUM_SHARDS} (default: from "
+                    "--shard-size-mb, never more than the examples); more shards than "
+                    "examples write empty shards, with a warning")
     io.add_argument("--shard-size-mb", type=float, default=100.0,
                     help="target shard size when --num-shards is not given (default: 100)")
     io.add_argument("--compression", choices=["none", "gzip"], default="none",
@@ -117,16 +152,19 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                      default="random")
     mix.add_argument("--group-column", default=None,
                      help="manifest column (e.g. patient_id) whose equal values never pair")
-    mix.add_argument("--num-mixes", type=int, default=1, help="mixed examples per tile")
+    mix.add_argument("--num-mixes", type=int, default=1,
+                     help=f"mixed examples per tile (0 to {MAX_NUM_MIXES}; 0 needs "
+                     "--keep-originals)")
     mix.add_argument("--keep-originals", action="store_true",
                      help="also write every used tile unmixed (lam = 0)")
     mix.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     mix.add_argument("--batch-size", type=_positive_int, default=32,
-                     help="examples per op call")
+                     help=f"examples per op call (1 to {MAX_BATCH_SIZE}; never changes "
+                     "the output)")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--workers", type=_positive_int, default=1,
-                     help="local worker processes (>= 1)")
+    run.add_argument("--workers", type=_WORKERS, default=1,
+                     help=f"local worker processes (1 to {MAX_WORKERS})")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.add_argument("--verbose", action="store_true",
                      help="show library logs (TensorFlow, Beam, Dask) and full tracebacks")
@@ -221,14 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address of an existing scheduler (default: start a LocalCluster)")
     dask.add_argument("--memory-limit", default="4GiB",
                       help="memory limit per LocalCluster worker (default 4GiB)")
-    dask.add_argument("--threads-per-worker", type=_positive_int, default=1,
-                      help="threads per LocalCluster worker (default 1)")
+    dask.add_argument("--threads-per-worker", type=_WORKERS, default=1,
+                      help=f"threads per LocalCluster worker (1 to {MAX_WORKERS}, default 1)")
 
     preview = sub.add_parser("preview", help="write a PNG contact sheet of mixed examples")
     preview.add_argument("out", help="output directory of a finished run")
     preview.add_argument("--output", default=None, help="PNG path (default OUT/preview.png)")
-    preview.add_argument("--num", type=_positive_int, default=16,
-                         help="examples to show (default 16)")
+    preview.add_argument("--num", type=_count(MAX_PREVIEW, "A contact sheet shows a "
+                                              "sample; use a few dozen."), default=16,
+                         help=f"examples to show (1 to {MAX_PREVIEW}, default 16)")
     preview.add_argument("--stain", action="store_true",
                          help="add a row: raw source tiles read from their slides next to "
                          "their stain-normalised versions (runs with --stain-norm)")
@@ -472,7 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except PipelineError:
                 raise
             except ValueError as err:  # a bad flag value: usage error, exit status 2
-                parser.error(str(err))
+                parser.error(_flag_message(_subparser(parser, args.command), str(err)))
             print(f"demo manifest: {manifest}")
             return 0
         if args.command == "preview":
@@ -488,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         job = job_config_from_args(args)
     except ValueError as err:  # a bad flag value: usage error, exit status 2
-        parser.error(str(err))
+        parser.error(_flag_message(_subparser(parser, args.command), str(err)))
     for warning in job.tile.warnings():
         print(f"softmix: warning: {warning}", file=sys.stderr)
     try:

@@ -404,7 +404,7 @@ def write_demo_data(
         )
     if num_slides > MAX_SLIDES:
         raise ValueError(
-            f"`num_slides` (--num-slides) must be at most {MAX_SLIDES}. Received: "
+            f"`num_slides` must be at most {MAX_SLIDES}. Received: "
             f"num_slides={num_slides}. Use --num-slides {MAX_SLIDES} or less.")
     if not 256 <= slide_size <= MAX_SLIDE_SIZE:
         raise ValueError(
@@ -416,7 +416,7 @@ def write_demo_data(
         raise ValueError(f"`chunk` must be an even number >= 32. Received: chunk={chunk}")
     if chunk > min(MAX_CHUNK, slide_size):
         raise ValueError(
-            f"`chunk` (--chunk) must be at most {min(MAX_CHUNK, slide_size)} px (the "
+            f"`chunk` must be at most {min(MAX_CHUNK, slide_size)} px (the "
             f"slide size {slide_size} and {MAX_CHUNK}: a chunk is held in memory whole). "
             f"Received: chunk={chunk}. Use --chunk {default_chunk(slide_size)} (the default).")
     if format_version not in ("0.4", "0.5"):

@@ -83,3 +83,62 @@ def test_names_inside_out_still_replace(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [
         "dataset_info.json", "features.json", "manifest.json",
         "softmix-00000-of-00001.tfrecord"]
+
+
+# --- BAD 7: every count option is bounded (exit status 2 before any work) ---------------
+
+@pytest.mark.parametrize("command,flag,value,message", [
+    ("beam", "--num-shards", "1000000000", "`num_shards` must be in [1, 100000]"),
+    ("beam", "--num-mixes", "1000000000", "`num_mixes` must be in [0, 64]"),
+    ("dask", "--batch-size", "1000000000", "`batch_size` must be in [1, 4096]"),
+    ("beam", "--tile-size", "1000000", "`tile_size` must be in [1, 8192]"),
+    ("beam", "--read-cache-mb", "1e12", "`read_cache_mb` must be in [0, 65536]"),
+    ("beam", "--workers", "100000", "must be in [1, 256]"),
+    ("dask", "--threads-per-worker", "100000", "must be in [1, 256]"),
+])
+def test_absurd_counts_are_usage_errors(capsys, tmp_path, command, flag, value, message):
+    rc, _, err = _run(capsys, [command, "--manifest", "m.csv", "--out", str(tmp_path / "o"),
+                               flag, value])
+    assert rc == 2
+    line = err.strip().splitlines()[-1]
+    assert f"argument {flag}: " in line and message in line, err
+    assert "Received:" in line
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_preview_num_is_bounded(capsys, tmp_path):
+    rc, _, err = _run(capsys, ["preview", str(tmp_path), "--num", "1000000000"])
+    assert rc == 2 and "argument --num: must be in [1, 1024]" in err
+
+
+def test_counts_are_bounded_in_the_python_api_too(tmp_path):
+    from pipeline import stream_dataset
+    from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+    from pipeline.dataset.shards import num_shards_for
+    from pipeline.engines.beam import run_beam
+    from pipeline.engines.dask import run_dask
+
+    with pytest.raises(ValueError, match=r"`num_shards` must be in \[1, 100000\]"):
+        OutputConfig(out_dir=str(tmp_path), num_shards=10**9)
+    with pytest.raises(ValueError, match=r"`num_mixes` must be in \[0, 64\]"):
+        MixConfig(num_mixes=10**9)
+    with pytest.raises(ValueError, match="`batch_size`"):
+        MixConfig(batch_size=10**9)
+    missing = str(tmp_path / "missing.csv")  # the bound is checked before any reading
+    for kwargs, name in (({"num_mixes": 10**9}, "num_mixes"),
+                         ({"batch_size": 10**9}, "batch_size"),
+                         ({"pack_threads": 10**6}, "pack_threads"),
+                         ({"num_parallel_reads": 10**6}, "num_parallel_reads"),
+                         ({"shuffle": 10**9}, "shuffle"),
+                         ({"read_cache_mb": 1e12}, "read_cache_mb")):
+        with pytest.raises(ValueError, match=f"`{name}` must be in"):
+            stream_dataset(missing, **kwargs)
+    job = JobConfig(missing, TileConfig(), MixConfig(), OutputConfig(str(tmp_path / "o")))
+    with pytest.raises(ValueError, match=r"`workers` must be in \[1, 256\]"):
+        run_beam(job, workers=10**6)
+    with pytest.raises(ValueError, match="`threads_per_worker` must be in"):
+        run_dask(job, threads_per_worker=10**6)
+    # Shards derived from --shard-size-mb never exceed the examples or the cap.
+    assert num_shards_for(10**9, 10**6, 1e-6) == 100_000
+    assert num_shards_for(7, 10**6, 1e-6) == 7
+    assert not (tmp_path / "o").exists()

@@ -353,10 +353,10 @@ def test_overwrite_never_removes_a_users_file_inside_a_demo_slide(tmp_path, caps
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--chunk", "100000"], "`chunk` (--chunk) must be at most 2048"),
-    (["--size", "512", "--chunk", "1024"], "`chunk` (--chunk) must be at most 512"),
+    (["--chunk", "100000"], "argument --chunk: `chunk` must be at most 2048"),
+    (["--size", "512", "--chunk", "1024"], "`chunk` must be at most 512"),
     (["--size", "10000000"], "`slide_size` (--size) must be in [256, 131072]"),
-    (["--num-slides", "1000000000"], "`num_slides` (--num-slides) must be at most 1000"),
+    (["--num-slides", "1000000000"], "argument --num-slides: `num_slides` must be at most 1000"),
 ])
 def test_absurd_sizes_are_usage_errors_before_any_write(tmp_path, capsys, flags, message):
     """WEAK (issue 15): --chunk 100000 was a 27.9 GiB allocation and a partial slide."""
