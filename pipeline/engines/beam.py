@@ -445,7 +445,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
                           [s.slide_id for s in manifest.slides])
     fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
     try:
-        resumed = _job.prepare_output(job.output, fingerprint)
+        resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
     except _job.RunFinished as done:
         print(done, flush=True)
         return done.manifest

@@ -125,7 +125,7 @@ def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
     stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
                           [s.slide_id for s in manifest.slides])
     fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
-    resumed = _job.prepare_output(job.output, fingerprint)
+    resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
     return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
 
 

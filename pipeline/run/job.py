@@ -159,7 +159,38 @@ def staging_dir(config: Any) -> str:
     return posixpath.join(config.out_dir, STAGING_DIR)
 
 
-def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) -> bool:
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (local paths resolved, URLs compared as text)."""
+    import os
+    import posixpath
+
+    if "://" in path or "://" in folder:
+        path, folder = posixpath.normpath(path.rstrip("/")), posixpath.normpath(
+            folder.rstrip("/"))
+        return path == folder or path.startswith(folder + "/")
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out_outside_slides(out_dir: str, slides: Sequence[Any]) -> None:
+    """Refuse an output directory that is an input slide's folder or lies inside one
+    (the run would write its staging and shards into the OME-Zarr store).
+
+    Raises:
+        OutputExistsError: naming the slide and the fix; nothing was written.
+    """
+    from ..errors import OutputExistsError
+
+    for record in slides:
+        if record.path and _inside(out_dir, record.path):
+            raise OutputExistsError(
+                f"--out {out_dir!r} lies inside the folder of input slide "
+                f"{record.slide_id!r} ({record.path!r}); the run would write into the "
+                "slide. Choose an output directory outside every slide's folder.")
+
+
+def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
+                   slides: Sequence[Any] = ()) -> bool:
     """Lock OUT, check it (`output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
@@ -171,7 +202,8 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
         True when an interrupted run is resumed, False for a fresh run.
 
     Raises:
-        OutputExistsError: another live run holds the lock, an existing dataset or
+        OutputExistsError: OUT lies inside one of `slides`' folders (checked before
+            anything is created), another live run holds the lock, an existing dataset or
             unfinished run without overwrite/resume, a resume whose options, seed,
             software or manifest differ (the message names them), or files that are
             not ours.
@@ -194,6 +226,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
 
     digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
     resume = bool(getattr(config, "resume", False))
+    check_out_outside_slides(config.out_dir, slides)
     ensure_output_dir(config.out_dir)
     lock = acquire_output_lock(config.out_dir)
     try:

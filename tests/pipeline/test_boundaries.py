@@ -142,3 +142,21 @@ def test_counts_are_bounded_in_the_python_api_too(tmp_path):
     assert num_shards_for(10**9, 10**6, 1e-6) == 100_000
     assert num_shards_for(7, 10**6, 1e-6) == 7
     assert not (tmp_path / "o").exists()
+
+
+# --- WEAK: --out inside an input slide's folder -------------------------------------------
+
+@pytest.mark.parametrize("command,below", [("beam", ""), ("beam", "0/sub"), ("dask", "x")])
+def test_out_inside_a_slide_folder_is_refused(capsys, synthetic_dataset_factory, command,
+                                              below):
+    dataset = synthetic_dataset_factory()
+    slide = dataset.root / "slides" / "syn-1.ome.zarr"
+    out = slide / below if below else slide
+    before = sorted(str(p) for p in dataset.root.rglob("*"))
+    rc, _, err = _run(capsys, [command, "--manifest", str(dataset.manifest_path), "--out",
+                               str(out), "--tile-size", "128", "--no-progress", "--overwrite"])
+    assert rc == 1, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"softmix: error: --out '{out}' lies inside the folder of input "
+                           "slide 'syn-1'")
+    assert sorted(str(p) for p in dataset.root.rglob("*")) == before  # nothing written
