@@ -160,3 +160,21 @@ def test_out_inside_a_slide_folder_is_refused(capsys, synthetic_dataset_factory,
     assert line.startswith(f"softmix: error: --out '{out}' lies inside the folder of input "
                            "slide 'syn-1'")
     assert sorted(str(p) for p in dataset.root.rglob("*")) == before  # nothing written
+
+
+# --- WEAK: --resume into a finished output names the difference ---------------------------
+
+def test_resume_into_a_finished_run_names_the_difference(capsys, synthetic_dataset, tmp_path):
+    out = tmp_path / "o"
+    assert _run(capsys, _args(synthetic_dataset, out, "--seed", "3"))[0] == 0
+    before = _snapshot(out)
+    rc, _, err = _run(capsys, _args(synthetic_dataset, out, "--seed", "4", "--num-mixes",
+                                    "2", "--resume"))
+    assert rc == 1
+    line = err.strip().splitlines()[-1]
+    assert "holds a finished SoftMix dataset made with other settings (" in line
+    assert "mix.num_mixes: 1 (finished run) != 2 (this run)" in line
+    assert "mix.seed: 3 (finished run) != 4 (this run)" in line
+    assert _snapshot(out) == before and not (out / LOCK_NAME).exists()
+    rc, stdout, _ = _run(capsys, _args(synthetic_dataset, out, "--seed", "3", "--resume"))
+    assert rc == 0 and "already finished" in stdout
