@@ -483,8 +483,121 @@ def _release_lock(job: JobConfig) -> None:
         return
 
 
+# --- The program: one line and exit status 130 on Ctrl-C, a clean exit always -----------
+#
+# Ctrl-C sends SIGINT to every process of the terminal's process group: Beam's SDK
+# workers and Dask's worker processes too, which then print their own tracebacks (or
+# die while importing), and an in-process Beam runner wraps the KeyboardInterrupt as a
+# RuntimeError. So the program ignores and blocks SIGINT before it starts any thread
+# or process (every thread and child inherits that) and one watcher thread takes it
+# with `sigwait`: it prints one line, releases the run's lock, kills
+# the run's child processes and exits 130. The staging folder stays as it is, as after
+# a kill, ready for --resume. Every exit of the program is `os._exit` after flushing,
+# so that no C++ thread of TensorFlow, gRPC or Arrow is torn down at interpreter exit
+# ("terminate called without an active exception", status 134).
+
+_RUN_OUT: list[str] = []  # the --out of the job being run (for the interrupt line)
+
+
+def _interrupted() -> None:
+    """The watcher's reaction to SIGINT: one line, lock released, children gone, 130."""
+    message = "softmix: interrupted"
+    if _RUN_OUT:
+        from .run.job import STAGING_DIR
+
+        out_dir = _RUN_OUT[0]
+        staging = os.path.join(out_dir, STAGING_DIR)
+        released = False
+        try:
+            from .run.output import release_output_lock
+
+            released = release_output_lock(out_dir, pid=os.getpid())
+        except Exception:  # noqa: BLE001, S110 - the line and the exit must still happen
+            pass
+        if released and os.path.isdir(staging):
+            message = (f"softmix: interrupted; staging kept in {staging} (rerun the same "
+                       "command with --resume to continue)")
+        elif not released:
+            message = ("softmix: interrupted before the run started; nothing was written "
+                       f"to {out_dir}")
+    try:  # the line first; then nothing else of this process or its children shows
+        print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    except Exception:  # noqa: BLE001, S110 - a closed stream: exit all the same
+        pass
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001, S110 - best effort: the exit below ends this process
+        pass
+    os._exit(130)
+
+
+def _exit(status: int, line: str | None = None) -> None:
+    """Print `line` (on stderr), flush and end the process now."""
+    try:
+        if line:
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _watch_interrupts() -> None:
+    import signal
+    import threading
+
+    # Ignored and blocked: children inherit both (an ignored SIGINT survives exec and
+    # the `sh -c` Beam starts its workers with), while Linux keeps a blocked signal
+    # pending even when ignored, for `sigwait` below.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def watch() -> None:
+        signal.sigwait({signal.SIGINT})
+        _interrupted()
+
+    threading.Thread(target=watch, name="softmix-sigint", daemon=True).start()
+
+
+def _program() -> None:
+    """`softmix` as a program (the console script and ``python -m pipeline``)."""
+    _watch_interrupts()
+    try:
+        status = _main(sys.argv[1:])
+    except SystemExit as exit_:  # argparse's usage errors (2), --help (0)
+        code = exit_.code
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        if not isinstance(code, int | None):
+            print(code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    _exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `softmix` command. With `argv` (tests, other Python code) it returns the exit
+    status; without, it is the program itself and ends the process (see `_program`)."""
+    if argv is None:
+        _program()
+    return _main(list(argv or []))
+
+
+def _main(argv: list[str]) -> int:
     verbose = "--verbose" in argv
     if not verbose:
         _quiet_libraries()
@@ -530,10 +643,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(_flag_message(_subparser(parser, args.command), str(err)))
     for warning in job.tile.warnings():
         print(f"softmix: warning: {warning}", file=sys.stderr)
+    _RUN_OUT[:] = [job.output.out_dir]
     try:
         return _run_job(args, job, extra, verbose=verbose)
     finally:
         _release_lock(job)
+        _RUN_OUT.clear()
 
 
 def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,

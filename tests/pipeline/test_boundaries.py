@@ -8,6 +8,7 @@ in a subprocess) on real files, as `test_safety.py` does.
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 
@@ -16,7 +17,7 @@ from pipeline.io.names import RecordedNameError
 from pipeline.run.output import LOCK_NAME, finalize_output
 
 from .test_output import mixed, write_dataset
-from .test_safety import STAGING, _args, _run, _snapshot
+from .test_safety import STAGING, _args, _run, _sleeper, _snapshot, _subprocess
 
 BAD_NAMES = ["../victim.txt", "/ABS/victim.txt", "file:///ABS/victim.txt", "sub/x.tfrecord",
              "..", "C:\\victim.txt", LOCK_NAME, STAGING]
@@ -178,3 +179,31 @@ def test_resume_into_a_finished_run_names_the_difference(capsys, synthetic_datas
     assert _snapshot(out) == before and not (out / LOCK_NAME).exists()
     rc, stdout, _ = _run(capsys, _args(synthetic_dataset, out, "--seed", "3", "--resume"))
     assert rc == 0 and "already finished" in stdout
+
+
+# --- WEAK: the refused one of two simultaneous --resume runs exits cleanly ----------------
+
+def test_a_refused_resume_exits_with_its_status_and_one_line(synthetic_dataset, tmp_path):
+    """The refused run printed its message, then sometimes aborted with status 134
+    ("terminate called without an active exception"): the program now ends with
+    `os._exit` after flushing, so no C++ thread is torn down at interpreter exit."""
+    out = tmp_path / "o"
+    (out / STAGING).mkdir(parents=True)
+    live = _sleeper()
+    try:
+        (out / LOCK_NAME).write_text(json.dumps(
+            {"pid": live.pid, "host": socket.gethostname(), "since": "2026-01-01T00:00:00",
+             "run_id": "x"}))
+        for _ in range(2):
+            proc = _subprocess(_args(synthetic_dataset, out, "--resume", "--workers", "2"))
+            assert proc.returncode == 1, proc.stderr
+            assert proc.stderr.splitlines() == [
+                f"softmix: error: Another run is writing here: '{out}' is locked by pid "
+                f"{live.pid} on host {socket.gethostname()!r} since 2026-01-01T00:00:00. "
+                "Wait for it to finish or choose another --out; if no such run exists, "
+                f"delete '{out / LOCK_NAME}'."]
+            assert proc.stdout == ""
+    finally:
+        live.kill()
+        live.wait()
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME, STAGING]
