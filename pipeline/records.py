@@ -115,6 +115,11 @@ class SlidePlan:
         stain_fit: with stain normalisation, the JSON of the slide's stain fit
             (`fit.to_dict()` of `softmix_tf.stain`, fitted on its tissue at the tissue
             level), else None.
+        content: the slide's content fingerprint when the plan was made
+            (`pipeline.io.content`), None when not computed (no staging) or the store
+            cannot be listed; strips, buckets and shards made from the slide record it.
+        changed: a kept plan was found but the slide's content had changed since, so
+            it was made again (a resumed run reports these slides).
     """
 
     slide_id: str
@@ -130,6 +135,8 @@ class SlidePlan:
     requests: int = 0
     reused: bool = dataclasses.field(default=False, compare=False)
     stain_fit: str | None = dataclasses.field(default=None, compare=False)
+    content: str | None = dataclasses.field(default=None, compare=False)
+    changed: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def skipped_dict(self) -> dict[str, int]:
