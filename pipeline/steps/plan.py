@@ -396,10 +396,15 @@ def _plan(
             stain_fit = fit_slide(record.slide_id, thumbnail, mask, stain_norm, tissue_level)
         if config.min_tissue <= 0:
             mask = None  # computed for the fit only: every tile is kept
-    # Row by row, so planning memory follows the tiles kept, not the claimed area.
+    # Row by row, so planning memory follows the tiles kept, not the claimed area; a
+    # tissue tile whose chunks do not exist in the store is counted (`missing_chunk`),
+    # never recorded, so a level claiming far more pixels than it stores costs one
+    # vectorised pass over the claimed grid, not one record per claimed tile.
     xs = np.arange(cols, dtype=np.int64) * step
-    kept_rows, rejected = [], 0
+    kept_rows, rejected, missing = [], 0, 0
     table = _summed_area(mask.astype(np.float64)) if mask is not None else None
+    chunk_h, chunk_w = slide.chunk_shape(level)
+    blocks = existing_blocks(slide, level)
     for row in range(rows):
         row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
         if table is not None:
@@ -407,6 +412,10 @@ def _plan(
             keep = fractions >= config.min_tissue
             rejected += int((~keep).sum())
             row_yx = row_yx[keep]
+        if blocks is not None and len(row_yx):
+            stored = _blocks_exist(blocks, row_yx, size, (chunk_h, chunk_w), width)
+            missing += int((~stored).sum())
+            row_yx = row_yx[stored]
         if len(row_yx):
             kept_rows.append(row_yx)
     kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
@@ -431,7 +440,8 @@ def _plan(
     return SlidePlan(
         slide_id=record.slide_id,
         tiles=tuple(tiles),
-        skipped=(("background", rejected),) if rejected else (),
+        skipped=tuple((reason, count) for reason, count in
+                      (("background", rejected), ("missing_chunk", missing)) if count),
         num_channels=slide.num_channels,
         dtype=slide.dtype.name,
         chunk_shape=slide.chunk_shape(level),
@@ -440,6 +450,76 @@ def _plan(
         requests=stats.requests if stats is not None else 0,
         stain_fit=stain_fit,
     )
+
+
+def existing_blocks(slide: Slide, level: int) -> np.ndarray | None:
+    """Sorted ids ``row * block_cols + col`` of the chunk blocks of `level` whose chunks
+    (every channel's) exist in the store, from one listing of the level's prefix.
+
+    Blocks are chunks, or shards for sharded arrays (as `Slide.chunk_shape`). None
+    when the store cannot be listed (then nothing is filtered here; packing still
+    counts a missing chunk per tile).
+    """
+    try:
+        from zarr.core.sync import sync
+
+        array = slide.level_array(level)
+        metadata = array.metadata
+        encoding = getattr(metadata, "chunk_key_encoding", None)
+        if encoding is not None:
+            separator = encoding.separator
+            lead = "c" + separator if getattr(encoding, "name", "default") == "default" else ""
+        else:
+            separator = getattr(metadata, "dimension_separator", None) or "."
+            lead = ""
+        prefix = array.store_path.path
+
+        async def listing() -> list[str]:
+            return [key async for key in array.store_path.store.list_prefix(prefix)]
+
+        keys = sync(listing())
+    except Exception:  # noqa: BLE001 - any store that cannot list: no filter
+        return None
+    grid = getattr(array, "shards", None) or array.chunks
+    axes = slide.axes
+    yi, xi = axes.index("y"), axes.index("x")
+    block_cols = -(-int(array.shape[xi]) // int(grid[xi]))
+    per_block = 1
+    for axis, (extent, chunk) in enumerate(zip(array.shape, grid, strict=True)):
+        if axis not in (yi, xi):
+            per_block *= -(-int(extent) // int(chunk))
+    start = len(prefix.rstrip("/")) + 1 if prefix else 0
+    names = [key[start:] for key in keys]
+    if not any(name in (".zarray", "zarr.json") for name in names):
+        return None  # a listing without the array's own metadata cannot be trusted
+    counts: dict[int, int] = {}
+    for name in names:
+        if not name.startswith(lead):
+            continue
+        parts = name[len(lead):].split(separator)
+        if len(parts) != array.ndim or not all(p.isdigit() for p in parts):
+            continue
+        block = int(parts[yi]) * block_cols + int(parts[xi])
+        counts[block] = counts.get(block, 0) + 1
+    return np.array(sorted(b for b, n in counts.items() if n >= per_block), dtype=np.int64)
+
+
+def _blocks_exist(blocks: np.ndarray, tiles_yx: np.ndarray, tile_size: int,
+                  chunk_shape: tuple[int, int], width: int) -> np.ndarray:
+    """Whether every block each tile ``(y, x)`` touches is in `blocks` (`existing_blocks`)."""
+    ch, cw = chunk_shape
+    block_cols = -(-width // cw)
+    y, x = tiles_yx[:, 0], tiles_yx[:, 1]
+    r0, r1 = y // ch, (y + tile_size - 1) // ch
+    c0, c1 = x // cw, (x + tile_size - 1) // cw
+    ok = np.ones(len(tiles_yx), dtype=bool)
+    for dr in range(int((r1 - r0).max()) + 1):
+        for dc in range(int((c1 - c0).max()) + 1):
+            inside = (r0 + dr <= r1) & (c0 + dc <= c1)
+            ids = (r0 + dr) * block_cols + (c0 + dc)
+            found = np.isin(ids, blocks, assume_unique=False)
+            ok &= found | ~inside
+    return ok
 
 
 def plan_slide(
