@@ -83,6 +83,9 @@ class SlideRecord:
         label_index: index of `label` in the run's class names.
         group: value of the group column (e.g. patient), or None.
         metadata: the remaining manifest columns, as strings.
+        duplicate_of: the id of an earlier row with the same path (the slide is
+            planned and packed once, under that id; this row fails as
+            ``duplicate_path``), else None.
     """
 
     slide_id: str
@@ -91,6 +94,7 @@ class SlideRecord:
     label_index: int
     group: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    duplicate_of: str | None = None
 
     @property
     def metadata_dict(self) -> Mapping[str, str]:

@@ -69,6 +69,8 @@ def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
     """
     from ..steps.plan import plan_slide
 
+    if record.duplicate_of is not None:  # fails at once (`plan_slide`): nothing to keep
+        return plan_slide(record, config, on_error=on_error, class_names=class_names)
     path = plan_path(staging, record, config, class_names) if staging else None
     content = changed = None
     if path is not None:

@@ -338,6 +338,14 @@ def _plan(
     slide_cache: SlideCache | None,
     class_names: Sequence[str] | None,
 ) -> SlidePlan:
+    if record.duplicate_of is not None:
+        raise SlideError(
+            record.slide_id,
+            "duplicate_path",
+            f"its path {record.path} is the slide of row {record.duplicate_of!r} too; the "
+            f"slide is used once, as {record.duplicate_of!r}. Remove the repeated row, or "
+            "point it at its own slide.",
+        )
     axes = record.metadata_dict.get("axes") or None  # plain Zarr arrays: manifest column
     if slide_cache is not None:
         slide = slide_cache.get(record.path, record.slide_id, axes=axes)
