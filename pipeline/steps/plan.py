@@ -90,8 +90,10 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     """Where the (low-resolution) image shows tissue, by Otsu's threshold.
 
     The feature thresholded is the HSV saturation for RGB(A) brightfield images
-    (glass is grey-white, stained tissue is coloured), and the mean channel
-    intensity for other channel counts (fluorescence/multiplex: tissue is bright).
+    (glass is grey-white, stained tissue is coloured), and for other channel counts
+    the mean channel intensity (fluorescence/multiplex: tissue is bright), or its
+    darkness when the image's border is bright (>= 0.5 of the range: a grey
+    brightfield scan, where glass is bright and tissue dark).
     The feature is smoothed (Gaussian, sigma 1 px) before scikit-image's
     `threshold_otsu`; the mask is then closed (disk of 1/64 of the shorter side) and
     its holes filled, so sparse stroma between stained structures counts as tissue.
@@ -127,14 +129,14 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
             f"`image` must be [height, width, channels]. Received: shape={image.shape}"
         )
     channels = image.shape[-1]
+    values = _to_unit_float(image)
     if mode == "auto":
-        mode = "saturation" if channels in (3, 4) else "intensity"
+        mode = "saturation" if channels in (3, 4) else _grey_mode(values.mean(axis=-1))
     if mode not in ("saturation", "intensity", "darkness"):
         raise ValueError(
             "`mode` must be 'auto', 'saturation', 'intensity' or 'darkness'. "
             f"Received: mode={mode!r}"
         )
-    values = _to_unit_float(image)
     if mode == "saturation":
         if channels not in (3, 4):
             raise ValueError(
@@ -162,6 +164,17 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     padded = np.pad(mask, radius, mode="edge")
     padded = close_with_disk(padded, radius)
     return ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
+
+
+def _grey_mode(intensity: np.ndarray) -> str:
+    """`tissue_mask`'s rule for a non-RGB image: ``"darkness"`` when its border (where
+    the background is) is bright, as glass is in a grey brightfield scan, else
+    ``"intensity"`` (fluorescence: a dark background, bright tissue)."""
+    height, width = intensity.shape
+    ring = max(1, min(height, width) // 20)
+    border = np.concatenate([intensity[:ring].ravel(), intensity[-ring:].ravel(),
+                             intensity[:, :ring].ravel(), intensity[:, -ring:].ravel()])
+    return "darkness" if border.size and float(np.median(border)) >= 0.5 else "intensity"
 
 
 def close_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:

@@ -432,3 +432,23 @@ def test_plan_counts_tissue_tiles_in_missing_chunks(tmp_path):
     assert plan.skipped_dict == {"missing_chunk": 1}
     assert TileKey("h", 0, 256, 128) not in {t.key for t in plan.tiles}
     assert len(plan.tiles) == 15
+
+
+def test_auto_tissue_mode_on_grey_brightfield_keeps_only_tissue(tmp_path):
+    """A 2-D grey brightfield scan: bright glass, darker tissue (was: every tile kept)."""
+    rng = np.random.default_rng(0)
+    grey = np.full((512, 512), 232, np.uint8)
+    grey[128:384, 0:256] = 110
+    grey = np.clip(grey + rng.normal(0, 4, grey.shape), 0, 255).astype(np.uint8)
+    mask = tissue_mask(grey)
+    assert mask[140:370, 10:240].all() and not mask[:, 300:].any()
+    zarr.create_array(store=str(tmp_path / "grey.zarr"), data=grey, chunks=(128, 128),
+                      dimension_names=["y", "x"])
+    plan = plan_slide(SlideRecord("g", str(tmp_path / "grey.zarr"), "he", 0),
+                      TileConfig(tile_size=128), on_error="fail")
+    assert sorted((t.key.y, t.key.x) for t in plan.tiles) == [
+        (y, x) for y in (128, 256) for x in (0, 128)]
+    assert plan.skipped_dict == {"background": 12}
+    # Fluorescence (dark background, bright tissue) keeps its rule.
+    assert not tissue_mask(255 - grey)[:, 300:].any()
+    assert tissue_mask(255 - grey)[140:370, 10:240].all()
