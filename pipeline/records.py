@@ -115,10 +115,12 @@ class SlidePlan:
         dtype: numpy dtype name of the pixels ("" when failed).
         chunk_shape: (height, width) of the tiled level's chunks.
         chunks_read, bytes_read, requests: what planning fetched from the slide's
-            store (metadata and the tissue level), for the run's read accounting.
+            store (metadata, the tissue level and the stain fit's tiles), for the run's
+            read accounting.
         stain_fit: with stain normalisation, the JSON of the slide's stain fit
-            (`fit.to_dict()` of `softmix_tf.stain`, fitted on its tissue at the tissue
-            level), else None.
+            (`fit.to_dict()` of `softmix_tf.stain`, fitted on a sample of its kept tiles
+            at the tiled level, `pipeline.steps.stain.fit_slide`), else None (no kept
+            tile).
         content: the slide's content fingerprint when the plan was made
             (`pipeline.io.content`), None when not computed (no staging) or the store
             cannot be listed; strips, buckets and shards made from the slide record it.
