@@ -129,3 +129,53 @@ def write_svs(
                      description=f"Aperio Image Library v12.0.15 \nmacro {macro.shape[1]}x"
                                  f"{macro.shape[0]}", **args)
     return sizes
+
+
+def demo_to_svs(out_dir: str | os.PathLike[str], *, quality: int = 90) -> list[str]:
+    """Turn the OME-Zarr slides `softmix demo-data` just wrote in `out_dir` into SVS.
+
+    Each ``slides/<name>.ome.zarr`` becomes ``slides/<name>.svs`` (level 0 read chunk
+    row by chunk row, 256-px JPEG tiles, Aperio description with the slide's ``MPP``),
+    ``manifest.csv`` points at the ``.svs`` files and the demo's record of what it
+    wrote lists them instead, so ``--overwrite`` later removes them. Returns the paths.
+    """
+    import csv
+    import io
+    import json
+    import pathlib
+    import shutil
+
+    from ..io.slides import open_slide
+    from .demo import MARKER_NAME
+
+    out = pathlib.Path(out_dir)
+    manifest = out / "manifest.csv"
+    rows = list(csv.reader(io.StringIO(manifest.read_text())))
+    header, body = rows[0], rows[1:]
+    column = header.index("path")
+    record = json.loads((out / MARKER_NAME).read_text())
+    written = list(record["written"])
+    paths = []
+    for row in body:
+        zarr_path = out / row[column]
+        slide = open_slide(str(zarr_path))
+        height, width = slide.level_shape(0)
+        mpp = slide.mpp(0)
+        svs = zarr_path.with_name(zarr_path.name.removesuffix(".ome.zarr") + ".svs")
+
+        def region(y0: int, y1: int, x0: int, x1: int, slide: Any = slide) -> np.ndarray:
+            return slide.read_region(0, x0, y0, x1 - x0, y1 - y0)
+
+        write_svs(svs, region, shape=(height, width), mpp=mpp[1] if mpp else 0.5,
+                  quality=quality)
+        shutil.rmtree(zarr_path)
+        relative = svs.relative_to(out).as_posix()
+        written = [relative if w == row[column] else w for w in written]
+        row[column] = relative
+        paths.append(str(svs))
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *body])
+    manifest.write_text(text.getvalue())
+    record["written"] = written
+    (out / MARKER_NAME).write_text(json.dumps(record, indent=1) + "\n")
+    return paths
