@@ -54,6 +54,8 @@ class ConvertConfig:
         compression: ``"zstd"`` or ``"blosc"`` (blosc-zstd, bit-shuffled).
         ngff_version: ``"0.5"`` (Zarr v3) or ``"0.4"`` (Zarr v2).
         pyramid: ``"rebuild"`` (2 x 2 means from level 0) or ``"copy"`` (the file's).
+        block: side in pixels of one task's square, rounded down to whole chunks (or
+            shards), at least one. Never changes the bytes written.
     """
 
     chunk: int = 1024
@@ -61,6 +63,7 @@ class ConvertConfig:
     compression: str = "zstd"
     ngff_version: str = "0.5"
     pyramid: str = "rebuild"
+    block: int = BLOCK_PIXELS
 
     def __post_init__(self) -> None:
         if self.chunk < 16:
@@ -164,7 +167,7 @@ def plan_slide(slide_id: str, source: str, out_dir: str, name: str, config: Conv
 def block_tasks(plan: SlidePlan, out_dir: str, config: ConvertConfig) -> list[list[BlockTask]]:
     """The slide's tasks, one list per stage (copied levels: one stage for all)."""
     unit = config.unit
-    side = unit * max(1, BLOCK_PIXELS // unit)
+    side = unit * max(1, config.block // unit)
     stages: list[list[BlockTask]] = []
     for level, (height, width) in enumerate(plan.shapes):
         from_source = level == 0 or config.pyramid == "copy"
