@@ -207,11 +207,8 @@ def _channel_metadata(num_channels: int, dtype: str) -> dict[str, Any]:
 def create_image(plan: SlidePlan, config: ConvertConfig) -> None:
     """Create the image group, its (empty) level arrays and the NGFF metadata."""
     import zarr
-    from ome_zarr.writer import write_multiscales_metadata
 
-    from .demo_render import ome_format
-
-    fmt, zarr_format = ome_format(config.ngff_version)
+    zarr_format = 3 if config.ngff_version == "0.5" else 2
     group = zarr.open_group(plan.target, mode="w", zarr_format=zarr_format)
     c = plan.num_channels
     datasets = []
@@ -248,11 +245,20 @@ def create_image(plan: SlidePlan, config: ConvertConfig) -> None:
     unit = {} if plan.mpp is None else {"unit": "micrometer"}
     axes = [{"name": "c", "type": "channel"}, {"name": "y", "type": "space", **unit},
             {"name": "x", "type": "space", **unit}]
-    write_multiscales_metadata(
-        group, datasets, fmt=fmt, axes=axes, name=plan.slide_id,
-        metadata={"omero": _channel_metadata(c, plan.dtype),
-                  "method": "softmix convert: 2x2 mean" if config.pyramid == "rebuild"
-                  else "softmix convert: copied from the source file's pyramid"})
+    method = ("2x2 mean (softmix convert)" if config.pyramid == "rebuild"
+              else "copied from the source file's pyramid (softmix convert)")
+    multiscale: dict[str, Any] = {"name": plan.slide_id, "axes": axes, "datasets": datasets,
+                                  "type": "mean" if config.pyramid == "rebuild" else "copy",
+                                  "metadata": {"method": method, "source": plan.source}}
+    omero = _channel_metadata(c, plan.dtype)
+    # Written directly (ome-zarr-py reads it back in the tests): importing its writer
+    # costs seconds, more than converting a small slide.
+    if zarr_format == 3:
+        group.attrs.update({"ome": {"version": "0.5", "multiscales": [multiscale],
+                                    "omero": omero}})
+    else:
+        group.attrs.update({"multiscales": [{"version": "0.4", **multiscale}],
+                            "omero": omero})
 
 
 _OPEN: dict[str, Any] = {}  # per worker process: open source slides and target arrays
@@ -315,19 +321,28 @@ def convert_block(task: BlockTask) -> int:
 # --- Engines ---------------------------------------------------------------------------
 
 
-def _run_local(tasks: Sequence[BlockTask], workers: int, tick: Callable[[int], None]) -> None:
-    if workers <= 1:
-        for task in tasks:
-            tick(convert_block(task))
-        return
-    import concurrent.futures
-    import multiprocessing
+class _LocalPool:
+    """The local engine: blocks in this process (1 worker) or a process pool kept for
+    every stage (spawned, not forked: zarr keeps an event-loop thread a fork would lack)."""
 
-    # spawn, not fork: zarr keeps an event-loop thread that a forked child would lack.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for size in pool.map(convert_block, tasks, chunksize=1):
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            import concurrent.futures
+            import multiprocessing
+
+            self.pool = concurrent.futures.ProcessPoolExecutor(
+                workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, tasks: Sequence[BlockTask], tick: Callable[[int], None]) -> None:
+        sizes = map(convert_block, tasks) if self.pool is None else self.pool.map(
+            convert_block, tasks, chunksize=1)
+        for size in sizes:
             tick(size)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def _run_beam(tasks: Sequence[BlockTask], workers: int, beam_args: Sequence[str],
@@ -504,6 +519,7 @@ def convert_slides(
         if not resumed or not fs.exists(plan.target):
             create_image(plan, config)
     client = None
+    local = _LocalPool(workers) if engine == "local" else None
     if engine == "dask":
         from distributed import Client, LocalCluster
 
@@ -530,13 +546,15 @@ def convert_slides(
                 say(f"convert: {label}: {len(stage) - len(todo)} finished block(s) kept")
             if not todo:
                 continue
-            if engine == "local":
-                _run_local(todo, workers, tick)
+            if local is not None:
+                local.run(todo, tick)
             elif engine == "beam":
                 _run_beam(todo, workers, beam_args, tick)
             else:
                 _run_dask(todo, client, tick)
     finally:
+        if local is not None:
+            local.close()
         if client is not None:
             cluster = client.cluster
             client.close()
