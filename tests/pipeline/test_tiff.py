@@ -143,6 +143,22 @@ def test_fsspec_url_reads_the_same_pixels(tiff_dir):
     memory.rm("/tiff-test", recursive=True)
 
 
+def test_run_fingerprint_records_size_and_mtime_of_tiff_slides(tiff_dir, tmp_path):
+    import os
+
+    from pipeline.io.manifest import load_slide_manifest
+    from pipeline.run.job import fingerprint_diff, run_fingerprint
+
+    (tmp_path / "a.svs").write_bytes((tiff_dir / "j2k.svs").read_bytes())
+    (tmp_path / "manifest.csv").write_text("slide_id,path,label\na,a.svs,x\n")
+    job = _job(tmp_path / "manifest.csv", tmp_path / "out")
+    slides = load_slide_manifest(job.manifest).slides
+    before = run_fingerprint(job, slides)
+    assert before["slides"]["a"]["file"]["size"] == (tmp_path / "a.svs").stat().st_size
+    os.utime(tmp_path / "a.svs", ns=(1, 10**18))  # the file changed since
+    assert fingerprint_diff(before, run_fingerprint(job, slides)) != []
+
+
 # --- Whole runs on scanner files ------------------------------------------------------
 
 
