@@ -162,6 +162,9 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="per-request latency for the job comparison (0: local disk)")
     parser.add_argument("--no-job", action="store_true", help="skip the job comparison")
+    parser.add_argument("--runs", default="floor,convert",
+                        help="conversion runs to time (e.g. 'convert' alone before a job "
+                        "comparison)")
     parser.add_argument("--run-floor", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_floor:
@@ -175,7 +178,7 @@ def main() -> None:
     rows = []
     try:
         for workers in [int(w) for w in args.workers.split(",")]:
-            for kind in ("floor", "convert"):
+            for kind in args.runs.split(","):
                 out = root / f"{kind}-{workers}"
                 if kind == "floor":
                     out.mkdir()
@@ -197,7 +200,8 @@ def main() -> None:
         floor = {w: s for k, w, s in rows if k == "floor"}
         one = {k: s for k, w, s in rows if w == 1}
         for kind, workers, seconds in rows:
-            vs_floor = f"{floor[workers] / seconds:.2f}x" if kind == "convert" else ""
+            paired = workers in floor and kind == "convert"
+            vs_floor = f"{floor[workers] / seconds:.2f}x" if paired else ""
             vs_one = f"{one[kind] / seconds:.2f}x" if kind in one else ""
             print(f"| {'softmix convert' if kind == 'convert' else 'floor'} | {workers} "
                   f"| {seconds:.1f} | {args.slides / seconds:.3f} | {megabytes / seconds:.0f} "
