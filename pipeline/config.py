@@ -7,15 +7,19 @@ one concept has one name everywhere (`softness` <-> `--softness`).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 
 __all__ = [
     "PAIRING_POLICIES",
     "JobConfig",
     "MixConfig",
     "OutputConfig",
+    "STAIN_FIT_TILES",
     "STAIN_NORMS",
     "TISSUE_MODES",
     "TileConfig",
+    "check_count",
     "parse_grid",
 ]
 
@@ -24,11 +28,41 @@ PAIRING_POLICIES = ("random", "cross-class", "balanced")
 TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
 # `softmix_tf.stain` methods the job can normalise tiles with (SPEC section 4c).
 STAIN_NORMS = ("none", "reinhard", "macenko")
+# Tiles a slide's stain fit reads by default, and at most (each up to tile_size^2 pixels;
+# `pipeline.steps.stain.fit_slide` strides them down to 4 Mpx).
+STAIN_FIT_TILES = 32
+MAX_STAIN_FIT_TILES = 1024
 # A stride below tile_size / STRIDE_WARN_RATIO makes each pixel part of more than
 # STRIDE_WARN_RATIO**2 tiles: the tile count (and the output) explodes.
 STRIDE_WARN_RATIO = 8
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = (None, "GZIP")
+# Upper bounds of the count options (issue 15): beyond them a run only heads for an
+# absurd allocation or millions of files. Checked here, so the CLI, `stream_dataset`
+# and the Python API all refuse them with the same message.
+MAX_NUM_SHARDS = 100_000
+MAX_NUM_MIXES = 64
+MAX_BATCH_SIZE = 4096
+MAX_TILE_SIZE = 8192
+MAX_READ_CACHE_MB = 65536.0
+MAX_WORKERS = 256  # local worker processes (or threads per worker, or reading threads)
+
+
+def check_count(name: str, value: object, high: float, fix: str, *, low: float = 1,
+                integer: bool = True) -> None:
+    """Refuse a count option outside ``[low, high]`` (or not an int), naming the option,
+    the allowed range and the fix.
+
+    >>> check_count("num_mixes", 10**9, MAX_NUM_MIXES, "Use fewer.")
+    Traceback (most recent call last):
+    ...
+    ValueError: `num_mixes` must be in [1, 64]. Received: num_mixes=1000000000. Use fewer.
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        shown = f"{high:g}" if isinstance(high, float) else f"{high}"
+        raise ValueError(f"`{name}` must be in [{low:g}, {shown}]. "
+                         f"Received: {name}={value!r}. {fix}")
 
 
 def parse_grid(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -64,7 +98,7 @@ class TileConfig:
     """How slides are cut into tiles.
 
     Attributes:
-        tile_size: tile side in pixels (tiles are square).
+        tile_size: tile side in pixels (tiles are square), in [1, 8192].
         stride: step between tiles in pixels; defaults to `tile_size` (no overlap).
         level: pyramid level index to tile; used when `mpp` is None.
         mpp: target microns per pixel; picks the nearest level (overrides `level`).
@@ -79,12 +113,16 @@ class TileConfig:
             "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
             greyscale brightfield).
         stain_norm: "none", "reinhard" or "macenko": normalise every tile's stain
-            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue on
-            `tissue_level` toward `stain_target`. Needs RGB uint8 slides.
+            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue
+            (on a sample of its kept tiles, at the tiled level) toward `stain_target`.
+            Needs RGB uint8 slides.
         stain_target: the fit tiles are normalised toward: "builtin" (the H&E
             reference of `softmix_tf.stain.builtin_reference`), a slide id of the
             manifest (that slide's fit), or the path of a fit JSON written from
             `fit.to_dict()`. Only with `stain_norm` other than "none".
+        stain_fit_tiles: how many of a slide's kept tiles (a tissue-weighted, fixed
+            sample) its stain fit reads, in 1..MAX_STAIN_FIT_TILES. Only with
+            `stain_norm` other than "none".
     """
 
     tile_size: int = 256
@@ -97,16 +135,20 @@ class TileConfig:
     tissue_mode: str = "auto"
     stain_norm: str = "none"
     stain_target: str = "builtin"
+    stain_fit_tiles: int = STAIN_FIT_TILES
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
             raise ValueError(f"`tile_size` must be >= 1. Received: tile_size={self.tile_size}")
+        check_count("tile_size", self.tile_size, MAX_TILE_SIZE,
+                    "Tiles are held in memory whole, a batch at a time; use 224-1024 px "
+                    "tiles (the size a model takes) and --level/--mpp for coarser views.")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"`stride` must be >= 1. Received: stride={self.stride}")
         if self.level < 0:
             raise ValueError(f"`level` must be >= 0. Received: level={self.level}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ValueError(f"`mpp` must be > 0. Received: mpp={self.mpp}")
+        if self.mpp is not None and not 0 < self.mpp < math.inf:
+            raise ValueError(f"`mpp` must be finite and > 0. Received: mpp={self.mpp}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ValueError(
                 f"`min_tissue` must be in [0, 1]. Received: min_tissue={self.min_tissue}"
@@ -136,6 +178,19 @@ class TileConfig:
             raise ValueError(
                 f"`stain_target` ({self.stain_target!r}) needs stain normalisation: pass "
                 "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop the target."
+            )
+        tiles = self.stain_fit_tiles
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or not (
+            1 <= tiles <= MAX_STAIN_FIT_TILES
+        ):
+            raise ValueError(
+                f"`stain_fit_tiles` must be an int in 1..{MAX_STAIN_FIT_TILES} (tiles a "
+                f"slide's stain fit reads). Received: stain_fit_tiles={tiles!r}"
+            )
+        if self.stain_norm == "none" and tiles != STAIN_FIT_TILES:
+            raise ValueError(
+                f"`stain_fit_tiles` ({tiles}) needs stain normalisation: pass "
+                "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop it."
             )
 
     @property
@@ -176,10 +231,11 @@ class MixConfig:
         pairing: "random", "cross-class" or "balanced".
         group_column: manifest column whose equal values are never paired (e.g. a
             patient id), or None.
-        num_mixes: mixed examples per used tile (tile is source `a` of each).
+        num_mixes: mixed examples per used tile (tile is source `a` of each), in
+            [0, 64].
         keep_originals: also write each used tile unmixed (lam = 0).
         seed: global seed; every per-example seed is a hash of it and the tile key.
-        batch_size: examples per call of the TensorFlow op.
+        batch_size: examples per call of the TensorFlow op, in [1, 4096].
     """
 
     grid: tuple[int, int] = (4, 4)
@@ -196,8 +252,8 @@ class MixConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", parse_grid(self.grid))
-        if not self.alpha > 0:
-            raise ValueError(f"`alpha` must be > 0. Received: alpha={self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be finite and > 0. Received: alpha={self.alpha}")
         if not 0.0 <= self.softness <= 1.0:
             raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
         if self.ramp not in ("cosine", "linear"):
@@ -212,6 +268,9 @@ class MixConfig:
             )
         if self.num_mixes < 0:
             raise ValueError(f"`num_mixes` must be >= 0. Received: num_mixes={self.num_mixes}")
+        check_count("num_mixes", self.num_mixes, MAX_NUM_MIXES,
+                    "For more examples per slide use more tiles (a smaller stride), or "
+                    "another seed into another output.", low=0)
         if self.num_mixes == 0 and not self.keep_originals:
             raise ValueError(
                 "`num_mixes=0` without `keep_originals` would write nothing. "
@@ -219,6 +278,9 @@ class MixConfig:
             )
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        check_count("batch_size", self.batch_size, MAX_BATCH_SIZE,
+                    "It is only the examples per op call (it never changes the output); "
+                    "the default 32 is enough.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +290,9 @@ class OutputConfig:
     Attributes:
         out_dir: output directory (local path or fsspec URL).
         name: dataset name; shards are `<name>-00000-of-00016.tfrecord`.
-        num_shards: number of shards; None = derived from `shard_size_mb`.
+        num_shards: number of shards, in [1, 100000]; None = derived from
+            `shard_size_mb` (never more than the examples). More shards than examples
+            write empty shards, with a warning in the manifest and the summary.
         shard_size_mb: target shard size used when `num_shards` is None.
         compression: None or "GZIP".
         overwrite: replace an existing dataset in `out_dir`.
@@ -262,9 +326,14 @@ class OutputConfig:
             )
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"`num_shards` must be >= 1. Received: num_shards={self.num_shards}")
-        if not self.shard_size_mb > 0:
+        if self.num_shards is not None:
+            check_count("num_shards", self.num_shards, MAX_NUM_SHARDS,
+                        "Use fewer shards, or leave num_shards unset (--shard-size-mb then "
+                        "sizes them, never more shards than examples).")
+        if not 0 < self.shard_size_mb < math.inf:
             raise ValueError(
-                f"`shard_size_mb` must be > 0. Received: shard_size_mb={self.shard_size_mb}"
+                "`shard_size_mb` must be finite and > 0. "
+                f"Received: shard_size_mb={self.shard_size_mb}"
             )
         if self.on_error not in ON_ERROR:
             raise ValueError(
@@ -286,7 +355,8 @@ class JobConfig:
         mix: how tiles are paired and mixed.
         output: where and how shards are written.
         class_names: explicit class order; None = sorted distinct manifest labels.
-        read_cache_mb: decoded slide pixels one reading task holds at once (MiB).
+        read_cache_mb: decoded slide pixels one reading task holds at once (MiB),
+            in (0, 65536].
     """
 
     manifest: str
@@ -297,9 +367,12 @@ class JobConfig:
     read_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        if not self.read_cache_mb > 0:
-            raise ValueError(
-                f"`read_cache_mb` must be > 0. Received: read_cache_mb={self.read_cache_mb}")
+        if not 0 < self.read_cache_mb < math.inf:
+            raise ValueError("`read_cache_mb` must be finite and > 0. "
+                             f"Received: read_cache_mb={self.read_cache_mb}")
+        check_count("read_cache_mb", self.read_cache_mb, MAX_READ_CACHE_MB,
+                    "It is the decoded pixels one reading task holds (MiB); the default "
+                    "256 reads whole slides at full speed.", low=0, integer=False)
         rows, cols = self.mix.grid
         if max(rows, cols) > self.tile.tile_size:
             raise ValueError(

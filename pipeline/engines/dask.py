@@ -125,7 +125,7 @@ def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
     stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
                           [s.slide_id for s in manifest.slides])
     fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
-    resumed = _job.prepare_output(job.output, fingerprint)
+    resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
     return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
 
 
@@ -287,11 +287,17 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     each. Prints the dashboard link.
 
     Raises:
+        ValueError: `workers` or `threads_per_worker` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
     from distributed import Client
 
+    from ..config import MAX_WORKERS, check_count
+
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        check_count(name, value, MAX_WORKERS, "A local cluster gains nothing beyond the "
+                    "machine's cores; to scale out pass `scheduler`.")
     extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
              "threads_per_worker": threads_per_worker}
     try:

@@ -65,11 +65,22 @@ from typing import Any
 import numpy as np
 
 from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
-from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..config import (
+    MAX_READ_CACHE_MB,
+    MAX_WORKERS,
+    STAIN_FIT_TILES,
+    JobConfig,
+    MixConfig,
+    OutputConfig,
+    TileConfig,
+    check_count,
+)
 from ..errors import PipelineError, SlideError, TileReadError
 from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..steps.pack import PackReader, StripResult, StripTask, split_plan
+
+MAX_SHUFFLE_BUFFER = 1_000_000  # examples; the buffer holds decoded images
 
 __all__ = ["StreamStats", "dataset_stats", "epoch_seed", "stream_dataset"]
 
@@ -570,6 +581,7 @@ def stream_dataset(
     label_image: str | None = None,
     stain_norm: str = "none",
     stain_target: str = "builtin",
+    stain_fit_tiles: int = STAIN_FIT_TILES,
     grid: int | str | tuple[int, int] = 4,
     softness: float = 0.5,
     alpha: float = 1.0,
@@ -603,9 +615,9 @@ def stream_dataset(
     Args:
         manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
         tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
-            label_image, stain_norm, stain_target: tiling and stain normalisation
-            (`TileConfig`; `pipeline.steps.stain`): tiles are normalised before mixing
-            exactly as the offline job does.
+            label_image, stain_norm, stain_target, stain_fit_tiles: tiling and stain
+            normalisation (`TileConfig`; `pipeline.steps.stain`): tiles are normalised
+            before mixing exactly as the offline job does.
         grid, softness, alpha, ramp, mix_prob, pairing, group_column, num_mixes,
             keep_originals, seed, batch_size: pairing and mixing (`MixConfig`;
             `batch_size` never changes a pixel).
@@ -650,7 +662,8 @@ def stream_dataset(
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,
-                      stain_norm=stain_norm, stain_target=stain_target)
+                      stain_norm=stain_norm, stain_target=stain_target,
+                      stain_fit_tiles=stain_fit_tiles)
     mix_config = MixConfig(grid=grid, alpha=alpha, softness=softness, ramp=ramp,
                            mix_prob=mix_prob, pairing=pairing, group_column=group_column,
                            num_mixes=num_mixes, keep_originals=keep_originals, seed=seed,
@@ -667,6 +680,14 @@ def stream_dataset(
     if reads < 1 or packers < 0:
         raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
                          f"Received: num_parallel_reads={reads}, pack_threads={packers}")
+    threads = "Threads beyond the machine's cores only add memory; the default suits it."
+    check_count("num_parallel_reads", reads, MAX_WORKERS, threads)
+    check_count("pack_threads", packers, MAX_WORKERS, threads, low=0)
+    check_count("shuffle", buffer, MAX_SHUFFLE_BUFFER, "The buffer holds decoded images; "
+                "1024 to 100000 examples shuffle well.", low=0)
+    check_count("read_cache_mb", read_cache_mb, MAX_READ_CACHE_MB,
+                "It is the decoded rows one packing thread holds (MiB).", low=0,
+                integer=False)
     from ..steps.stain import resolve_stain
 
     slides = load_slide_manifest(os.fspath(manifest),
