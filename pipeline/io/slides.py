@@ -166,6 +166,9 @@ class Slide:
         self.path = path
         self.axes = tuple(axes)
         self.attributes = dict(attributes or {})
+        # Whether a listing of the store names the chunks that exist (Zarr stores);
+        # False for stores whose chunks are views of one file (TIFF tiles).
+        self.chunks_listable = True
         self._arrays = list(arrays)
         self._scales = list(scales)
         self._group = group

@@ -267,6 +267,7 @@ def open_tiff_slide(path: str, *, slide_id: str | None = None,
                            "mpp": list(mpp) if mpp else None}}
     slide = Slide(slide_id, path, arrays, axes, scales, attributes=attributes)
     slide.read_stats = store.stats
+    slide.chunks_listable = False  # every tile of the file's pyramid exists
     slide._tiff = tif  # keeps the file open as long as the slide
     return slide
 
