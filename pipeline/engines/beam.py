@@ -384,7 +384,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
 
     layout_pc = (
         strips
-        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles)))
+        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles), r.content))
         | "CollectSizes" >> beam.combiners.ToList()
         | "Layout" >> beam.Map(layout_of, majority)
     )
@@ -454,12 +454,16 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         examples_per_task: examples per mix bucket (default 128; never changes output).
 
     Raises:
+        ValueError: `workers` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
+    from ..config import MAX_WORKERS, check_count
     from ..io import storage
     from ..io.manifest import load_slide_manifest
 
+    check_count("workers", workers, MAX_WORKERS, "Local runs gain nothing beyond the "
+                "machine's cores; to scale out use --runner=DataflowRunner.")
     storage.ensure(job.output.storage_options)
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
@@ -469,7 +473,7 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
                           [s.slide_id for s in manifest.slides])
     fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
     try:
-        resumed = _job.prepare_output(job.output, fingerprint)
+        resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
     except _job.RunFinished as done:
         print(done, flush=True)
         return done.manifest

@@ -61,8 +61,8 @@ def _second(pair: tuple[Any, Any]) -> Any:
     return pair[1]
 
 
-def _strip_size(result: Any) -> tuple[str, int, int]:
-    return (result.slide_id, result.strip, len(result.tiles))
+def _strip_size(result: Any) -> tuple[str, int, int, str | None]:
+    return (result.slide_id, result.strip, len(result.tiles), result.content)
 
 
 def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
@@ -127,7 +127,7 @@ def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
     stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
                           [s.slide_id for s in manifest.slides])
     fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
-    resumed = _job.prepare_output(job.output, fingerprint)
+    resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
     return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
 
 
@@ -240,7 +240,7 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
         grouped = bag.groupby(_bucket_key, shuffle="tasks",
                               npartitions=max(1, min(num_buckets, 4 * num_threads)))
         mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
-        total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
+        total = sum(s[2] for s in summaries) * (job.mix.num_mixes
                                                    + int(job.mix.keep_originals))
         with _job.progress_reporter(job.output, enabled=progress, total=total):
             buckets = client.gather(client.compute(mixed))
@@ -292,11 +292,17 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     each. Prints the dashboard link.
 
     Raises:
+        ValueError: `workers` or `threads_per_worker` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
     from distributed import Client
 
+    from ..config import MAX_WORKERS, check_count
+
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        check_count(name, value, MAX_WORKERS, "A local cluster gains nothing beyond the "
+                    "machine's cores; to scale out pass `scheduler`.")
     extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
              "threads_per_worker": threads_per_worker}
     try:

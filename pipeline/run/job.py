@@ -64,8 +64,21 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
         "options": options,
         "software": software_versions(),
         "slides": {r.slide_id: {"path": r.path, "label": r.label, "group": r.group,
-                                "columns": dict(r.metadata)} for r in slides},
+                                "columns": dict(r.metadata), **_file_stamp(r.path)}
+                   for r in slides},
     }
+
+
+def _file_stamp(path: str) -> dict[str, Any]:
+    """A TIFF slide is one file: its size and mtime tell a resumed run it changed."""
+    from ..io.tiff import file_stamp, is_tiff_path
+
+    if not is_tiff_path(path):
+        return {}
+    try:
+        return {"file": file_stamp(path)}
+    except (OSError, ValueError):  # missing: the run reports it as a failed slide
+        return {}
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
@@ -78,7 +91,7 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
 
 
 def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                     prefix: str = "") -> list[str]:
+                     prefix: str = "", *, old_name: str = "interrupted run") -> list[str]:
     """Human-readable differences between two fingerprints (empty when equal).
 
     >>> fingerprint_diff({"mix": {"seed": 0}}, {"mix": {"seed": 1}})
@@ -88,14 +101,18 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any],
     for key in sorted(set(old) | set(new), key=str):
         name = f"{prefix}{key}"
         if key not in old:
-            out.append(f"{name}: not in the interrupted run")
+            out.append(f"{name}: not in the {old_name}")
         elif key not in new:
             out.append(f"{name}: not in this run")
         elif isinstance(old[key], Mapping) and isinstance(new[key], Mapping):
-            out.extend(fingerprint_diff(old[key], new[key], f"{name}."))
+            out.extend(fingerprint_diff(old[key], new[key], f"{name}.", old_name=old_name))
         elif old[key] != new[key]:
-            out.append(f"{name}: {old[key]!r} (interrupted run) != {new[key]!r} (this run)")
+            out.append(f"{name}: {old[key]!r} ({old_name}) != {new[key]!r} (this run)")
     return out
+
+
+def _shown(diff: Sequence[str]) -> str:
+    return "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
 
 
 def summary_table(manifest: Mapping[str, Any]) -> str:
@@ -160,7 +177,38 @@ def staging_dir(config: Any) -> str:
     return posixpath.join(config.out_dir, STAGING_DIR)
 
 
-def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) -> bool:
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (local paths resolved, URLs compared as text)."""
+    import os
+    import posixpath
+
+    if "://" in path or "://" in folder:
+        path, folder = posixpath.normpath(path.rstrip("/")), posixpath.normpath(
+            folder.rstrip("/"))
+        return path == folder or path.startswith(folder + "/")
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out_outside_slides(out_dir: str, slides: Sequence[Any]) -> None:
+    """Refuse an output directory that is an input slide's folder or lies inside one
+    (the run would write its staging and shards into the OME-Zarr store).
+
+    Raises:
+        OutputExistsError: naming the slide and the fix; nothing was written.
+    """
+    from ..errors import OutputExistsError
+
+    for record in slides:
+        if record.path and _inside(out_dir, record.path):
+            raise OutputExistsError(
+                f"--out {out_dir!r} lies inside the folder of input slide "
+                f"{record.slide_id!r} ({record.path!r}); the run would write into the "
+                "slide. Choose an output directory outside every slide's folder.")
+
+
+def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
+                   slides: Sequence[Any] = ()) -> bool:
     """Lock OUT, check it (`output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
@@ -172,7 +220,8 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
         True when an interrupted run is resumed, False for a fresh run.
 
     Raises:
-        OutputExistsError: another live run holds the lock, an existing dataset or
+        OutputExistsError: OUT lies inside one of `slides`' folders (checked before
+            anything is created), another live run holds the lock, an existing dataset or
             unfinished run without overwrite/resume, a resume whose options, seed,
             software or manifest differ (the message names them), or files that are
             not ours.
@@ -194,6 +243,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
 
     digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
     resume = bool(getattr(config, "resume", False))
+    check_out_outside_slides(config.out_dir, slides)
     ensure_output_dir(config.out_dir)
     lock = acquire_output_lock(config.out_dir)
     try:
@@ -204,7 +254,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
             old = run_file or {}
             diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
             if "fingerprint" not in old or diff:
-                shown = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                shown = _shown(diff)
                 raise OutputExistsError(
                     f"Cannot resume the run in {config.out_dir!r}: it was started with "
                     f"other settings ({shown or 'no fingerprint recorded'}). Rerun with "
@@ -214,11 +264,18 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
         elif resume:
             finished = existing_dataset(config.out_dir)
             if finished is not None:
-                if finished.get("params", {}).get("run_fingerprint") == digest:
+                params = finished.get("params", {})
+                if params.get("run_fingerprint") == digest:
                     raise RunFinished(config.out_dir, finished)
+                recorded = params.get("fingerprint")
+                diff = fingerprint_diff(recorded, fingerprint or {},
+                                        old_name="finished run") if isinstance(
+                                            recorded, Mapping) else []
                 raise OutputExistsError(
                     f"Cannot resume in {config.out_dir!r}: it holds a finished SoftMix "
-                    "dataset made with other options, seed, software or slides. Pass "
+                    "dataset made with other settings ("
+                    f"{_shown(diff) or 'options, seed, software or slides: not recorded'}"
+                    "). Rerun with its options and manifest to see it is finished, pass "
                     "--overwrite to replace it, or choose another --out.")
         prepare_output_dir(config)  # now that no other run can change OUT
         if not resumed:
@@ -318,6 +375,10 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
         output_requests=sum(getattr(s, "requests", 0) for s in by_index.values()),
         bytes_written=sum(getattr(s, "bytes_written", 0) for s in by_index.values()))
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
+    run_file = _read_run_file(config) or {}
+    if isinstance(run_file.get("fingerprint"), Mapping):
+        # What the run was made from, so that a later --resume can name a difference.
+        params = {**params, "fingerprint": run_file["fingerprint"]}
     manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
                                class_names, params, staged_dir=staging, stain=stain)
     storage.rmtree(staging)
