@@ -30,9 +30,19 @@ ARGS = ("--tile-size", "128", "--num-shards", "4", "--num-mixes", "3", "--seed",
 SHARDS = [f"softmix-{i:05d}-of-00004.tfrecord" for i in range(4)]
 
 
+@pytest.fixture(autouse=True)
+def _both_stores(s3_store, gcs_store) -> str:
+    """The options of both servers in force for every test (a run, `stream_dataset` or
+    `read_dataset` given options replaces those of the process, as for a user)."""
+    options = {"s3": s3_store.options, "gs": gcs_store.options}
+    storage.configure(options)
+    return json.dumps(options)
+
+
 def _argv(engine: str, manifest: str, out: str, store, *extra: str) -> list[str]:  # noqa: ANN001
-    return [engine, "--manifest", manifest, "--out", out, "--storage-options",
-            store.options_json, *ARGS, *extra]
+    both = json.dumps(storage.current_options())  # `_both_stores`: S3 and GCS
+    return [engine, "--manifest", manifest, "--out", out, "--storage-options", both,
+            *ARGS, *extra]
 
 
 def _bucket_files(store, out: str) -> dict[str, bytes]:  # noqa: ANN001
