@@ -69,7 +69,8 @@ from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
 from ..errors import PipelineError, SlideError, TileReadError
 from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
-from ..steps.pack import PackReader, StripResult, StripTask, split_plan
+from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
+from ..steps.pack import PackReader, StripResult, StripTask
 
 __all__ = ["StreamStats", "dataset_stats", "epoch_seed", "stream_dataset"]
 
@@ -288,21 +289,21 @@ class _Epoch:
 class _Stream:
     """Everything one `stream_dataset` shares between its generator threads."""
 
-    def __init__(self, job: JobConfig, records: Sequence[SlideRecord],
-                 class_names: Sequence[str], staging: str, *, pipeline: tuple[int, int],
-                 plan_threads: int, stats: StreamStats, stain: Any = None):
-        self.job, self.records, self.class_names = job, list(records), tuple(class_names)
-        self.staging, self.stats = staging, stats
+    def __init__(self, run: Run, *, pipeline: tuple[int, int], plan_threads: int,
+                 stats: StreamStats):
+        job = run.job
+        self.run, self.job, self.records = run, job, list(run.slides)
+        self.class_names, self.staging, self.stats = run.class_names, run.staging, stats
         self.pipeline_id, self.num_pipelines = pipeline
-        on_error = job.output.on_error
+        on_error = run.on_error
         start = time.monotonic()
         with cf.ThreadPoolExecutor(max(1, plan_threads)) as pool:
             # Usable plans are kept under ``staging/plans`` and reused by later streams.
             raw = list(pool.map(lambda r: _stages.plan_task(r, job.tile, on_error,
-                                                            class_names, staging), records))
-        majority = _stages.majority_kind(k for p in raw for k in _stages.plan_kind(p))
+                                                            run.class_names, run.staging),
+                                self.records))
+        majority = run.kind_of(raw)
         plans = [_stages.reconcile_plan(p, majority) for p in raw]
-        by_id = {r.slide_id: r for r in records}
         for plan in plans:
             if plan.failure is not None:
                 if on_error == "fail":
@@ -316,10 +317,8 @@ class _Stream:
                   plans_reused=sum(p.reused for p in raw))
         stats.plan_seconds = time.monotonic() - start
         self.kind = majority
-        self.tasks: dict[_StripId, StripTask] = {}
-        for plan in plans:
-            for task in split_plan(by_id[plan.slide_id], plan, job.tile.tile_size):
-                self.tasks[(plan.slide_id, task.strip)] = task
+        self.tasks: dict[_StripId, StripTask] = {
+            (task.record.slide_id, task.strip): task for task in strip_tasks(run, plans)}
         if not self.tasks:
             raise PipelineError(
                 f"No usable tile in {job.manifest!r} (slides failed: "
@@ -327,9 +326,8 @@ class _Stream:
                 f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
                 "`min_tissue`.")
         self.strips = sorted(self.tasks)
-        # The stain target of a slide target is that slide's fit (as in the offline job).
-        self.stain = stain.with_slide_fit(plans) if stain is not None else None
-        self.packer = _Packer(self.tasks, staging, job.read_cache_mb, on_error, stats,
+        self.stain = run.stain_for(raw)  # a slide target: that slide's fit
+        self.packer = _Packer(self.tasks, run.staging, job.read_cache_mb, on_error, stats,
                               self.stain)
         self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
@@ -359,19 +357,11 @@ class _Stream:
             for sid, task in self.tasks.items():
                 result = self.packer.known(sid)
                 tiles[sid] = result.tiles if result is not None else task.tiles
-            channels, dtype = self.kind or (3, "uint8")
-            layout = _stages.build_layout(
-                [(*sid, len(t)) for sid, t in tiles.items()], self.records, self.job,
-                self.staging, tile_bytes=_stages.example_bytes(channels, dtype,
-                                                               self.job.tile.tile_size))
             from ..steps.pack import pack_path
-            from ..steps.pair import PairingTable
 
-            mix = dataclasses.replace(self.job.mix, seed=epoch_seed(self.job.mix.seed, number))
-            try:
-                table = PairingTable(layout.counts(), mix, len(self.class_names))
-            except ValueError as err:
-                raise PipelineError(str(err)) from err
+            layout = self.run.layout([(*sid, len(t)) for sid, t in tiles.items()], self.kind)
+            table = self.run.pairing_table(layout,
+                                           seed=epoch_seed(self.job.mix.seed, number))
             found = _Epoch(number, self.own_units(number), layout, table, tiles,
                            {pack_path(self.staging, *sid): sid for sid in tiles})
             self._epochs[number] = found
@@ -645,8 +635,6 @@ def stream_dataset(
     """
     import tensorflow as tf
 
-    from ..io.manifest import load_slide_manifest
-
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,
@@ -667,36 +655,32 @@ def stream_dataset(
     if reads < 1 or packers < 0:
         raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
                          f"Received: num_parallel_reads={reads}, pack_threads={packers}")
-    from ..steps.stain import resolve_stain
-
-    slides = load_slide_manifest(os.fspath(manifest),
-                                 class_names=tuple(class_names) if class_names else None,
-                                 group_column=group_column)
-    stain = resolve_stain(stain_norm, stain_target, [s.slide_id for s in slides.slides])
     temporary = cache_dir is None
     root = tempfile.mkdtemp(prefix="softmix-stream-") if temporary else os.fspath(cache_dir)
-    # A target fit read from a file is part of what the packs hold.
-    key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
-                              else ())
-    staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}")
     job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,
                     output=OutputConfig(out_dir=root, num_shards=1, on_error=on_error),
                     class_names=tuple(class_names) if class_names else None,
                     read_cache_mb=read_cache_mb)
+    run = load_run(job, staging=root)
+    # A target fit read from a file is part of what the packs hold.
+    stain = run.stain
+    key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
+                              else ())
+    run = dataclasses.replace(
+        run, staging=posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}"))
     pipeline = (0, 1)
     if input_context is not None:
         pipeline = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     stats = StreamStats()
-    stream = _Stream(job, slides.slides, slides.class_names, staging, pipeline=pipeline,
-                     plan_threads=min(16, 2 * cpus), stats=stats, stain=stain)
+    stream = _Stream(run, pipeline=pipeline, plan_threads=min(16, 2 * cpus), stats=stats)
     if temporary:
         _remove_at_exit(root, weakref.ref(stream))
     first = stream.own_units(epoch or 0)
     stream.packer.start(list(first) + [s for s in stream.order(epoch or 0)
                                        if s not in set(first)], packers)
 
-    channels, dtype = stream.kind or (3, "uint8")
-    size, num_classes = tile.tile_size, len(slides.class_names)
+    channels, dtype = stream.kind or DEFAULT_KIND
+    size, num_classes = tile.tile_size, run.num_classes
     image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
     signature = {"image_a": image, "image_b": image,
                  "label_a": tf.TensorSpec([None, num_classes], tf.float32),
