@@ -1,8 +1,8 @@
-"""Engine-independent steps of one offline run, shared by the Beam and Dask adapters.
+"""What surrounds an offline run's steps: its parameters and fingerprint, the output
+directory's life cycle (lock, staging, resume, publish), progress and error reporting.
 
-Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* the steps of
-`tasks` run; this module holds what surrounds them: the run's parameters, the output
-directory's life cycle (staging, publishing), progress and error reporting.
+`pipeline.run.run.Run` calls these for every engine; the steps themselves are
+`pipeline.run.tasks`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..config import JobConfig
+from .output import STAGING_DIR
 
 __all__ = [
     "exit_status",
@@ -149,7 +150,6 @@ def exit_status(manifest: Mapping[str, Any]) -> int:
 # A failed or interrupted run leaves the old dataset untouched and its staging folder
 # as it is (the next run needs --overwrite to discard it).
 
-STAGING_DIR = ".softmix.tmp-staging"
 RUN_FILE = "run.json"  # in the staging folder: the run id of the lock that owns it
 
 

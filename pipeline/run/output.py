@@ -39,7 +39,9 @@ from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting  # noqa: F401 - 
 from ..config import OutputConfig
 from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from ..errors import OutputExistsError, PipelineError
-from .job import STAGING_DIR
+
+# The hidden folder inside OUT a run stages everything in (`job.prepare_output`).
+STAGING_DIR = ".softmix.tmp-staging"
 
 __all__ = [
     "DATASET_FORMAT",
