@@ -1,12 +1,13 @@
 """Stream mixed tiles from Zarr slides straight into `tf.data` training (SPEC section 4b).
 
-One truth, two paths: the stream runs the offline job's own steps (`tasks`):
-plan every slide (`plan_task`, `reconcile_plan`), cut plans into strips
-(`split_plan`), read each strip chunk by chunk once into a zstd tile pack
-(`pack_task`), draw each strip's examples (`pair_strip` with a `PairingTable`) and mix
-them with the SoftMix op. So with the same manifest, options and seed, epoch 0 yields
-exactly the examples ``softmix beam`` writes (same pixels, labels, lam, provenance,
-seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
+The stream is one more engine on the offline job's `Run` (`pipeline.run.run`) and steps
+(`pipeline.run.tasks`): plan every slide (`plan_task`, `reconcile_plan`), cut plans
+into strips (`split_plan`), read each strip chunk by chunk once into a zstd tile pack
+(`pack_task`), draw each strip's examples (`pair_strip` with the run's pairing table)
+and mix them with the offline mixer (`steps.mix.mix_batch`), yielding the offline
+example schema's fields (`dataset.schema`). So with the same manifest, options and
+seed, epoch 0 yields exactly the examples ``softmix beam`` writes (same pixels, labels,
+lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
 new mixes every epoch, the same ones on a rerun.
 
 How it runs
@@ -21,7 +22,7 @@ How it runs
   strip if no one has yet (`pack_task`), draws the strip's examples (`pair_strip`,
   only when the unit is consumed: no list of an epoch's examples is ever built) and
   reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
-  decoding release the GIL). Mixing is a batched, traced map of `softmix_tf.softmix`
+  decoding release the GIL). Mixing is a batched, traced map of `mix.mix_batch`
   (batch-invariant, so batching gives the offline pixels bit for bit).
 - **Background packing**: ``pack_threads`` threads pack the strips in the first
   epoch's order (this pipeline's units first), so packs are mostly ready before they
@@ -476,24 +477,19 @@ class _Stream:
 
     def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
-        from ..dataset.schema import _class_index
+        from ..dataset.schema import FIELDS, PROVENANCE, provenance
 
         out: dict[str, np.ndarray] = {
             "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
             "image_b": np.stack([pixels[b.key] for _, b in rows]),
             "label_a": np.stack([label_vector(s.a, num_classes) for s, _ in rows]),
             "label_b": np.stack([label_vector(b, num_classes) for _, b in rows]),
-            "seed": np.asarray([s.seed for s, _ in rows], dtype=np.int64),
-            "mix_index": np.asarray([s.mix_index for s, _ in rows], dtype=np.int64),
-            "example_id": np.asarray([s.example_id.encode() for s, _ in rows], dtype=object),
         }
-        for prefix, tiles in (("a", [s.a for s, _ in rows]), ("b", [b for _, b in rows])):
-            out[f"{prefix}/slide_id"] = np.asarray([t.key.slide_id.encode() for t in tiles],
-                                                   dtype=object)
-            for field in ("level", "x", "y"):
-                out[f"{prefix}/{field}"] = np.asarray([getattr(t.key, field) for t in tiles],
-                                                      dtype=np.int64)
-            out[f"{prefix}/label"] = np.asarray([_class_index(t) for t in tiles], np.int64)
+        values = [provenance(s.example_id, s.a, b, s.mix_index, s.seed) for s, b in rows]
+        for key in PROVENANCE:
+            column = [v[key] for v in values]
+            out[key] = (np.asarray([c.encode() for c in column], dtype=object)
+                        if FIELDS[key][0] == "string" else np.asarray(column, FIELDS[key][0]))
         return out
 
     def _warn_layout(self, number: int) -> None:
@@ -635,6 +631,8 @@ def stream_dataset(
     """
     import tensorflow as tf
 
+    from ..dataset.schema import FIELDS, PROVENANCE, field_shape
+
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,
@@ -682,16 +680,10 @@ def stream_dataset(
     channels, dtype = stream.kind or DEFAULT_KIND
     size, num_classes = tile.tile_size, run.num_classes
     image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
-    signature = {"image_a": image, "image_b": image,
-                 "label_a": tf.TensorSpec([None, num_classes], tf.float32),
-                 "label_b": tf.TensorSpec([None, num_classes], tf.float32),
-                 "seed": tf.TensorSpec([None, 2], tf.int64),
-                 "mix_index": tf.TensorSpec([None], tf.int64),
-                 "example_id": tf.TensorSpec([None], tf.string)}
-    for prefix in ("a", "b"):
-        signature[f"{prefix}/slide_id"] = tf.TensorSpec([None], tf.string)
-        for field in ("level", "x", "y", "label"):
-            signature[f"{prefix}/{field}"] = tf.TensorSpec([None], tf.int64)
+    label = tf.TensorSpec([None, num_classes], tf.float32)
+    signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
+                 **{key: tf.TensorSpec([None, *field_shape(key, num_classes)],
+                                       tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}}
 
     num_units = len(first)
     if epoch is None:
@@ -723,44 +715,22 @@ def stream_dataset(
     return dataset
 
 
-_PROVENANCE = ("seed", "example_id", "mix_index") + tuple(
-    f"{p}/{f}" for p in ("a", "b") for f in ("slide_id", "level", "x", "y", "label"))
-
-
 def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
     """The batched map from a unit's batch to what the stream yields (mixing included)."""
-    import tensorflow as tf
-
-    import softmix_tf
+    from ..dataset.schema import PROVENANCE
+    from ..steps.mix import mix_batch
 
     def unmixed(example: dict[str, Any]) -> dict[str, Any]:
         keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
-        keys += _PROVENANCE if as_dict else ()
+        keys += PROVENANCE if as_dict else ()
         return {k: example[k] for k in dict.fromkeys(keys)}
 
-    size = config.batch_size
-
-    def pad(x: Any) -> Any:
-        extra = size - tf.shape(x)[0]
-        x = tf.concat([x, tf.repeat(x[-1:], extra, axis=0)], axis=0)
-        return tf.ensure_shape(x, [size, *x.shape[1:]])
-
     def mixed(batch: dict[str, Any]) -> Any:
-        count = tf.shape(batch["seed"])[0]
-        out = softmix_tf.softmix(*(pad(batch[k]) for k in ("image_a", "image_b", "label_a",
-                                                            "label_b", "seed")),
-                                 grid=config.grid, alpha=config.alpha,
-                                 softness=config.softness, ramp=config.ramp,
-                                 mix_prob=config.mix_prob)
-        out = out._replace(images=out.images[:count], labels=out.labels[:count],
-                           lam=out.lam[:count])
-        original = batch["mix_index"] < 0  # originals are never mixed (offline: lam 0)
-        image = tf.where(original[:, None, None, None], batch["image_a"], out.images)
-        label = tf.where(original[:, None], batch["label_a"], out.labels)
+        image, label, lam = mix_batch(*(batch[k] for k in (
+            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config)
         if not as_dict:
             return image, label
-        lam = tf.where(original, tf.zeros_like(out.lam), out.lam)
         return {"image": image, "label": label, "lam": lam,
-                **{k: batch[k] for k in _PROVENANCE}}
+                **{k: batch[k] for k in PROVENANCE}}
 
     return mixed if mix else unmixed
