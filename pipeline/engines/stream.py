@@ -727,7 +727,7 @@ def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
 
     def mixed(batch: dict[str, Any]) -> Any:
         image, label, lam = mix_batch(*(batch[k] for k in (
-            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config)
+            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config.op)
         if not as_dict:
             return image, label
         return {"image": image, "label": label, "lam": lam,

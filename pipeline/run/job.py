@@ -29,7 +29,7 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
         "manifest": job.manifest,
         "class_names": list(job.class_names) if job.class_names else None,
         "tile": dataclasses.asdict(job.tile),
-        "mix": dataclasses.asdict(job.mix),
+        "mix": job.mix.to_dict(),
         "output": dataclasses.asdict(job.output),
     }
     params["mix"]["grid"] = list(job.mix.grid)
@@ -50,7 +50,7 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
 
     from .output import software_versions
 
-    mix = dataclasses.asdict(job.mix)
+    mix = job.mix.to_dict()
     mix.pop("batch_size")
     mix["grid"] = list(job.mix.grid)
     output = dataclasses.asdict(job.output)

@@ -125,7 +125,7 @@ class Run:
 
         mix: MixConfig = self.job.mix
         if seed is not None:
-            mix = dataclasses.replace(mix, seed=seed)
+            mix = MixConfig(seed=seed, pair=mix.pair, op=mix.op)
         try:
             return PairingTable(layout.counts(), mix, self.num_classes)
         except ValueError as err:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..config import MixConfig
+from ..config import MixConfig, OpConfig
 from ..records import ExampleSpec, MixedExample, TileKey, TileRecord
 
 __all__ = [
@@ -119,8 +119,13 @@ def mix_examples(
     return [results[spec.example_id] for spec in specs]
 
 
-def mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config: MixConfig):
+def mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config: OpConfig):
     """Mix a batch of at most `config.batch_size` pairs: TensorFlow in, TensorFlow out.
+
+    Args:
+        images_a, images_b: [B, H, W, C] tiles; labels_a, labels_b: float32 [B, K];
+            seeds: int64 [B, 2]; mix_index: int64 [B] (< 0: an original).
+        config: the op's settings (`MixConfig.op`).
 
     The batch is padded to `config.batch_size` (repeating its last pair), so a traced
     caller compiles one graph for every batch, and the padding is cut off again.
@@ -152,10 +157,10 @@ def mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config: 
     return images, labels, tf.where(original, tf.zeros_like(out.lam[:count]), out.lam[:count])
 
 
-_COMPILED: dict[tuple, object] = {}
+_COMPILED: dict[OpConfig, object] = {}
 
 
-def _compiled_softmix(config: MixConfig):
+def _compiled_softmix(config: OpConfig):
     """`mix_batch` as a `tf.function`, traced once per process and config.
 
     Eager execution dispatches hundreds of small ops per batch (~85 ms for 32 tiles of
@@ -163,9 +168,7 @@ def _compiled_softmix(config: MixConfig):
     masks and integer outputs do not depend on how it is executed, SPEC section 2).
     Batches are padded to `config.batch_size`, so one trace serves every batch.
     """
-    key = (config.grid, config.alpha, config.softness, config.ramp, config.mix_prob,
-           config.batch_size)
-    fn = _COMPILED.get(key)
+    fn = _COMPILED.get(config)
     if fn is None:
         import tensorflow as tf
 
@@ -173,7 +176,7 @@ def _compiled_softmix(config: MixConfig):
             return mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config)
 
         fn = tf.function(mix, autograph=False)
-        _COMPILED[key] = fn
+        _COMPILED[config] = fn
     return fn
 
 
@@ -191,7 +194,7 @@ def _mix_batch(
     configure_tensorflow()
     specs = [spec for spec, _, _ in batch]
     size = max(config.batch_size, len(batch))
-    images, labels, lams = _compiled_softmix(config)(
+    images, labels, lams = _compiled_softmix(config.op)(
         _pad(np.stack([a for _, a, _ in batch]), size),
         _pad(np.stack([b for _, _, b in batch]), size),
         _pad(np.stack([label_vector(s.a, num_classes) for s in specs]), size),
