@@ -22,6 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    STAIN_FIT_TILES,
     STAIN_NORMS,
     TISSUE_MODES,
     JobConfig,
@@ -98,13 +99,16 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     stain = parser.add_argument_group("stain normalisation")
     stain.add_argument("--stain-norm", choices=STAIN_NORMS, default="none",
                        help="normalise every tile's stain before mixing: a fit of each "
-                       "slide's tissue (on --tissue-level) mapped to --stain-target; RGB "
+                       "slide's tissue (its kept tiles) mapped to --stain-target; RGB "
                        "uint8 slides only (default none)")
     stain.add_argument("--stain-target", default="builtin",
                        help="the stain tiles are normalised toward: builtin (an H&E "
                        "reference), a slide_id of the manifest (that slide's fit), or the "
                        "path of a fit JSON (fit.to_dict() of softmix_tf.stain) (default "
                        "builtin)")
+    stain.add_argument("--stain-fit-tiles", type=_positive_int, default=STAIN_FIT_TILES,
+                       help="kept tiles (a tissue-weighted, fixed sample) each slide's "
+                       f"stain fit reads, at the tiled level (default {STAIN_FIT_TILES})")
 
     mix = parser.add_argument_group("mixing")
     mix.add_argument("--grid", default="4", help="cell grid, '4' or '4x6' (default 4)")
@@ -153,6 +157,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             tissue_mode=args.tissue_mode,
             stain_norm=args.stain_norm,
             stain_target=args.stain_target,
+            stain_fit_tiles=args.stain_fit_tiles,
         ),
         mix=MixConfig(
             grid=parse_grid(args.grid),

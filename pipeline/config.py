@@ -7,6 +7,7 @@ one concept has one name everywhere (`softness` <-> `--softness`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "OpConfig",
     "OutputConfig",
     "PairingConfig",
+    "STAIN_FIT_TILES",
     "STAIN_NORMS",
     "TISSUE_MODES",
     "TileConfig",
@@ -27,6 +29,10 @@ PAIRING_POLICIES = ("random", "cross-class", "balanced")
 TISSUE_MODES = ("auto", "saturation", "intensity", "darkness")
 # `softmix_tf.stain` methods the job can normalise tiles with (SPEC section 4c).
 STAIN_NORMS = ("none", "reinhard", "macenko")
+# Tiles a slide's stain fit reads by default, and at most (each up to tile_size^2 pixels;
+# `pipeline.steps.stain.fit_slide` strides them down to 4 Mpx).
+STAIN_FIT_TILES = 32
+MAX_STAIN_FIT_TILES = 1024
 # A stride below tile_size / STRIDE_WARN_RATIO makes each pixel part of more than
 # STRIDE_WARN_RATIO**2 tiles: the tile count (and the output) explodes.
 STRIDE_WARN_RATIO = 8
@@ -82,12 +88,16 @@ class TileConfig:
             "intensity" (bright = tissue, fluorescence) or "darkness" (dark = tissue,
             greyscale brightfield).
         stain_norm: "none", "reinhard" or "macenko": normalise every tile's stain
-            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue on
-            `tissue_level` toward `stain_target`. Needs RGB uint8 slides.
+            before mixing (`pipeline.steps.stain`), from a fit of its slide's tissue
+            (on a sample of its kept tiles, at the tiled level) toward `stain_target`.
+            Needs RGB uint8 slides.
         stain_target: the fit tiles are normalised toward: "builtin" (the H&E
             reference of `softmix_tf.stain.builtin_reference`), a slide id of the
             manifest (that slide's fit), or the path of a fit JSON written from
             `fit.to_dict()`. Only with `stain_norm` other than "none".
+        stain_fit_tiles: how many of a slide's kept tiles (a tissue-weighted, fixed
+            sample) its stain fit reads, in 1..MAX_STAIN_FIT_TILES. Only with
+            `stain_norm` other than "none".
     """
 
     tile_size: int = 256
@@ -100,6 +110,7 @@ class TileConfig:
     tissue_mode: str = "auto"
     stain_norm: str = "none"
     stain_target: str = "builtin"
+    stain_fit_tiles: int = STAIN_FIT_TILES
 
     def __post_init__(self) -> None:
         if self.tile_size < 1:
@@ -108,8 +119,8 @@ class TileConfig:
             raise ValueError(f"`stride` must be >= 1. Received: stride={self.stride}")
         if self.level < 0:
             raise ValueError(f"`level` must be >= 0. Received: level={self.level}")
-        if self.mpp is not None and not self.mpp > 0:
-            raise ValueError(f"`mpp` must be > 0. Received: mpp={self.mpp}")
+        if self.mpp is not None and not 0 < self.mpp < math.inf:
+            raise ValueError(f"`mpp` must be finite and > 0. Received: mpp={self.mpp}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ValueError(
                 f"`min_tissue` must be in [0, 1]. Received: min_tissue={self.min_tissue}"
@@ -139,6 +150,19 @@ class TileConfig:
             raise ValueError(
                 f"`stain_target` ({self.stain_target!r}) needs stain normalisation: pass "
                 "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop the target."
+            )
+        tiles = self.stain_fit_tiles
+        if isinstance(tiles, bool) or not isinstance(tiles, int) or not (
+            1 <= tiles <= MAX_STAIN_FIT_TILES
+        ):
+            raise ValueError(
+                f"`stain_fit_tiles` must be an int in 1..{MAX_STAIN_FIT_TILES} (tiles a "
+                f"slide's stain fit reads). Received: stain_fit_tiles={tiles!r}"
+            )
+        if self.stain_norm == "none" and tiles != STAIN_FIT_TILES:
+            raise ValueError(
+                f"`stain_fit_tiles` ({tiles}) needs stain normalisation: pass "
+                "stain_norm='macenko' or 'reinhard' (--stain-norm), or drop it."
             )
 
     @property
@@ -221,8 +245,8 @@ class OpConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", parse_grid(self.grid))
-        if not self.alpha > 0:
-            raise ValueError(f"`alpha` must be > 0. Received: alpha={self.alpha}")
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be finite and > 0. Received: alpha={self.alpha}")
         if not 0.0 <= self.softness <= 1.0:
             raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
         if self.ramp not in ("cosine", "linear"):
@@ -361,9 +385,10 @@ class OutputConfig:
             )
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"`num_shards` must be >= 1. Received: num_shards={self.num_shards}")
-        if not self.shard_size_mb > 0:
+        if not 0 < self.shard_size_mb < math.inf:
             raise ValueError(
-                f"`shard_size_mb` must be > 0. Received: shard_size_mb={self.shard_size_mb}"
+                "`shard_size_mb` must be finite and > 0. "
+                f"Received: shard_size_mb={self.shard_size_mb}"
             )
         if self.on_error not in ON_ERROR:
             raise ValueError(
@@ -396,9 +421,9 @@ class JobConfig:
     read_cache_mb: float = 256.0
 
     def __post_init__(self) -> None:
-        if not self.read_cache_mb > 0:
-            raise ValueError(
-                f"`read_cache_mb` must be > 0. Received: read_cache_mb={self.read_cache_mb}")
+        if not 0 < self.read_cache_mb < math.inf:
+            raise ValueError("`read_cache_mb` must be finite and > 0. "
+                             f"Received: read_cache_mb={self.read_cache_mb}")
         rows, cols = self.mix.grid
         if max(rows, cols) > self.tile.tile_size:
             raise ValueError(

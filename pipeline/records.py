@@ -111,10 +111,12 @@ class SlidePlan:
         dtype: numpy dtype name of the pixels ("" when failed).
         chunk_shape: (height, width) of the tiled level's chunks.
         chunks_read, bytes_read, requests: what planning fetched from the slide's
-            store (metadata and the tissue level), for the run's read accounting.
+            store (metadata, the tissue level and the stain fit's tiles), for the run's
+            read accounting.
         stain_fit: with stain normalisation, the JSON of the slide's stain fit
-            (`fit.to_dict()` of `softmix_tf.stain`, fitted on its tissue at the tissue
-            level), else None.
+            (`fit.to_dict()` of `softmix_tf.stain`, fitted on a sample of its kept tiles
+            at the tiled level, `pipeline.steps.stain.fit_slide`), else None (no kept
+            tile).
     """
 
     slide_id: str

@@ -22,6 +22,14 @@ Fits need `min_tissue_pixels` (default 100) tissue pixels; the public fit functi
 `ValueError` eagerly and fail a `tf.debugging` check in graphs (XLA drops that check, so
 check fits eagerly where a slide may have no tissue). `normalize(images)` without a
 source fits each image itself and returns images without enough tissue unchanged.
+`fit_from_dict` and `normalize` (with eager fits) raise `ValueError` naming the field of a
+fit with NaN, Infinity or values no fit can have (a stain vector that is not unit length
+or has a negative component, parallel stain vectors, a max concentration or std <= 0, a
+Lab mean out of range): such a fit would turn every pixel black.
+
+Fits depend on resolution (averaging pixels lowers the 99th concentration percentiles):
+fit at the resolution you normalise. The built-in target is the SoftMix job's fit of
+CMU-1-Small-Region at full resolution (`_stain_reference`).
 
 Everything is pure TensorFlow and compiles with `tf.function(jit_compile=True)`, fits
 included (percentiles come from a two-pass histogram search instead of a sort; see
@@ -119,6 +127,7 @@ class MacenkoFit(NamedTuple):
             tf.constant(data["max_concentrations"], tf.float32),
         )
         _check_fit(fit, "data")
+        _check_values(fit, "data")
         return fit
 
 
@@ -150,6 +159,7 @@ class ReinhardFit(NamedTuple):
         _check_dict(data, "reinhard", ("means", "stds"))
         fit = cls(tf.constant(data["means"], tf.float32), tf.constant(data["stds"], tf.float32))
         _check_fit(fit, "data")
+        _check_values(fit, "data")
         return fit
 
 
@@ -320,6 +330,7 @@ def normalize(
     _check_images(images, "images", ranks=(4,))
     target = builtin_reference(method) if target is None else target
     _check_fit(target, "target")
+    _check_values(target, "target")
     if fit_over not in ("image", "batch"):
         raise ValueError(f"`fit_over` must be 'image' or 'batch'. Received: fit_over={fit_over!r}")
     batch = tf.shape(images)[0]
@@ -348,6 +359,7 @@ def normalize(
         keep = ~((counts >= min_tissue_pixels) & ok)
     else:
         _check_fit(source, "source")
+        _check_values(source, "source")
     src = [_batched(t, rank) for t, rank in zip(source, _FIT_RANKS[method], strict=True)]
     tgt = [_batched(t, rank) for t, rank in zip(target, _FIT_RANKS[method], strict=True)]
     if method == "macenko":
@@ -522,6 +534,60 @@ def _check_fit(fit: Any, name: str) -> None:
                 f"`{name}` is not a {fit.method} fit: its fields must be {tails} with an "
                 f"optional leading batch axis. Received shapes: {[s.as_list() for s in shapes]}"
             )
+
+
+# A fit's stain vectors are unit optical-density vectors; JSON written by hand (or rounded
+# to a few digits) may be off by this much.
+_UNIT_NORM_TOLERANCE = 0.01
+
+
+def _check_values(fit: MacenkoFit | ReinhardFit, name: str) -> None:
+    """Raise ValueError naming the field when a fit holds values no fit can have.
+
+    Non-finite numbers (NaN, Infinity: JSON readers accept both) would turn every
+    normalised pixel black or NaN. Macenko: each stain vector (column) is a unit
+    optical-density vector with no negative component, the two are not parallel, and
+    each max concentration is > 0. Reinhard: L in [0, 100], a and b in [-128, 128], and
+    every std > 0. Checked where values are known (eager tensors); traced ones pass.
+    """
+    if not tf.executing_eagerly():
+        return
+    tensors = [tf.convert_to_tensor(t) for t in fit]
+    values = [t.numpy().astype(np.float64) for t in tensors]
+    fields = dict(zip(fit._fields, values, strict=True))
+
+    def bad(field: str, expected: str) -> ValueError:
+        shown = np.round(fields[field], 6).tolist()
+        which = "" if name == "data" else f" (`{name}`)"
+        return ValueError(
+            f"Not a usable {fit.method} stain fit{which}: field '{field}' must be {expected}. "
+            f"Received: {field}={shown}. Refit it (stain.fit_tissue(...).to_dict()) or use "
+            "stain.builtin_reference()."
+        )
+
+    for field, value in fields.items():
+        if not np.isfinite(value).all():
+            raise bad(field, "finite numbers (no NaN or Infinity)")
+    if fit.method == "macenko":
+        stains, max_c = fields["stain_matrix"], fields["max_concentrations"]
+        norms = np.sqrt((stains**2).sum(axis=-2))
+        if np.any(np.abs(norms - 1.0) > _UNIT_NORM_TOLERANCE):
+            raise bad("stain_matrix", "two unit-length optical-density vectors (its columns)")
+        if np.any(stains < 0.0):
+            raise bad("stain_matrix", "optical-density vectors with no negative component")
+        gram = np.swapaxes(stains, -1, -2) @ stains
+        if np.any(gram[..., 0, 0] * gram[..., 1, 1] - gram[..., 0, 1] ** 2 <= 1e-6):
+            raise bad("stain_matrix", "two different (not parallel) stain vectors")
+        if np.any(max_c <= 0.0):
+            raise bad("max_concentrations", "> 0 (each stain's 99th concentration percentile)")
+    else:
+        means, stds = fields["means"], fields["stds"]
+        if np.any((means[..., 0] < 0.0) | (means[..., 0] > 100.0)) or np.any(
+            np.abs(means[..., 1:]) > 128.0
+        ):
+            raise bad("means", "CIELAB means: L in [0, 100], a and b in [-128, 128]")
+        if np.any(stds <= 0.0):
+            raise bad("stds", "> 0 (CIELAB standard deviations of the tissue)")
 
 
 def _check_dict(data: Any, method: str, keys: tuple[str, ...]) -> None:

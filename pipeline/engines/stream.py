@@ -66,7 +66,7 @@ from typing import Any
 import numpy as np
 
 from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
-from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..config import STAIN_FIT_TILES, JobConfig, MixConfig, OutputConfig, TileConfig
 from ..errors import PipelineError, SlideError, TileReadError
 from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
@@ -556,6 +556,7 @@ def stream_dataset(
     label_image: str | None = None,
     stain_norm: str = "none",
     stain_target: str = "builtin",
+    stain_fit_tiles: int = STAIN_FIT_TILES,
     grid: int | str | tuple[int, int] = 4,
     softness: float = 0.5,
     alpha: float = 1.0,
@@ -589,9 +590,9 @@ def stream_dataset(
     Args:
         manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
         tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
-            label_image, stain_norm, stain_target: tiling and stain normalisation
-            (`TileConfig`; `pipeline.steps.stain`): tiles are normalised before mixing
-            exactly as the offline job does.
+            label_image, stain_norm, stain_target, stain_fit_tiles: tiling and stain
+            normalisation (`TileConfig`; `pipeline.steps.stain`): tiles are normalised
+            before mixing exactly as the offline job does.
         grid, softness, alpha, ramp, mix_prob, pairing, group_column, num_mixes,
             keep_originals, seed, batch_size: pairing and mixing (`MixConfig`;
             `batch_size` never changes a pixel).
@@ -636,7 +637,8 @@ def stream_dataset(
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,
-                      stain_norm=stain_norm, stain_target=stain_target)
+                      stain_norm=stain_norm, stain_target=stain_target,
+                      stain_fit_tiles=stain_fit_tiles)
     mix_config = MixConfig(grid=grid, alpha=alpha, softness=softness, ramp=ramp,
                            mix_prob=mix_prob, pairing=pairing, group_column=group_column,
                            num_mixes=num_mixes, keep_originals=keep_originals, seed=seed,

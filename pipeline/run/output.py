@@ -332,8 +332,10 @@ def release_output_lock(out_dir: str, *, run_id: str | None = None,
 def _write_json_atomic(path: str, payload: Any) -> None:
     directory, base = posixpath.split(path)
     temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+    # allow_nan=False: NaN / Infinity are not JSON; a value like that is a bug upstream.
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
     with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(json.dumps(payload, indent=2) + "\n")
+        handle.write(text)
     tf.io.gfile.rename(temp, path, overwrite=True)
 
 

@@ -386,15 +386,9 @@ def _plan(
                 f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
                 "Check the slide, or set min_tissue=0 to keep every tile.",
             )
-        if stain_norm != "none":  # the slide's stain, once, on its tissue at this level
-            from .stain import fit_slide
-
-            stain_fit = fit_slide(record.slide_id, thumbnail, mask, stain_norm, tissue_level)
-        if config.min_tissue <= 0:
-            mask = None  # computed for the fit only: every tile is kept
     # Row by row, so planning memory follows the tiles kept, not the claimed area.
     xs = np.arange(cols, dtype=np.int64) * step
-    kept_rows, rejected = [], 0
+    kept_rows, kept_tissue, rejected = [], [], 0
     table = _summed_area(mask.astype(np.float64)) if mask is not None else None
     for row in range(rows):
         row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
@@ -403,9 +397,19 @@ def _plan(
             keep = fractions >= config.min_tissue
             rejected += int((~keep).sum())
             row_yx = row_yx[keep]
+            if stain_norm != "none":
+                kept_tissue.append(fractions[keep])
         if len(row_yx):
             kept_rows.append(row_yx)
     kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
+    if stain_norm != "none":
+        # The slide's stain, once: on a tissue-weighted sample of its kept tiles, read at
+        # the level they are cut from (the level the fit is applied to).
+        from .stain import fit_slide
+
+        weights = np.concatenate(kept_tissue) if kept_tissue else np.ones(len(kept))
+        stain_fit = fit_slide(slide, kept, weights, level=level, tile_size=size,
+                              method=stain_norm, count=config.stain_fit_tiles)
     soft: list[tuple[float, ...] | None] = [None] * len(kept)
     if config.label_image is not None:
         if class_names is None:
@@ -445,13 +449,15 @@ def plan_slide(
     on_error: str = "skip",
     class_names: Sequence[str] | None = None,
 ) -> SlidePlan:
-    """Tile one slide and keep the tiles with enough tissue; no tile pixel is read.
+    """Tile one slide and keep the tiles with enough tissue; no tile pixel is read
+    (with ``config.stain_norm``: only the tiles of the slide's stain fit).
 
     Chooses the level (``config.mpp`` if set, else ``config.level``), lays out the
     tile grid (`tile_grid`), computes `tissue_mask` on ``config.tissue_level`` (the
     lowest resolution by default) and keeps tiles whose `tissue_fraction` is at least
     ``config.min_tissue`` (all tiles, without reading anything, when it is 0). Each
-    rejected tile is counted under ``skipped["background"]``.
+    rejected tile is counted under ``skipped["background"]``. With ``config.stain_norm``,
+    the plan's ``stain_fit`` is `stain.fit_slide` of a sample of the kept tiles.
 
     With ``config.label_image`` set, each kept tile's ``soft_label`` is the class
     fractions of the labelled pixels (value 0 = unlabelled, values 1..K = classes in
@@ -472,7 +478,8 @@ def plan_slide(
     Raises:
         SlideError: with ``on_error="fail"``: ``missing``, ``not_zarr``,
             ``bad_metadata``, ``unsupported_axes``, ``level_out_of_range``, ``no_units``,
-            ``mpp_out_of_range``, ``too_small``, ``no_tissue``, ``read_error``...
+            ``mpp_out_of_range``, ``too_small``, ``no_tissue``, ``read_error``,
+            ``stain_fit``...
     """
     if on_error not in ("skip", "fail"):
         raise ValueError(f"`on_error` must be 'skip' or 'fail'. Received: on_error={on_error!r}")

@@ -3,17 +3,20 @@
 With ``--stain-norm macenko|reinhard`` every tile is normalised before it is packed
 (so before any mixing), by `softmix_tf.stain`:
 
-- **Source fit, once per slide** (`fit_slide`): planning (`plan._plan`) already reads
-  the slide's low-resolution tissue level and computes its tissue mask; the slide's
-  fit is made there, on the masked pixels, and kept in its `SlidePlan` as JSON
-  (``fit.to_dict()``), in the plan sidecar (resumed runs keep it) and in the output's
-  ``manifest.json`` (``"stain": {"method", "target", "target_source", "fits"}``). A
-  slide whose fit fails (too little tissue, not RGB uint8) fails with reason
-  ``stain_fit``.
+- **Source fit, once per slide** (`fit_slide`), at planning (`plan._plan`): on a
+  tissue-weighted, fixed sample (`sample_fit_tiles`, ``stain_fit_tiles`` of them) of the
+  slide's kept tiles, read at the level tiles are cut from, i.e. on the pixels the fit is
+  applied to (a fit of a downsampled level has lower concentration percentiles and
+  darkens the tiles). Kept in its `SlidePlan` as JSON (``fit.to_dict()``), in the plan
+  sidecar (resumed runs keep it) and in the output's ``manifest.json`` (``"stain":
+  {"method", "target", "target_source", "fits"}``). A slide whose fit fails (too little
+  tissue, not RGB uint8, a fit that is not finite and in range) fails with reason
+  ``stain_fit``; a slide without kept tiles has no fit.
 - **Target** (`resolve_stain`, on the client before any work): ``builtin`` is
   `builtin_reference(method)`; a slide id of the manifest is that slide's fit, known
   once it is planned (`StainSpec.with_slide_fit`: a Beam singleton side input, a Dask
-  future of that one plan); a path is a fit JSON loaded up front.
+  future of that one plan); a path is a fit JSON loaded and checked (finite, in range)
+  up front.
 - **Applying** (`TileTransform`, passed to `pack_task` as its ``transform``):
   ``normalize(tile[None], source, target, method)`` through one traced, XLA-compiled
   `tf.function` per process and method (uint8 in, uint8 out). Every engine and the stream use this
@@ -32,9 +35,9 @@ import numpy as np
 
 from ..errors import PipelineError, SlideError
 
-__all__ = ["StainSpec", "TileTransform", "fit_slide", "resolve_stain", "strip_transform"]
+__all__ = ["StainSpec", "TileTransform", "fit_slide", "resolve_stain", "sample_fit_tiles",
+           "strip_transform"]
 
-_FIELDS = {"macenko": ("stain_matrix", "max_concentrations"), "reinhard": ("means", "stds")}
 _SHAPES = {"macenko": ([3, 2], [2]), "reinhard": ([3], [3])}
 _FIX = ("Pass --stain-target builtin, a slide_id of the manifest, or the path of a fit JSON "
         "(json.dump(fit.to_dict(), f) of a softmix_tf.stain fit).")
@@ -128,34 +131,97 @@ def resolve_stain(stain_norm: str, stain_target: str,
     return StainSpec(stain_norm, "path", stain_target, _dumps(fit.to_dict()))
 
 
-def fit_slide(slide_id: str, thumbnail: np.ndarray, mask: np.ndarray, method: str,
-              level: int) -> str:
-    """JSON of the `method` fit of a slide's tissue (`thumbnail` where `mask`).
+# A slide's fit looks at this many pixels at most: beyond it the sampled tiles are strided
+# (every k-th pixel in raster order), so a fit costs the same whatever the tile size.
+MAX_FIT_PIXELS = 1 << 22
+
+
+def sample_fit_tiles(weights: np.ndarray, count: int) -> np.ndarray:
+    """Indices of the tiles a slide's stain fit reads: a tissue-weighted, fixed sample.
+
+    Systematic sampling in plan (raster) order: `count` evenly spaced points on the
+    cumulative weight (each tile's tissue fraction) pick the tiles, so the sample is
+    spread over the slide, a tile's chance grows with its tissue, and nothing random is
+    involved (the same tiles for every run, seed and engine). All tiles when there are
+    at most `count`; uniform weights when every weight is 0.
+
+    >>> sample_fit_tiles(np.array([1.0, 0.0, 1.0, 0.5, 0.5, 1.0]), 3).tolist()
+    [0, 3, 5]
+    """
+    weights = np.asarray(weights, np.float64).reshape(-1)
+    if len(weights) <= count:
+        return np.arange(len(weights))
+    if not weights.sum() > 0:
+        weights = np.ones_like(weights)
+    cumulative = np.cumsum(weights)
+    points = (np.arange(count) + 0.5) * (cumulative[-1] / count)
+    picked = np.searchsorted(cumulative, points, side="right")
+    return np.unique(np.minimum(picked, len(weights) - 1))
+
+
+def fit_slide(slide: Any, tiles_yx: np.ndarray, weights: np.ndarray, *, level: int,
+              tile_size: int, method: str, count: int) -> str | None:
+    """JSON of the `method` fit of a slide: on a sample of its tiles, at their level.
+
+    The tiles are `sample_fit_tiles` of the plan's kept tiles (`tiles_yx`, ``(y, x)`` in
+    the tiled level, with their tissue fractions as `weights`), read at `level` as the
+    packing step reads them, so the fit sees the pixels it will be applied to (a fit on
+    a downsampled level has lower concentration percentiles and darkens the tiles).
+    Background pixels are left out by the fit itself (`softmix_tf.stain`'s thresholds),
+    as for the built-in target. Unreadable tiles are passed over.
+
+    Returns:
+        The fit's JSON; None when the slide keeps no tile (nothing to normalise).
 
     Raises:
-        SlideError: reason ``stain_fit``: not RGB uint8, or too little tissue.
+        SlideError: reason ``stain_fit``: not RGB uint8, no sampled tile readable, too
+            little tissue, or a fit that is not finite and in range.
     """
-    thumbnail = np.asarray(thumbnail)
-    if thumbnail.ndim != 3 or thumbnail.shape[-1] != 3 or thumbnail.dtype != np.uint8:
+    from softmix_tf import stain
+
+    from ..errors import TileReadError
+    from ..io.slides import read_tile
+    from ..records import TileKey
+    from .mix import configure_tensorflow
+
+    slide_id = slide.slide_id
+    if slide.num_channels != 3 or slide.dtype != np.uint8:
         raise SlideError(
             slide_id, "stain_fit",
             f"stain normalisation needs RGB uint8 slides; level {level} is "
-            f"{thumbnail.shape[-1] if thumbnail.ndim == 3 else 1} channel(s) of "
-            f"{thumbnail.dtype}. Run slides like this one with --stain-norm none.")
-    from softmix_tf import stain
-
-    from .mix import configure_tensorflow
-
-    configure_tensorflow()
-    try:
-        fit = stain.fit_tissue(thumbnail, mask=np.asarray(mask, bool), method=method)
-    except ValueError as err:
-        first = str(err).split(". ")[0]
+            f"{slide.num_channels} channel(s) of {slide.dtype}. Run slides like this one "
+            "with --stain-norm none.")
+    tiles_yx = np.asarray(tiles_yx, np.int64).reshape(-1, 2)
+    if len(tiles_yx) == 0:
+        return None
+    chosen = tiles_yx[sample_fit_tiles(weights, count)]
+    stride = -(-len(chosen) * tile_size * tile_size // MAX_FIT_PIXELS)
+    pixels, failed = [], []
+    for y, x in chosen.tolist():
+        try:
+            tile = read_tile(slide, TileKey(slide_id, level, x, y), tile_size)
+        except TileReadError as err:
+            failed.append(str(err))
+            continue
+        pixels.append(np.ascontiguousarray(tile).reshape(-1, 3)[::stride])
+    where = f"{len(chosen)} tile(s) of level {level} sampled for the fit"
+    if not pixels:
         raise SlideError(
             slide_id, "stain_fit",
-            f"cannot fit a {method} stain on the tissue of level {level} ({first}). Check "
-            "the slide (blank or out of focus?), use a finer --tissue-level, drop the slide "
-            "from the manifest, or run with --stain-norm none.") from err
+            f"cannot read any of the {where} ({failed[0]}). Re-export the slide, or run "
+            "with --stain-norm none.")
+    configure_tensorflow()
+    fix = ("Check the slide (blank or out of focus?), raise --stain-fit-tiles, drop the "
+           "slide from the manifest, or run with --stain-norm none.")
+    try:
+        fit = stain.fit_tissue(np.concatenate(pixels)[None], method=method)
+        stain.fit_from_dict(fit.to_dict())  # finite and in range, or a ValueError
+    except ValueError as err:
+        first = str(err).split(". Refit")[0].split(". Fit on")[0]
+        raise SlideError(
+            slide_id, "stain_fit",
+            f"cannot fit a {method} stain on the tissue of the {where} ({first}). "
+            f"{fix}") from err
     return _dumps(fit.to_dict())
 
 
@@ -183,10 +249,15 @@ def _normalizer(method: str) -> Any:
 
 
 def _arrays(fit_json: str, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """A fit JSON's fields as float32 arrays, checked (finite, in range) on the way."""
+    from softmix_tf import stain
+
     data = json.loads(fit_json)
-    if data.get("method") != method:
-        raise ValueError(f"A {method} stain transform got a {data.get('method')} fit.")
-    return tuple(np.asarray(data[k], np.float32) for k in _FIELDS[method])  # type: ignore[return-value]
+    if not isinstance(data, dict) or data.get("method") != method:
+        method_found = data.get("method") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"A {method} stain transform got a {method_found} fit.")
+    fit = stain.fit_from_dict(data)
+    return tuple(np.asarray(t, np.float32) for t in fit)  # type: ignore[return-value]
 
 
 class TileTransform:

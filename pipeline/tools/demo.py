@@ -81,7 +81,7 @@ _IHC_OFFSETS = ((0.0, 0.0), (1.0, 1.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.2
 
 
 def _default_wheel_dirs() -> list[pathlib.Path]:
-    repo = pathlib.Path(__file__).resolve().parents[1]
+    repo = pathlib.Path(__file__).resolve().parents[2]
     return [pathlib.Path.cwd() / ".cache" / "wheels", repo / ".cache" / "wheels"]
 
 

