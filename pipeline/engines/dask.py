@@ -244,7 +244,7 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
         return _run_prepared(own, run, **options)
 
 
-# --- Memory measurement (benchmarks) ---------------------------------------------------
+# --- Memory measurement: the workers' peak RSS while a job runs ---------------------------
 
 
 def _process_rss() -> int:
