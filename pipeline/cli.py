@@ -1,4 +1,4 @@
-"""`softmix` command line: demo data, the Beam, Dask and local jobs, and previews.
+"""`softmix` command line: demo data, the Beam, Dask and local jobs, previews and run reports.
 
 Flags map one to one onto the config dataclasses (`--softness` <-> `MixConfig.softness`).
 Other flags of `softmix beam` must be Beam pipeline options (they are passed through, so
@@ -22,6 +22,10 @@ import sys
 from collections.abc import Sequence
 
 from .config import (
+    MAX_BATCH_SIZE,
+    MAX_NUM_MIXES,
+    MAX_NUM_SHARDS,
+    MAX_WORKERS,
     STAIN_FIT_TILES,
     STAIN_NORMS,
     TISSUE_MODES,
@@ -35,6 +39,8 @@ from .errors import PipelineError
 
 __all__ = ["build_parser", "job_config_from_args", "main"]
 
+MAX_PREVIEW = 1024  # examples on one contact sheet
+
 
 def _positive_int(text: str) -> int:
     """argparse type: an int >= 1 (0 workers would hang, 0 shards write nothing)."""
@@ -47,6 +53,33 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _count(high: int, fix: str):  # noqa: ANN202 - an argparse type
+    """argparse type: an int in [1, high] (`_positive_int` with an upper bound)."""
+    def parse(text: str) -> int:
+        value = _positive_int(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(
+                f"must be in [1, {high}]. Received: {value}. {fix}")
+        return value
+
+    return parse
+
+
+_WORKERS = _count(MAX_WORKERS, "Local runs gain nothing beyond the machine's cores; to "
+                  "scale out use a Dask --scheduler or --runner=DataflowRunner.")
+
+
+def _flag_message(parser: argparse.ArgumentParser, message: str) -> str:
+    """Prefix a config error with the flag it is about (`num_shards` -> --num-shards),
+    as argparse does for its own checks."""
+    match = re.match(r"`(\w+)", message)
+    if match:
+        flag = "--" + match.group(1).replace("_", "-")
+        if any(flag in a.option_strings for a in parser._actions):
+            return f"argument {flag}: {message}"
+    return message
+
+
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io = parser.add_argument_group("input and output")
     io.add_argument("--manifest", required=True, help="slide manifest (CSV or Parquet) "
@@ -56,7 +89,9 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
     io.add_argument("--class-names", default=None,
                     help="comma-separated class order (default: sorted distinct labels)")
     io.add_argument("--num-shards", type=_positive_int, default=None,
-                    help="number of shards (default: from --shard-size-mb)")
+                    help=f"number of shards, 1 to {MAX_NUM_SHARDS} (default: from "
+                    "--shard-size-mb, never more than the examples); more shards than "
+                    "examples write empty shards, with a warning")
     io.add_argument("--shard-size-mb", type=float, default=100.0,
                     help="target shard size when --num-shards is not given (default: 100)")
     io.add_argument("--compression", choices=["none", "gzip"], default="none",
@@ -121,17 +156,23 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                      default="random")
     mix.add_argument("--group-column", default=None,
                      help="manifest column (e.g. patient_id) whose equal values never pair")
-    mix.add_argument("--num-mixes", type=int, default=1, help="mixed examples per tile")
+    mix.add_argument("--num-mixes", type=int, default=1,
+                     help=f"mixed examples per tile (0 to {MAX_NUM_MIXES}; 0 needs "
+                     "--keep-originals)")
     mix.add_argument("--keep-originals", action="store_true",
                      help="also write every used tile unmixed (lam = 0)")
     mix.add_argument("--seed", type=int, default=0, help="global seed (default 0)")
     mix.add_argument("--batch-size", type=_positive_int, default=32,
-                     help="examples per op call")
+                     help=f"examples per op call (1 to {MAX_BATCH_SIZE}; never changes "
+                     "the output)")
 
     run = parser.add_argument_group("execution")
-    run.add_argument("--workers", type=_positive_int, default=1,
-                     help="local worker processes (>= 1)")
+    run.add_argument("--workers", type=_WORKERS, default=1,
+                     help=f"local worker processes (1 to {MAX_WORKERS})")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument("--no-report", action="store_true",
+                     help="do not write OUT/report.html at the end of the run (write it "
+                     "later with `softmix report OUT`)")
     run.add_argument("--verbose", action="store_true",
                      help="show library logs (TensorFlow, Beam, Dask) and full tracebacks")
     run.add_argument("--read-cache-mb", type=float, default=256.0,
@@ -226,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address of an existing scheduler (default: start a LocalCluster)")
     dask.add_argument("--memory-limit", default="4GiB",
                       help="memory limit per LocalCluster worker (default 4GiB)")
-    dask.add_argument("--threads-per-worker", type=_positive_int, default=1,
-                      help="threads per LocalCluster worker (default 1)")
+    dask.add_argument("--threads-per-worker", type=_WORKERS, default=1,
+                      help=f"threads per LocalCluster worker (1 to {MAX_WORKERS}, default 1)")
 
     local = sub.add_parser("local", help="run the job on this machine, no framework "
                            "(in process, or a pool of --workers processes)")
@@ -236,11 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     preview = sub.add_parser("preview", help="write a PNG contact sheet of mixed examples")
     preview.add_argument("out", help="output directory of a finished run")
     preview.add_argument("--output", default=None, help="PNG path (default OUT/preview.png)")
-    preview.add_argument("--num", type=_positive_int, default=16,
-                         help="examples to show (default 16)")
+    preview.add_argument("--num", type=_count(MAX_PREVIEW, "A contact sheet shows a "
+                                              "sample; use a few dozen."), default=16,
+                         help=f"examples to show (1 to {MAX_PREVIEW}, default 16)")
     preview.add_argument("--stain", action="store_true",
                          help="add a row: raw source tiles read from their slides next to "
                          "their stain-normalised versions (runs with --stain-norm)")
+
+    report = sub.add_parser("report", help="write OUT/report.html: slides, tiles, skips, "
+                            "accounting, labels, lam, pairing (self-contained, offline)")
+    report.add_argument("out", help="output directory of a finished run (path or URL)")
+    report.add_argument("--max-examples", type=_positive_int, default=2000,
+                        help="read whole shards until this many examples are read, for the "
+                        "lam / class / pairing plots (default 2000)")
+    report.add_argument("--stain-tiles", type=int, default=3,
+                        help="tiles per slide shown raw and normalised, for runs with "
+                        "--stain-norm (default 3)")
+    report.add_argument("--workers", type=_positive_int, default=None,
+                        help="threads drawing slides (default 2 x CPUs, at most 16)")
     return parser
 
 
@@ -453,8 +507,121 @@ def _release_lock(job: JobConfig) -> None:
         return
 
 
+# --- The program: one line and exit status 130 on Ctrl-C, a clean exit always -----------
+#
+# Ctrl-C sends SIGINT to every process of the terminal's process group: Beam's SDK
+# workers and Dask's worker processes too, which then print their own tracebacks (or
+# die while importing), and an in-process Beam runner wraps the KeyboardInterrupt as a
+# RuntimeError. So the program ignores and blocks SIGINT before it starts any thread
+# or process (every thread and child inherits that) and one watcher thread takes it
+# with `sigwait`: it prints one line, releases the run's lock, kills
+# the run's child processes and exits 130. The staging folder stays as it is, as after
+# a kill, ready for --resume. Every exit of the program is `os._exit` after flushing,
+# so that no C++ thread of TensorFlow, gRPC or Arrow is torn down at interpreter exit
+# ("terminate called without an active exception", status 134).
+
+_RUN_OUT: list[str] = []  # the --out of the job being run (for the interrupt line)
+
+
+def _interrupted() -> None:
+    """The watcher's reaction to SIGINT: one line, lock released, children gone, 130."""
+    message = "softmix: interrupted"
+    if _RUN_OUT:
+        from .run.job import STAGING_DIR
+
+        out_dir = _RUN_OUT[0]
+        staging = os.path.join(out_dir, STAGING_DIR)
+        released = False
+        try:
+            from .run.output import release_output_lock
+
+            released = release_output_lock(out_dir, pid=os.getpid())
+        except Exception:  # noqa: BLE001, S110 - the line and the exit must still happen
+            pass
+        if released and os.path.isdir(staging):
+            message = (f"softmix: interrupted; staging kept in {staging} (rerun the same "
+                       "command with --resume to continue)")
+        elif not released:
+            message = ("softmix: interrupted before the run started; nothing was written "
+                       f"to {out_dir}")
+    try:  # the line first; then nothing else of this process or its children shows
+        print(message, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    except Exception:  # noqa: BLE001, S110 - a closed stream: exit all the same
+        pass
+    try:
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+    except Exception:  # noqa: BLE001, S110 - best effort: the exit below ends this process
+        pass
+    os._exit(130)
+
+
+def _exit(status: int, line: str | None = None) -> None:
+    """Print `line` (on stderr), flush and end the process now."""
+    try:
+        if line:
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(status)
+
+
+def _watch_interrupts() -> None:
+    import signal
+    import threading
+
+    # Ignored and blocked: children inherit both (an ignored SIGINT survives exec and
+    # the `sh -c` Beam starts its workers with), while Linux keeps a blocked signal
+    # pending even when ignored, for `sigwait` below.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+    def watch() -> None:
+        signal.sigwait({signal.SIGINT})
+        _interrupted()
+
+    threading.Thread(target=watch, name="softmix-sigint", daemon=True).start()
+
+
+def _program() -> None:
+    """`softmix` as a program (the console script and ``python -m pipeline``)."""
+    _watch_interrupts()
+    try:
+        status = _main(sys.argv[1:])
+    except SystemExit as exit_:  # argparse's usage errors (2), --help (0)
+        code = exit_.code
+        status = code if isinstance(code, int) else (0 if code is None else 1)
+        if not isinstance(code, int | None):
+            print(code, file=sys.stderr)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        status = 1
+    _exit(status)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The `softmix` command. With `argv` (tests, other Python code) it returns the exit
+    status; without, it is the program itself and ends the process (see `_program`)."""
+    if argv is None:
+        _program()
+    return _main(list(argv or []))
+
+
+def _main(argv: list[str]) -> int:
     verbose = "--verbose" in argv
     if not verbose:
         _quiet_libraries()
@@ -481,7 +648,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except PipelineError:
                 raise
             except ValueError as err:  # a bad flag value: usage error, exit status 2
-                parser.error(str(err))
+                parser.error(_flag_message(_subparser(parser, args.command), str(err)))
             print(f"demo manifest: {manifest}")
             return 0
         if args.command == "preview":
@@ -491,19 +658,28 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  stain=args.stain)
             print(f"preview: {path}")
             return 0
+        if args.command == "report":
+            from .tools.report import write_report
+
+            path = write_report(args.out, workers=args.workers, max_examples=args.max_examples,
+                                stain_tiles=args.stain_tiles)
+            print(f"report: {path}")
+            return 0
     except PipelineError as err:
         print(f"softmix: error: {err}", file=sys.stderr)
         return 1
     try:
         job = job_config_from_args(args)
     except ValueError as err:  # a bad flag value: usage error, exit status 2
-        parser.error(str(err))
+        parser.error(_flag_message(_subparser(parser, args.command), str(err)))
     for warning in job.tile.warnings():
         print(f"softmix: warning: {warning}", file=sys.stderr)
+    _RUN_OUT[:] = [job.output.out_dir]
     try:
         return _run_job(args, job, extra, verbose=verbose)
     finally:
         _release_lock(job)
+        _RUN_OUT.clear()
 
 
 def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
@@ -545,7 +721,32 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
     from .run.job import exit_status, summary_table
 
     print(summary_table(result))
-    return exit_status(result)
+    status = exit_status(result)
+    if status == 0 and not args.no_report:
+        _write_run_report(job.output.out_dir, verbose=verbose)
+    return status
+
+
+def _write_run_report(out_dir: str, *, verbose: bool) -> None:
+    """`softmix report OUT` at the end of a run; a failure is a warning, not the run's.
+
+    A run that publishes removes the old dataset's report, so an existing report.html
+    means nothing was published (`--resume` of a finished run): it is left as it is.
+    """
+    try:
+        import fsspec
+
+        from .tools.report import write_report
+
+        fs, root = fsspec.core.url_to_fs(out_dir)
+        if fs.exists(f"{root.rstrip('/')}/report.html"):
+            return
+        print(f"report: {write_report(out_dir)}")
+    except Exception as err:  # noqa: BLE001 - the dataset is published either way
+        if verbose:
+            raise
+        print(f"softmix: warning: the run report was not written ({type(err).__name__}: "
+              f"{err}); retry with `softmix report {out_dir}`.", file=sys.stderr)
 
 
 if __name__ == "__main__":

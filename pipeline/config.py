@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "STAIN_NORMS",
     "TISSUE_MODES",
     "TileConfig",
+    "check_count",
     "parse_grid",
 ]
 
@@ -38,6 +40,32 @@ MAX_STAIN_FIT_TILES = 1024
 STRIDE_WARN_RATIO = 8
 ON_ERROR = ("skip", "fail")
 COMPRESSIONS = (None, "GZIP")
+# Upper bounds of the count options (issue 15): beyond them a run only heads for an
+# absurd allocation or millions of files. Checked here, so the CLI, `stream_dataset`
+# and the Python API all refuse them with the same message.
+MAX_NUM_SHARDS = 100_000
+MAX_NUM_MIXES = 64
+MAX_BATCH_SIZE = 4096
+MAX_TILE_SIZE = 8192
+MAX_READ_CACHE_MB = 65536.0
+MAX_WORKERS = 256  # local worker processes (or threads per worker, or reading threads)
+
+
+def check_count(name: str, value: object, high: float, fix: str, *, low: float = 1,
+                integer: bool = True) -> None:
+    """Refuse a count option outside ``[low, high]`` (or not an int), naming the option,
+    the allowed range and the fix.
+
+    >>> check_count("num_mixes", 10**9, MAX_NUM_MIXES, "Use fewer.")
+    Traceback (most recent call last):
+    ...
+    ValueError: `num_mixes` must be in [1, 64]. Received: num_mixes=1000000000. Use fewer.
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        shown = f"{high:g}" if isinstance(high, float) else f"{high}"
+        raise ValueError(f"`{name}` must be in [{low:g}, {shown}]. "
+                         f"Received: {name}={value!r}. {fix}")
 
 
 def parse_grid(value: int | str | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -73,7 +101,7 @@ class TileConfig:
     """How slides are cut into tiles.
 
     Attributes:
-        tile_size: tile side in pixels (tiles are square).
+        tile_size: tile side in pixels (tiles are square), in [1, 8192].
         stride: step between tiles in pixels; defaults to `tile_size` (no overlap).
         level: pyramid level index to tile; used when `mpp` is None.
         mpp: target microns per pixel; picks the nearest level (overrides `level`).
@@ -115,6 +143,9 @@ class TileConfig:
     def __post_init__(self) -> None:
         if self.tile_size < 1:
             raise ValueError(f"`tile_size` must be >= 1. Received: tile_size={self.tile_size}")
+        check_count("tile_size", self.tile_size, MAX_TILE_SIZE,
+                    "Tiles are held in memory whole, a batch at a time; use 224-1024 px "
+                    "tiles (the size a model takes) and --level/--mpp for coarser views.")
         if self.stride is not None and self.stride < 1:
             raise ValueError(f"`stride` must be >= 1. Received: stride={self.stride}")
         if self.level < 0:
@@ -198,7 +229,8 @@ class PairingConfig:
         pairing: "random", "cross-class" or "balanced".
         group_column: manifest column whose equal values are never paired (e.g. a
             patient id), or None.
-        num_mixes: mixed examples per used tile (tile is source `a` of each).
+        num_mixes: mixed examples per used tile (tile is source `a` of each), in
+            [0, 64].
         keep_originals: also write each used tile unmixed (lam = 0).
         seed: global seed; every per-example seed is a hash of it and the tile key.
     """
@@ -216,6 +248,9 @@ class PairingConfig:
             )
         if self.num_mixes < 0:
             raise ValueError(f"`num_mixes` must be >= 0. Received: num_mixes={self.num_mixes}")
+        check_count("num_mixes", self.num_mixes, MAX_NUM_MIXES,
+                    "For more examples per slide use more tiles (a smaller stride), or "
+                    "another seed into another output.", low=0)
         if self.num_mixes == 0 and not self.keep_originals:
             raise ValueError(
                 "`num_mixes=0` without `keep_originals` would write nothing. "
@@ -233,7 +268,8 @@ class OpConfig:
         softness: transition width as a fraction of the smallest cell side, in [0, 1].
         ramp: "cosine" or "linear".
         mix_prob: probability that an example is mixed at all.
-        batch_size: examples per call of the TensorFlow op (never changes a pixel).
+        batch_size: examples per call of the TensorFlow op, in [1, 4096] (never
+            changes a pixel).
     """
 
     grid: tuple[int, int] = (4, 4)
@@ -257,6 +293,9 @@ class OpConfig:
             raise ValueError(f"`mix_prob` must be in [0, 1]. Received: mix_prob={self.mix_prob}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
+        check_count("batch_size", self.batch_size, MAX_BATCH_SIZE,
+                    "It is only the examples per op call (it never changes the output); "
+                    "the default 32 is enough.")
 
 
 _UNSET: Any = object()
@@ -351,7 +390,9 @@ class OutputConfig:
     Attributes:
         out_dir: output directory (local path or fsspec URL).
         name: dataset name; shards are `<name>-00000-of-00016.tfrecord`.
-        num_shards: number of shards; None = derived from `shard_size_mb`.
+        num_shards: number of shards, in [1, 100000]; None = derived from
+            `shard_size_mb` (never more than the examples). More shards than examples
+            write empty shards, with a warning in the manifest and the summary.
         shard_size_mb: target shard size used when `num_shards` is None.
         compression: None or "GZIP".
         overwrite: replace an existing dataset in `out_dir`.
@@ -385,6 +426,10 @@ class OutputConfig:
             )
         if self.num_shards is not None and self.num_shards < 1:
             raise ValueError(f"`num_shards` must be >= 1. Received: num_shards={self.num_shards}")
+        if self.num_shards is not None:
+            check_count("num_shards", self.num_shards, MAX_NUM_SHARDS,
+                        "Use fewer shards, or leave num_shards unset (--shard-size-mb then "
+                        "sizes them, never more shards than examples).")
         if not 0 < self.shard_size_mb < math.inf:
             raise ValueError(
                 "`shard_size_mb` must be finite and > 0. "
@@ -410,7 +455,8 @@ class JobConfig:
         mix: how tiles are paired and mixed.
         output: where and how shards are written.
         class_names: explicit class order; None = sorted distinct manifest labels.
-        read_cache_mb: decoded slide pixels one reading task holds at once (MiB).
+        read_cache_mb: decoded slide pixels one reading task holds at once (MiB),
+            in (0, 65536].
     """
 
     manifest: str
@@ -424,6 +470,9 @@ class JobConfig:
         if not 0 < self.read_cache_mb < math.inf:
             raise ValueError("`read_cache_mb` must be finite and > 0. "
                              f"Received: read_cache_mb={self.read_cache_mb}")
+        check_count("read_cache_mb", self.read_cache_mb, MAX_READ_CACHE_MB,
+                    "It is the decoded pixels one reading task holds (MiB); the default "
+                    "256 reads whole slides at full speed.", low=0, integer=False)
         rows, cols = self.mix.grid
         if max(rows, cols) > self.tile.tile_size:
             raise ValueError(

@@ -21,7 +21,7 @@ from pipeline.engines.stream import stream_dataset
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 JOB_COMMANDS = ("beam", "dask", "local")
 # Flags that choose where and how visibly a run executes, never what it writes.
-EXECUTION = {"help", "workers", "no_progress", "verbose", "scheduler", "memory_limit",
+EXECUTION = {"help", "workers", "no_progress", "no_report", "verbose", "scheduler", "memory_limit",
              "threads_per_worker"}
 # Keywords of `stream_dataset` that only a stream has.
 STREAM_ONLY = {"epoch", "shuffle", "mix", "as_dict", "input_context", "cache_dir",

@@ -12,7 +12,8 @@ import sys
 
 from pipeline.cli import main
 
-SWITCHES = ("overwrite", "keep_originals", "keep-originals", "resume", "verbose")
+SWITCHES = ("overwrite", "keep_originals", "keep-originals", "resume", "verbose",
+            "no_report")
 
 
 def _switches(argv: list[str]) -> list[str]:

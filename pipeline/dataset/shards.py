@@ -95,7 +95,7 @@ def num_shards_for(num_examples: int, approx_bytes_per_example: float,
                    shard_size_mb: float) -> int:
     """How many shards of about `shard_size_mb` MiB hold `num_examples` examples.
 
-    At least 1, and never more shards than examples.
+    At least 1, and never more shards than examples or `config.MAX_NUM_SHARDS`.
 
     >>> num_shards_for(1000, 200_000, 100.0)
     2
@@ -104,8 +104,10 @@ def num_shards_for(num_examples: int, approx_bytes_per_example: float,
     """
     if not shard_size_mb > 0:
         raise ValueError(f"`shard_size_mb` must be > 0. Received: shard_size_mb={shard_size_mb}")
+    from ..config import MAX_NUM_SHARDS
+
     wanted = math.ceil(num_examples * max(approx_bytes_per_example, 0) / (shard_size_mb * 2**20))
-    return max(1, min(num_examples, wanted))
+    return max(1, min(num_examples, wanted, MAX_NUM_SHARDS))
 
 
 def _options(compression: str | None) -> tf.io.TFRecordOptions | None:

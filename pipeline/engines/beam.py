@@ -375,11 +375,15 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         examples_per_task: examples per mix bucket (default 128; never changes output).
 
     Raises:
+        ValueError: `workers` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
+    from ..config import MAX_WORKERS, check_count
     from ..run.run import prepare_run
 
+    check_count("workers", workers, MAX_WORKERS, "Local runs gain nothing beyond the "
+                "machine's cores; to scale out use --runner=DataflowRunner.")
     run = prepare_run(job)
     if run.finished is not None:
         return dict(run.finished)

@@ -220,11 +220,17 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     each. Prints the dashboard link.
 
     Raises:
+        ValueError: `workers` or `threads_per_worker` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
     from distributed import Client
 
+    from ..config import MAX_WORKERS, check_count
+
+    for name, value in (("workers", workers), ("threads_per_worker", threads_per_worker)):
+        check_count(name, value, MAX_WORKERS, "A local cluster gains nothing beyond the "
+                    "machine's cores; to scale out pass `scheduler`.")
     extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
              "threads_per_worker": threads_per_worker}
     run = prepare_run(job)  # bad input fails before any cluster starts

@@ -73,11 +73,14 @@ def run_local(job: JobConfig, *, workers: int = 1, progress: bool = True,
         examples_per_task: examples per mix bucket (default 128; never changes output).
 
     Raises:
+        ValueError: `workers` outside [1, config.MAX_WORKERS].
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
-    if workers < 1:
-        raise ValueError(f"`workers` must be >= 1. Received: workers={workers}")
+    from ..config import MAX_WORKERS, check_count
+
+    check_count("workers", workers, MAX_WORKERS, "Local runs gain nothing beyond the "
+                "machine's cores; to scale out use `softmix beam` or `softmix dask`.")
     run = prepare_run(job)
     if run.finished is not None:
         return dict(run.finished)

@@ -66,12 +66,23 @@ from typing import Any
 import numpy as np
 
 from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
-from ..config import STAIN_FIT_TILES, JobConfig, MixConfig, OutputConfig, TileConfig
+from ..config import (
+    MAX_READ_CACHE_MB,
+    MAX_WORKERS,
+    STAIN_FIT_TILES,
+    JobConfig,
+    MixConfig,
+    OutputConfig,
+    TileConfig,
+    check_count,
+)
 from ..errors import PipelineError, SlideError, TileReadError
 from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
 from ..steps.pack import PackReader, StripResult, StripTask
+
+MAX_SHUFFLE_BUFFER = 1_000_000  # examples; the buffer holds decoded images
 
 __all__ = ["StreamStats", "dataset_stats", "epoch_seed", "stream_dataset"]
 
@@ -655,6 +666,14 @@ def stream_dataset(
     if reads < 1 or packers < 0:
         raise ValueError("`num_parallel_reads` must be >= 1 and `pack_threads` >= 0. "
                          f"Received: num_parallel_reads={reads}, pack_threads={packers}")
+    threads = "Threads beyond the machine's cores only add memory; the default suits it."
+    check_count("num_parallel_reads", reads, MAX_WORKERS, threads)
+    check_count("pack_threads", packers, MAX_WORKERS, threads, low=0)
+    check_count("shuffle", buffer, MAX_SHUFFLE_BUFFER, "The buffer holds decoded images; "
+                "1024 to 100000 examples shuffle well.", low=0)
+    check_count("read_cache_mb", read_cache_mb, MAX_READ_CACHE_MB,
+                "It is the decoded rows one packing thread holds (MiB).", low=0,
+                integer=False)
     temporary = cache_dir is None
     root = tempfile.mkdtemp(prefix="softmix-stream-") if temporary else os.fspath(cache_dir)
     job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,

@@ -78,7 +78,7 @@ def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:
 
 
 def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any],
-                     prefix: str = "") -> list[str]:
+                     prefix: str = "", *, old_name: str = "interrupted run") -> list[str]:
     """Human-readable differences between two fingerprints (empty when equal).
 
     >>> fingerprint_diff({"mix": {"seed": 0}}, {"mix": {"seed": 1}})
@@ -88,14 +88,18 @@ def fingerprint_diff(old: Mapping[str, Any], new: Mapping[str, Any],
     for key in sorted(set(old) | set(new), key=str):
         name = f"{prefix}{key}"
         if key not in old:
-            out.append(f"{name}: not in the interrupted run")
+            out.append(f"{name}: not in the {old_name}")
         elif key not in new:
             out.append(f"{name}: not in this run")
         elif isinstance(old[key], Mapping) and isinstance(new[key], Mapping):
-            out.extend(fingerprint_diff(old[key], new[key], f"{name}."))
+            out.extend(fingerprint_diff(old[key], new[key], f"{name}.", old_name=old_name))
         elif old[key] != new[key]:
-            out.append(f"{name}: {old[key]!r} (interrupted run) != {new[key]!r} (this run)")
+            out.append(f"{name}: {old[key]!r} ({old_name}) != {new[key]!r} (this run)")
     return out
+
+
+def _shown(diff: Sequence[str]) -> str:
+    return "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
 
 
 def summary_table(manifest: Mapping[str, Any]) -> str:
@@ -159,7 +163,38 @@ def staging_dir(config: Any) -> str:
     return posixpath.join(config.out_dir, STAGING_DIR)
 
 
-def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) -> bool:
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or lies below it (local paths resolved, URLs compared as text)."""
+    import os
+    import posixpath
+
+    if "://" in path or "://" in folder:
+        path, folder = posixpath.normpath(path.rstrip("/")), posixpath.normpath(
+            folder.rstrip("/"))
+        return path == folder or path.startswith(folder + "/")
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def check_out_outside_slides(out_dir: str, slides: Sequence[Any]) -> None:
+    """Refuse an output directory that is an input slide's folder or lies inside one
+    (the run would write its staging and shards into the OME-Zarr store).
+
+    Raises:
+        OutputExistsError: naming the slide and the fix; nothing was written.
+    """
+    from ..errors import OutputExistsError
+
+    for record in slides:
+        if record.path and _inside(out_dir, record.path):
+            raise OutputExistsError(
+                f"--out {out_dir!r} lies inside the folder of input slide "
+                f"{record.slide_id!r} ({record.path!r}); the run would write into the "
+                "slide. Choose an output directory outside every slide's folder.")
+
+
+def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
+                   slides: Sequence[Any] = ()) -> bool:
     """Lock OUT, check it (`output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
@@ -171,7 +206,8 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
         True when an interrupted run is resumed, False for a fresh run.
 
     Raises:
-        OutputExistsError: another live run holds the lock, an existing dataset or
+        OutputExistsError: OUT lies inside one of `slides`' folders (checked before
+            anything is created), another live run holds the lock, an existing dataset or
             unfinished run without overwrite/resume, a resume whose options, seed,
             software or manifest differ (the message names them), or files that are
             not ours.
@@ -194,6 +230,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
 
     digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
     resume = bool(getattr(config, "resume", False))
+    check_out_outside_slides(config.out_dir, slides)
     ensure_output_dir(config.out_dir)
     lock = acquire_output_lock(config.out_dir)
     try:
@@ -203,7 +240,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
             old = _read_run_file(config) or {}
             diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
             if "fingerprint" not in old or diff:
-                shown = "; ".join(diff[:8]) + (" ..." if len(diff) > 8 else "")
+                shown = _shown(diff)
                 raise OutputExistsError(
                     f"Cannot resume the run in {config.out_dir!r}: it was started with "
                     f"other settings ({shown or 'no fingerprint recorded'}). Rerun with "
@@ -213,11 +250,18 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None) ->
         elif resume:
             finished = existing_dataset(config.out_dir)
             if finished is not None:
-                if finished.get("params", {}).get("run_fingerprint") == digest:
+                params = finished.get("params", {})
+                if params.get("run_fingerprint") == digest:
                     raise RunFinished(config.out_dir, finished)
+                recorded = params.get("fingerprint")
+                diff = fingerprint_diff(recorded, fingerprint or {},
+                                        old_name="finished run") if isinstance(
+                                            recorded, Mapping) else []
                 raise OutputExistsError(
                     f"Cannot resume in {config.out_dir!r}: it holds a finished SoftMix "
-                    "dataset made with other options, seed, software or slides. Pass "
+                    "dataset made with other settings ("
+                    f"{_shown(diff) or 'options, seed, software or slides: not recorded'}"
+                    "). Rerun with its options and manifest to see it is finished, pass "
                     "--overwrite to replace it, or choose another --out.")
         prepare_output_dir(config)  # now that no other run can change OUT
         if not resumed:
@@ -326,6 +370,10 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
             by_index[index] = write_staged_shard(config, index, num_shards, [])
     staging = staging_dir(config)
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
+    run_file = _read_run_file(config) or {}
+    if isinstance(run_file.get("fingerprint"), Mapping):
+        # What the run was made from, so that a later --resume can name a difference.
+        params = {**params, "fingerprint": run_file["fingerprint"]}
     manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
                                class_names, params, staged_dir=staging, stain=stain)
     tf.io.gfile.rmtree(staging)

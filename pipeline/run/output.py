@@ -39,6 +39,8 @@ from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting  # noqa: F401 - 
 from ..config import OutputConfig
 from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from ..errors import OutputExistsError, PipelineError
+from ..io.names import recorded_name
+from .tile_record import REPORT_FILES, publish_report_files
 
 # The hidden folder inside OUT a run stages everything in (`job.prepare_output`).
 STAGING_DIR = ".softmix.tmp-staging"
@@ -95,14 +97,35 @@ def software_versions() -> dict[str, str]:
 # --- What a directory holds ---------------------------------------------------------------
 
 
-def dataset_files(manifest: Mapping[str, Any]) -> list[str]:
-    """The files that belong to the dataset `manifest` describes (base names in OUT)."""
+def dataset_files(manifest: Mapping[str, Any], out_dir: str = ".") -> list[str]:
+    """The files that belong to the dataset `manifest` describes (base names in OUT).
+
+    The names are data read from disk, not authority: each must be a plain file name
+    inside `out_dir` (`pipeline.io.names.recorded_name`), so that ``--overwrite``
+    never removes anything outside OUT.
+
+    Raises:
+        RecordedNameError: an entry of ``files`` or ``shards`` is not a plain name
+            (``../x``, an absolute path, a URL) or names the lock or staging folder.
+    """
+    record = posixpath.join(out_dir, MANIFEST_NAME)
     if "files" in manifest:
-        return [str(name) for name in manifest["files"]]
-    names = [s["file"] for s in manifest.get("shards", [])]
-    if manifest.get("params", {}).get("tfds", True):
-        names += list(TFDS_FILES)
-    return [*names, PREVIEW_NAME]
+        names = manifest["files"]
+        if not isinstance(names, list):
+            names = [names]
+    else:
+        shards = manifest.get("shards", [])
+        names = [s.get("file") if isinstance(s, Mapping) else s
+                 for s in (shards if isinstance(shards, list) else [shards])]
+        if manifest.get("params", {}).get("tfds", True):
+            names += list(TFDS_FILES)
+        names.append(PREVIEW_NAME)
+    for entry in manifest.get("shards", []) if isinstance(manifest.get("shards"), list) else []:
+        if isinstance(entry, Mapping):
+            recorded_name(entry.get("file"), record=record, root=out_dir,
+                          reserved=(LOCK_NAME, STAGING_DIR))
+    return [recorded_name(name, record=record, root=out_dir,
+                          reserved=(LOCK_NAME, STAGING_DIR)) for name in names]
 
 
 def _load_json(path: str) -> Any:
@@ -180,7 +203,7 @@ def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
     manifest = existing_dataset(out_dir)
     ours = {LOCK_NAME, STAGING_DIR}
     if manifest is not None:
-        ours.update(dataset_files(manifest))
+        ours.update(dataset_files(manifest, out_dir))  # refuses names outside OUT
         ours.add(MANIFEST_NAME)
     json_targets = (MANIFEST_NAME, PREVIEW_NAME, *TFDS_FILES)
     foreign = [n for n in names if n not in ours and not _temp_of(n, json_targets)]
@@ -486,7 +509,12 @@ def finalize_output(
         RuntimeError: missing shards, or counts that do not add up.
         PipelineError: the run wrote no example (nothing is published; with
             `staged_dir`, its would-be manifest is kept there as ``failed-run.json``).
+        RecordedNameError: the old manifest lists a name outside OUT (nothing moves).
     """
+    out_dir = config.out_dir
+    old = existing_dataset(out_dir)
+    # Checked before anything else: a bad name in the old manifest refuses the publish.
+    old_files = dataset_files(old, out_dir) if old is not None else []
     ordered = sorted(shards, key=lambda s: s.file)
     num_shards = len(ordered)
     expected = [shard_filename(config.name, i, num_shards) for i in range(num_shards)]
@@ -513,7 +541,6 @@ def finalize_output(
         "tfds": config.compression is None,
         "versions": software_versions(),
     })
-    out_dir = config.out_dir
     source_dir = staged_dir or out_dir
     tfds_files = list(TFDS_FILES) if config.compression is None else []
     warnings = []
@@ -527,7 +554,7 @@ def finalize_output(
         "num_examples": num_examples,
         "class_names": list(class_names),
         "shards": [{"file": s.file, "num_examples": s.num_examples} for s in ordered],
-        "files": [*expected, *tfds_files, PREVIEW_NAME],
+        "files": [*expected, *tfds_files, PREVIEW_NAME, *REPORT_FILES],
         "image": _first_image(source_dir, ordered, config.compression),
         "params": all_params,
         "accounting": accounting.to_dict(len(class_names)),
@@ -542,7 +569,6 @@ def finalize_output(
             f"no examples written: {failure_reasons(accounting)}. Nothing was published "
             f"in {out_dir!r}; fix the inputs or options (see the summary) and rerun."
         )
-    old = existing_dataset(out_dir)
     if old is not None:  # first, so that OUT reads as unfinished while files move
         tf.io.gfile.remove(posixpath.join(out_dir, MANIFEST_NAME))
     if staged_dir is not None:
@@ -555,11 +581,12 @@ def finalize_output(
         _write_json_atomic(posixpath.join(out_dir, "dataset_info.json"),
                            tfds_dataset_info(config.name, ordered, description))
     if old is not None:
-        keep = set(expected) | set(tfds_files)
-        for name in dataset_files(old):
+        keep = set(expected) | set(tfds_files) | set(REPORT_FILES)
+        for name in old_files:
             path = posixpath.join(out_dir, name)
             if name not in keep and name != MANIFEST_NAME and tf.io.gfile.exists(path):
                 tf.io.gfile.remove(path)
+    publish_report_files(out_dir, staged_dir)
     _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
 
@@ -569,6 +596,7 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
 
     Raises:
         PipelineError: no manifest (an unfinished run, or not a SoftMix directory).
+        RecordedNameError: it lists a shard or file that is not a plain name in OUT.
     """
     path = posixpath.join(out_dir, MANIFEST_NAME)
     if not tf.io.gfile.exists(path):
@@ -578,4 +606,7 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
             "Rerun the job with --overwrite, or point at a finished output directory."
         )
     with tf.io.gfile.GFile(path, "r") as handle:
-        return json.load(handle)
+        manifest = json.load(handle)
+    if isinstance(manifest, dict):
+        dataset_files(manifest, out_dir)  # shards are read by name: plain names only
+    return manifest

@@ -192,7 +192,7 @@ def prepare_run(job: JobConfig) -> Run:
     run = load_run(job)
     fingerprint = _job.run_fingerprint(job, run.slides, stain=run.stain)
     try:
-        resumed = _job.prepare_output(job.output, fingerprint)
+        resumed = _job.prepare_output(job.output, fingerprint, slides=run.slides)
     except _job.RunFinished as done:
         print(done, flush=True)
         return dataclasses.replace(run, fingerprint=fingerprint, finished=done.manifest)

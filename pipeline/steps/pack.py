@@ -270,6 +270,7 @@ def pack_strip(task: StripTask, staging: str, *,
     path = pack_path(staging, record.slide_id, task.strip)
     skipped: collections.Counter[str] = collections.Counter()
     messages: list[str] = []
+    skipped_at: list[list[Any]] = []  # [x, y, reason] of each unusable tile (run report)
     entries: dict[TileKey, tuple[int, int]] = {}
     offset = 0
 
@@ -277,6 +278,7 @@ def pack_strip(task: StripTask, staging: str, *,
         if on_error == "fail":
             raise TileReadError(tile.key, reason, message)
         skipped[reason] += 1
+        skipped_at.append([tile.key.x, tile.key.y, reason])
         if len(messages) < 5:
             messages.append(f"{tile.key}: {reason}: {message}")
 
@@ -342,6 +344,7 @@ def pack_strip(task: StripTask, staging: str, *,
         "dtype": slide.dtype.name,
         "num_channels": slide.num_channels,
         "tiles": [[t.key.x, t.key.y, *entries[t.key], t.soft_label] for t in readable],
+        "skipped_tiles": skipped_at,
         # Written after the data: what a resumed run checks before reusing the pack.
         "task": _task_digest(task),
         "bin_bytes": offset,

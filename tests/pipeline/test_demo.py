@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import tracemalloc
 import zipfile
 
@@ -279,13 +281,77 @@ def test_a_tampered_record_never_removes_outside_the_directory(tmp_path):
     out = tmp_path / "demo"
     _demo(out)
     record = json.loads((out / MARKER_NAME).read_text())
-    record["written"] += ["../precious.txt", str(outside)]
+    for bad in ("../precious.txt", str(outside)):
+        (out / MARKER_NAME).write_text(
+            json.dumps({**record, "written": [*record["written"], bad]}))
+        # Refused by name before anything is removed (issue 15).
+        with pytest.raises(PipelineError, match=re.escape(repr(bad))):
+            _demo(out, overwrite=True)
+        assert outside.read_text() == "keep"
+        assert (out / "slides" / "demo-000-hematoxylin.ome.zarr" / "zarr.json").exists()
+    # A recorded slide reached through a link to another directory is refused too.
+    elsewhere = tmp_path / "elsewhere"
+    (out / "slides").rename(elsewhere)
+    (out / "slides").symlink_to(elsewhere)
     (out / MARKER_NAME).write_text(json.dumps(record))
-    _demo(out, overwrite=True)
-    assert outside.read_text() == "keep"
+    with pytest.raises(OutputExistsError, match="outside it through a link"):
+        _demo(out, overwrite=True)
+    assert (elsewhere / "demo-000-hematoxylin.ome.zarr" / "zarr.json").exists()
     (out / MARKER_NAME).write_text("not json")
     with pytest.raises(OutputExistsError, match="not a valid demo-data record"):
         _demo(out, overwrite=True)
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+@pytest.mark.parametrize("added", ["my_annotations.json", "labels/", "s0/notes.txt",
+                                   "s0/c/extra/"])
+def test_overwrite_never_removes_a_users_file_inside_a_demo_slide(tmp_path, capsys,
+                                                                  version, added):
+    """BAD 2 (issue 15): a file the user put inside a demo slide folder is named and
+    nothing is removed."""
+    from pipeline.cli import main
+
+    _demo(tmp_path, format_version=version)
+    slide = tmp_path / "slides" / "demo-000-hematoxylin.ome.zarr"
+    target = slide / added.rstrip("/")
+    if added.endswith("/"):
+        (target / "x").mkdir(parents=True)
+        (target / "x" / "zarr.json").write_text("{}")
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("mine")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    rc = main(["demo-data", str(tmp_path), "--num-slides", "2", "--size", "256",
+               "--overwrite"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"holds files it did not write: slides/{slide.name}/{added.rstrip('/')}" in err
+    assert "nothing was removed" in err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+    # Without the user's file, the same overwrite goes ahead.
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.unlink()
+    assert main(["demo-data", str(tmp_path), "--num-slides", "2", "--size", "256",
+                 "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--chunk", "100000"], "argument --chunk: `chunk` must be at most 2048"),
+    (["--size", "512", "--chunk", "1024"], "`chunk` must be at most 512"),
+    (["--size", "10000000"], "`slide_size` (--size) must be in [256, 131072]"),
+    (["--num-slides", "1000000000"], "argument --num-slides: `num_slides` must be at most 1000"),
+])
+def test_absurd_sizes_are_usage_errors_before_any_write(tmp_path, capsys, flags, message):
+    """WEAK (issue 15): --chunk 100000 was a 27.9 GiB allocation and a partial slide."""
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo-data", str(tmp_path / "d"), *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
 
 
 def test_cli_flags_and_usage_errors(tmp_path, capsys):

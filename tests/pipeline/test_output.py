@@ -141,7 +141,8 @@ def test_prepare_refuses_existing_dataset_and_overwrites(tmp_path):
         ["manifest.json", "dataset_info.json", "features.json",
          "new-00000-of-00002.tfrecord", "new-00001-of-00002.tfrecord"])
     assert manifest["files"] == ["new-00000-of-00002.tfrecord", "new-00001-of-00002.tfrecord",
-                                 "dataset_info.json", "features.json", "preview.png"]
+                                 "dataset_info.json", "features.json", "preview.png",
+                                 "report.html", "report"]
 
 
 def test_prepare_refuses_unfinished_and_foreign(tmp_path):
