@@ -104,9 +104,10 @@ class Run:
 
     # --- After packing -----------------------------------------------------------------
 
-    def layout(self, sizes: Iterable[tuple[str, int, int]], kind: tuple[int, str] | None,
+    def layout(self, sizes: Iterable[tuple[Any, ...]], kind: tuple[int, str] | None,
                *, examples_per_task: int | None = None) -> _tasks.RunLayout:
-        """The run layout from `(slide, strip, usable tiles)` of every packed strip."""
+        """The run layout from `(slide, strip, usable tiles[, content])` of every packed
+        strip (`strip_size`)."""
         channels, dtype = kind if kind is not None else DEFAULT_KIND
         return _tasks.build_layout(
             sizes, self.slides, self.job, self.staging,
@@ -131,10 +132,10 @@ class Run:
         except ValueError as err:
             raise PipelineError(str(err)) from err
 
-    def num_examples(self, sizes: Iterable[tuple[str, int, int]]) -> int:
+    def num_examples(self, sizes: Iterable[tuple[Any, ...]]) -> int:
         """Examples the run writes for these strip sizes (a progress bar's total)."""
         mix = self.job.mix
-        return sum(n for _, _, n in sizes) * (mix.num_mixes + int(mix.keep_originals))
+        return sum(s[2] for s in sizes) * (mix.num_mixes + int(mix.keep_originals))
 
     # --- The end -------------------------------------------------------------------------
 
@@ -216,9 +217,10 @@ def stain_fit_of(plan: SlidePlan) -> list[tuple[str, str]]:
     return [(plan.slide_id, plan.stain_fit)] if plan.failure is None and plan.stain_fit else []
 
 
-def strip_size(result: StripResult) -> tuple[str, int, int]:
-    """`(slide, strip, usable tiles)` of a packed strip: what `Run.layout` needs."""
-    return (result.slide_id, result.strip, len(result.tiles))
+def strip_size(result: StripResult) -> tuple[str, int, int, str | None]:
+    """`(slide, strip, usable tiles, slide content fingerprint)` of a packed strip: what
+    `Run.layout` needs."""
+    return (result.slide_id, result.strip, len(result.tiles), result.content)
 
 
 def strip_tasks(run: Run, plans: Iterable[SlidePlan]) -> list[StripTask]:
