@@ -8,10 +8,16 @@ directory's life cycle (lock, staging, resume, publish), progress and error repo
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import JobConfig
+from ..config import JobConfig, OutputConfig
 from .output import STAGING_DIR
+
+if TYPE_CHECKING:
+    from ..accounting import Accounting
+    from ..dataset.shards import ShardInfo
+    from ..records import SlideRecord
+    from ..steps.stain import StainSpec
 
 __all__ = [
     "exit_status",
@@ -38,8 +44,8 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
     return params  # `output.finalize_output` adds the software versions
 
 
-def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
-                    stain: Any = None) -> dict[str, Any]:
+def run_fingerprint(job: JobConfig, slides: Sequence[SlideRecord], *,
+                    stain: StainSpec | None = None) -> dict[str, Any]:
     """What makes a run's output what it is: options, seed, software, manifest content
     (and, with `stain` from a fit JSON file, the target fit it holds).
 
@@ -171,7 +177,7 @@ def exit_status(manifest: Mapping[str, Any]) -> int:
 RUN_FILE = "run.json"  # in the staging folder: the run id of the lock that owns it
 
 
-def staging_dir(config: Any) -> str:
+def staging_dir(config: OutputConfig) -> str:
     import posixpath
 
     return posixpath.join(config.out_dir, STAGING_DIR)
@@ -190,7 +196,7 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def check_out_outside_slides(out_dir: str, slides: Sequence[Any]) -> None:
+def check_out_outside_slides(out_dir: str, slides: Sequence[SlideRecord]) -> None:
     """Refuse an output directory that is an input slide's folder or lies inside one
     (the run would write its staging and shards into the OME-Zarr store).
 
@@ -207,8 +213,8 @@ def check_out_outside_slides(out_dir: str, slides: Sequence[Any]) -> None:
                 "slide. Choose an output directory outside every slide's folder.")
 
 
-def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
-                   slides: Sequence[Any] = ()) -> bool:
+def prepare_output(config: OutputConfig, fingerprint: Mapping[str, Any] | None = None, *,
+                   slides: Sequence[SlideRecord] = ()) -> bool:
     """Lock OUT, check it (`output.prepare_output_dir`), then start or resume staging.
 
     Nothing of an old dataset is deleted here. With overwrite, an unfinished run's
@@ -242,7 +248,7 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
     )
 
     digest = fingerprint_digest(fingerprint) if fingerprint is not None else None
-    resume = bool(getattr(config, "resume", False))
+    resume = config.resume
     check_out_outside_slides(config.out_dir, slides)
     ensure_output_dir(config.out_dir)
     lock = acquire_output_lock(config.out_dir)
@@ -299,7 +305,7 @@ class RunFinished(Exception):  # noqa: N818 - a signal, not an error
         self.manifest = dict(manifest)
 
 
-def _read_run_file(config: Any) -> dict[str, Any] | None:
+def _read_run_file(config: OutputConfig) -> dict[str, Any] | None:
     import posixpath
 
     from ..io import storage
@@ -311,8 +317,8 @@ def _read_run_file(config: Any) -> dict[str, Any] | None:
         return None
 
 
-def write_staged_shard(config: Any, index: int, num_shards: int,
-                       records: Iterable[tuple[str, bytes]]) -> Any:
+def write_staged_shard(config: OutputConfig, index: int, num_shards: int,
+                       records: Iterable[tuple[str, bytes]]) -> ShardInfo:
     """Write shard `index` of `num_shards` into the staging folder (atomic, sorted)."""
     import posixpath
 
@@ -326,12 +332,13 @@ def write_staged_shard(config: Any, index: int, num_shards: int,
                            f"{config.out_dir!r}") from err
 
 
-def _run_id(config: Any) -> str | None:
+def _run_id(config: OutputConfig) -> str | None:
     run = _read_run_file(config)
     return run.get("run_id") if isinstance(run, dict) else None
 
 
-def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
+def publish_output(config: OutputConfig, shards: Sequence[ShardInfo], num_shards: int,
+                   accounting: Accounting,
                    class_names: Sequence[str], params: Mapping[str, Any], *,
                    stain: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write empty shards for indices no record went to, then publish by swap
@@ -405,7 +412,7 @@ def report_progress(directory: str | None, count: int) -> None:
 class progress_reporter:  # noqa: N801 - used as a context manager, reads like one
     """Show a tqdm counter of mixed examples while a local run is going."""
 
-    def __init__(self, config: Any, *, enabled: bool = True, total: int | None = None):
+    def __init__(self, config: OutputConfig, *, enabled: bool = True, total: int | None = None):
         self._directory = staging_dir(config)
         self._out_dir = config.out_dir
         self._enabled = enabled and "://" not in self._directory

@@ -239,7 +239,7 @@ def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
             "empty or new directory for --out (--overwrite only replaces the files a "
             "SoftMix manifest lists)."
         )
-    resume = getattr(config, "resume", False)
+    resume = config.resume
     if STAGING_DIR in names and not (config.overwrite or resume):
         raise OutputExistsError(
             f"Output directory {out_dir!r} holds an unfinished SoftMix run (its staging "

@@ -383,7 +383,7 @@ def _plan(
             "level.",
         )
     mask = None
-    stain_norm = getattr(config, "stain_norm", "none")
+    stain_norm = config.stain_norm
     stain_fit = None
     if config.min_tissue > 0 or stain_norm != "none":
         tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
@@ -399,7 +399,7 @@ def _plan(
                 f"cannot read level {tissue_level} for the tissue mask "
                 f"({type(err).__name__}: {err}). Re-export the slide.",
             ) from err
-        mask = tissue_mask(thumbnail, mode=getattr(config, "tissue_mode", "auto"))
+        mask = tissue_mask(thumbnail, mode=config.tissue_mode)
         if not mask.any() and config.min_tissue > 0:
             raise SlideError(
                 record.slide_id,
