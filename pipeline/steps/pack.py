@@ -41,14 +41,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import posixpath
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import SlideError, TileReadError
 from ..io import storage
 from ..records import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
+
+if TYPE_CHECKING:
+    from ..io.slides import Slide
 
 __all__ = [
     "PackReader",
@@ -260,17 +263,7 @@ def pack_strip(task: StripTask, staging: str, *,
     record = task.record
     slide = open_slide(record.path, slide_id=record.slide_id,
                        axes=record.metadata_dict.get("axes") or None)
-    level = task.tiles[0].key.level
-    size = task.tile_size
-    ch, cw = task.chunk_shape
-    height, width = slide.level_shape(level)
-    x0 = task.strip * cw
-    x1 = min(width, max(t.key.x for t in task.tiles) + size)
-    row_bytes = ch * (x1 - x0) * slide.num_channels * slide.dtype.itemsize
-    rows_per_read = max(1, int(read_cache_mb * 2**20) // max(1, row_bytes))
-    needed_rows = {row for t in task.tiles
-                   for row, _ in _tile_blocks(t.key.x, t.key.y, size, task.chunk_shape)}
-    band = _Band(slide, level, x0, x1, ch, height, rows_per_read, needed_rows)
+    band = _strip_band(slide, task, read_cache_mb)
     codec = numcodecs.Zstd(level=_ZSTD_LEVEL)
     path = pack_path(staging, record.slide_id, task.strip)
     skipped: collections.Counter[str] = collections.Counter()
@@ -291,38 +284,13 @@ def pack_strip(task: StripTask, staging: str, *,
     if kept is not None:
         return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
-    from ..run.checkpoint import CrcWriter, write_sidecar
+    from ..run.checkpoint import CrcWriter
 
     with storage.writer(path + ".bin") as handle:
         out = CrcWriter(handle)
         for tile in in_read_order:
-            x, y = tile.key.x, tile.key.y
-            try:
-                band.cover(y, y + size)
-                pixels = band.cut(x, y, size)
-            except SlideError:
-                raise
-            except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
-                # Retry this tile alone so one corrupt chunk costs only its own tiles.
-                band.pixels, band.y0, band.y1 = None, 0, 0
-                try:
-                    pixels = slide.read_region(level, x, y, size, size)
-                except Exception:  # noqa: BLE001
-                    skip(tile, "read_error",
-                         f"cannot read the tile from {record.path} ({type(err).__name__}: "
-                         f"{err}). A chunk is corrupt or unreachable; re-export the slide.")
-                    continue
-            missing = [k for block in _tile_blocks(x, y, size, task.chunk_shape)
-                       for k in _block_keys(slide, level, block)
-                       if k in slide.read_stats.missing] if slide.read_stats.missing else []
-            if missing:
-                skip(tile, "missing_chunk",
-                     f"chunk(s) {missing[:3]} do not exist in {record.path}, so Zarr would "
-                     "return blank fill values. Re-export the slide.")
-                continue
-            problem = _check_pixels(pixels)
-            if problem is not None:
-                skip(tile, "nonfinite_pixels", problem)
+            pixels = _read_tile(slide, band, task, tile, skip)
+            if pixels is None:
                 continue
             if transform is not None:
                 pixels = transform(pixels)
@@ -330,6 +298,74 @@ def pack_strip(task: StripTask, staging: str, *,
             out.write(blob)
             entries[tile.key] = (offset, len(blob))
             offset += len(blob)
+    return _write_pack_index(task, slide, path, entries, skipped, messages, skipped_at,
+                             pack_bytes=offset, size=out.size, crc32=out.crc32)
+
+
+def _strip_band(slide: Slide, task: StripTask, read_cache_mb: float) -> _Band:
+    """The strip's band of chunk columns, read `read_cache_mb` worth of chunk rows at a
+    time and only where the strip's tiles need rows."""
+    level = task.tiles[0].key.level
+    size = task.tile_size
+    ch, cw = task.chunk_shape
+    height, width = slide.level_shape(level)
+    x0 = task.strip * cw
+    x1 = min(width, max(t.key.x for t in task.tiles) + size)
+    row_bytes = ch * (x1 - x0) * slide.num_channels * slide.dtype.itemsize
+    rows_per_read = max(1, int(read_cache_mb * 2**20) // max(1, row_bytes))
+    needed_rows = {row for t in task.tiles
+                   for row, _ in _tile_blocks(t.key.x, t.key.y, size, task.chunk_shape)}
+    return _Band(slide, level, x0, x1, ch, height, rows_per_read, needed_rows)
+
+
+def _read_tile(slide: Slide, band: _Band, task: StripTask, tile: TileRecord,
+               skip: Callable[[TileRecord, str, str], None]) -> np.ndarray | None:
+    """One tile's pixels cut from the band (or, after a failed band read, read alone),
+    checked; None after `skip` counted why it is unusable."""
+    record = task.record
+    level, size = task.tiles[0].key.level, task.tile_size
+    x, y = tile.key.x, tile.key.y
+    try:
+        band.cover(y, y + size)
+        pixels = band.cut(x, y, size)
+    except SlideError:
+        raise
+    except Exception as err:  # noqa: BLE001 - codecs and stores raise many types
+        # Retry this tile alone so one corrupt chunk costs only its own tiles.
+        band.pixels, band.y0, band.y1 = None, 0, 0
+        try:
+            pixels = slide.read_region(level, x, y, size, size)
+        except Exception:  # noqa: BLE001
+            skip(tile, "read_error",
+                 f"cannot read the tile from {record.path} ({type(err).__name__}: "
+                 f"{err}). A chunk is corrupt or unreachable; re-export the slide.")
+            return None
+    missing = [k for block in _tile_blocks(x, y, size, task.chunk_shape)
+               for k in _block_keys(slide, level, block)
+               if k in slide.read_stats.missing] if slide.read_stats.missing else []
+    if missing:
+        skip(tile, "missing_chunk",
+             f"chunk(s) {missing[:3]} do not exist in {record.path}, so Zarr would "
+             "return blank fill values. Re-export the slide.")
+        return None
+    problem = _check_pixels(pixels)
+    if problem is not None:
+        skip(tile, "nonfinite_pixels", problem)
+        return None
+    return pixels
+
+
+def _write_pack_index(task: StripTask, slide: Slide, path: str,
+                      entries: Mapping[TileKey, tuple[int, int]],
+                      skipped: collections.Counter[str], messages: Sequence[str],
+                      skipped_at: Sequence[Sequence[Any]], *, pack_bytes: int, size: int,
+                      crc32: int) -> StripResult:
+    """The strip's result (tiles kept, skips, read counters) and the pack's verified
+    sidecar (its index), written after the pack's data."""
+    from ..run.checkpoint import write_sidecar
+
+    record = task.record
+    level = task.tiles[0].key.level
     readable = tuple(t for t in task.tiles if t.key in entries)
     stats = slide.read_stats
     needed = 0
@@ -339,13 +375,13 @@ def pack_strip(task: StripTask, staging: str, *,
         slide_id=record.slide_id, strip=task.strip, tiles=readable, pack=path,
         skipped=tuple(sorted(skipped.items())), messages=tuple(messages),
         chunks_read=stats.chunks_read, bytes_read=stats.bytes_read, requests=stats.requests,
-        bytes_needed=needed, pack_bytes=offset, content=task.content,
+        bytes_needed=needed, pack_bytes=pack_bytes, content=task.content,
     )
     index = {
         "slide_id": record.slide_id,
         "strip": task.strip,
         "level": level,
-        "tile_size": size,
+        "tile_size": task.tile_size,
         "dtype": slide.dtype.name,
         "num_channels": slide.num_channels,
         "tiles": [[t.key.x, t.key.y, *entries[t.key], t.soft_label] for t in readable],
@@ -356,7 +392,7 @@ def pack_strip(task: StripTask, staging: str, *,
     }
     # Written after the data: what a resumed run checks before reusing the pack.
     write_sidecar(path + ".bin", inputs=_task_inputs(task), records=len(readable),
-                  size=out.size, crc32=out.crc32, **index)
+                  size=size, crc32=crc32, **index)
     return result
 
 
