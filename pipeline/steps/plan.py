@@ -360,84 +360,13 @@ def _plan(
         )
     axes = record.metadata_dict.get("axes") or None  # plain Zarr arrays: manifest column
     slide = open_slide(record.path, slide_id=record.slide_id, axes=axes)
-    level = slide.level_for_mpp(config.mpp) if config.mpp is not None else config.level
-    height, width = slide.level_shape(level)
+    level, height, width, rows, cols = _grid(record, slide, config)
     size = config.tile_size
-    if height < size or width < size:
-        raise SlideError(
-            record.slide_id,
-            "too_small",
-            f"level {level} is {height}x{width} pixels, smaller than one {size}x{size} tile. "
-            "Use a smaller tile_size or a higher-resolution level.",
-        )
-    step = config.step
-    rows = (height - size) // step + 1
-    cols = (width - size) // step + 1
-    if rows * cols > MAX_GRID_TILES:
-        raise SlideError(
-            record.slide_id,
-            "bad_metadata",
-            f"level {level} claims {height}x{width} pixels, i.e. {rows * cols:,} tiles of "
-            f"{size} px at stride {step}, more than the {MAX_GRID_TILES:,} one slide may "
-            "hold. The shape in the metadata is probably wrong; fix it or use a coarser "
-            "level.",
-        )
-    mask = None
+    mask = _tissue(record, slide, config)
     stain_norm = config.stain_norm
     stain_fit = None
-    if config.min_tissue > 0 or stain_norm != "none":
-        tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
-        slide.level_shape(tissue_level)  # range check, with a clear error
-        try:
-            thumbnail = slide.read_level(tissue_level)
-        except SlideError:
-            raise
-        except Exception as err:  # corrupt chunk in the thumbnail: the slide is unusable
-            raise SlideError(
-                record.slide_id,
-                "read_error",
-                f"cannot read level {tissue_level} for the tissue mask "
-                f"({type(err).__name__}: {err}). Re-export the slide.",
-            ) from err
-        mask = tissue_mask(thumbnail, mode=config.tissue_mode)
-        if not mask.any() and config.min_tissue > 0:
-            raise SlideError(
-                record.slide_id,
-                "no_tissue",
-                f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
-                "Check the slide, or set min_tissue=0 to keep every tile.",
-            )
-    # Row by row, so planning memory follows the tiles kept, not the claimed area; a
-    # tissue tile whose chunks do not exist in the store is counted (`missing_chunk`),
-    # never recorded, so a level claiming far more pixels than it stores costs one
-    # vectorised pass over the claimed grid, not one record per claimed tile.
-    xs = np.arange(cols, dtype=np.int64) * step
-    kept_rows, kept_tissue, rejected, missing = [], [], 0, 0
-    table = _summed_area(mask.astype(np.float64)) if mask is not None else None
-    chunk_h, chunk_w = slide.chunk_shape(level)
-    blocks = existing_blocks(slide, level)
-    for row in range(rows):
-        row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
-        if table is not None:
-            fractions = _box_means(table, row_yx, size, (height, width))[:, 0]
-            keep = fractions >= config.min_tissue
-            rejected += int((~keep).sum())
-            row_yx = row_yx[keep]
-        else:
-            fractions = None
-        if blocks is not None and len(row_yx):
-            stored = _blocks_exist(blocks, row_yx, size, (chunk_h, chunk_w), width)
-            missing += int((~stored).sum())
-            row_yx = row_yx[stored]
-            if fractions is not None:
-                fractions = fractions[keep][stored]
-        elif fractions is not None:
-            fractions = fractions[keep]
-        if stain_norm != "none" and fractions is not None:
-            kept_tissue.append(fractions)
-        if len(row_yx):
-            kept_rows.append(row_yx)
-    kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
+    kept, kept_tissue, rejected, missing = _scan_grid(
+        slide, config, level, (height, width), (rows, cols), mask)
     if stain_norm != "none":
         # The slide's stain, once: on a tissue-weighted sample of its kept tiles, read at
         # the level they are cut from (the level the fit is applied to).
@@ -477,6 +406,107 @@ def _plan(
         requests=stats.requests if stats is not None else 0,
         stain_fit=stain_fit,
     )
+
+
+def _grid(record: SlideRecord, slide: Slide, config: TileConfig
+          ) -> tuple[int, int, int, int, int]:
+    """The level tiles are cut from, its shape and the tile grid's rows and columns,
+    refusing a level smaller than one tile or claiming more than `MAX_GRID_TILES`."""
+    level = slide.level_for_mpp(config.mpp) if config.mpp is not None else config.level
+    height, width = slide.level_shape(level)
+    size = config.tile_size
+    if height < size or width < size:
+        raise SlideError(
+            record.slide_id,
+            "too_small",
+            f"level {level} is {height}x{width} pixels, smaller than one {size}x{size} tile. "
+            "Use a smaller tile_size or a higher-resolution level.",
+        )
+    step = config.step
+    rows = (height - size) // step + 1
+    cols = (width - size) // step + 1
+    if rows * cols > MAX_GRID_TILES:
+        raise SlideError(
+            record.slide_id,
+            "bad_metadata",
+            f"level {level} claims {height}x{width} pixels, i.e. {rows * cols:,} tiles of "
+            f"{size} px at stride {step}, more than the {MAX_GRID_TILES:,} one slide may "
+            "hold. The shape in the metadata is probably wrong; fix it or use a coarser "
+            "level.",
+        )
+    return level, height, width, rows, cols
+
+
+def _tissue(record: SlideRecord, slide: Slide, config: TileConfig) -> np.ndarray | None:
+    """The slide's tissue mask (`tissue_mask` of the tissue level), when tiles are
+    filtered by tissue or stain-normalised; else None."""
+    mask = None
+    if config.min_tissue > 0 or config.stain_norm != "none":
+        tissue_level = slide.num_levels - 1 if config.tissue_level is None else config.tissue_level
+        slide.level_shape(tissue_level)  # range check, with a clear error
+        try:
+            thumbnail = slide.read_level(tissue_level)
+        except SlideError:
+            raise
+        except Exception as err:  # corrupt chunk in the thumbnail: the slide is unusable
+            raise SlideError(
+                record.slide_id,
+                "read_error",
+                f"cannot read level {tissue_level} for the tissue mask "
+                f"({type(err).__name__}: {err}). Re-export the slide.",
+            ) from err
+        mask = tissue_mask(thumbnail, mode=config.tissue_mode)
+        if not mask.any() and config.min_tissue > 0:
+            raise SlideError(
+                record.slide_id,
+                "no_tissue",
+                f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
+                "Check the slide, or set min_tissue=0 to keep every tile.",
+            )
+    return mask
+
+
+def _scan_grid(slide: Slide, config: TileConfig, level: int, shape: tuple[int, int],
+               grid: tuple[int, int], mask: np.ndarray | None
+               ) -> tuple[np.ndarray, list[np.ndarray], int, int]:
+    """The grid's kept tile corners ``(y, x)``, their tissue fractions per row (for the
+    stain fit), and how many were rejected as background or for missing chunks."""
+    height, width = shape
+    rows, cols = grid
+    size, step = config.tile_size, config.step
+    stain_norm = config.stain_norm
+    # Row by row, so planning memory follows the tiles kept, not the claimed area; a
+    # tissue tile whose chunks do not exist in the store is counted (`missing_chunk`),
+    # never recorded, so a level claiming far more pixels than it stores costs one
+    # vectorised pass over the claimed grid, not one record per claimed tile.
+    xs = np.arange(cols, dtype=np.int64) * step
+    kept_rows, kept_tissue, rejected, missing = [], [], 0, 0
+    table = _summed_area(mask.astype(np.float64)) if mask is not None else None
+    chunk_h, chunk_w = slide.chunk_shape(level)
+    blocks = existing_blocks(slide, level)
+    for row in range(rows):
+        row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
+        if table is not None:
+            fractions = _box_means(table, row_yx, size, (height, width))[:, 0]
+            keep = fractions >= config.min_tissue
+            rejected += int((~keep).sum())
+            row_yx = row_yx[keep]
+        else:
+            fractions = None
+        if blocks is not None and len(row_yx):
+            stored = _blocks_exist(blocks, row_yx, size, (chunk_h, chunk_w), width)
+            missing += int((~stored).sum())
+            row_yx = row_yx[stored]
+            if fractions is not None:
+                fractions = fractions[keep][stored]
+        elif fractions is not None:
+            fractions = fractions[keep]
+        if stain_norm != "none" and fractions is not None:
+            kept_tissue.append(fractions)
+        if len(row_yx):
+            kept_rows.append(row_yx)
+    kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
+    return kept, kept_tissue, rejected, missing
 
 
 def existing_blocks(slide: Slide, level: int) -> np.ndarray | None:
