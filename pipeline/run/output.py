@@ -581,6 +581,28 @@ def finalize_output(
     old = existing_dataset(out_dir)
     # Checked before anything else: a bad name in the old manifest refuses the publish.
     old_files = dataset_files(old, out_dir) if old is not None else []
+    ordered, expected, num_examples = _checked_shards(config, shards, accounting)
+    tfds_files = list(TFDS_FILES) if config.compression is None else []
+    manifest = _manifest(config, ordered, expected, tfds_files, accounting, class_names,
+                         params, staged_dir or out_dir, stain)
+    if num_examples == 0:
+        if staged_dir is not None:
+            _write_json_atomic(posixpath.join(staged_dir, FAILED_RUN_NAME), manifest)
+        raise PipelineError(
+            f"no examples written: {failure_reasons(accounting)}. Nothing was published "
+            f"in {out_dir!r}; fix the inputs or options (see the summary) and rerun."
+        )
+    _swap_in(config, ordered, expected, tfds_files, old, old_files, manifest, class_names,
+             description=description, staged_dir=staged_dir)
+    publish_report_files(out_dir, staged_dir)
+    _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
+    return manifest
+
+
+def _checked_shards(config: OutputConfig, shards: Sequence[ShardInfo], accounting: Accounting
+                    ) -> tuple[list[ShardInfo], list[str], int]:
+    """The shards in index order, their expected file names and example count, after
+    checking there is one per index and that the accounting adds up to them."""
     ordered = sorted(shards, key=lambda s: s.file)
     num_shards = len(ordered)
     expected = [shard_filename(config.name, i, num_shards) for i in range(num_shards)]
@@ -597,6 +619,17 @@ def finalize_output(
             f"The shards hold {num_examples} examples but the accounting counted "
             f"{accounting.examples_written} written. An engine lost or duplicated records."
         )
+    return ordered, expected, num_examples
+
+
+def _manifest(config: OutputConfig, ordered: Sequence[ShardInfo], expected: Sequence[str],
+              tfds_files: Sequence[str], accounting: Accounting, class_names: Sequence[str],
+              params: Mapping[str, Any], source_dir: str,
+              stain: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The dataset's ``manifest.json`` (`params` with the output options and software
+    versions added; the image spec read from the first non-empty shard in `source_dir`)."""
+    num_shards = len(ordered)
+    num_examples = sum(s.num_examples for s in ordered)
     all_params = dict(params)
     all_params.update({
         "name": config.name,
@@ -607,8 +640,6 @@ def finalize_output(
         "tfds": config.compression is None,
         "versions": software_versions(),
     })
-    source_dir = staged_dir or out_dir
-    tfds_files = list(TFDS_FILES) if config.compression is None else []
     warnings = []
     empty = sum(1 for s in ordered if s.num_examples == 0)
     if num_examples and num_shards > num_examples:
@@ -628,13 +659,18 @@ def finalize_output(
     }
     if stain is not None:
         manifest["stain"] = dict(stain)
-    if num_examples == 0:
-        if staged_dir is not None:
-            _write_json_atomic(posixpath.join(staged_dir, FAILED_RUN_NAME), manifest)
-        raise PipelineError(
-            f"no examples written: {failure_reasons(accounting)}. Nothing was published "
-            f"in {out_dir!r}; fix the inputs or options (see the summary) and rerun."
-        )
+    return manifest
+
+
+def _swap_in(config: OutputConfig, ordered: Sequence[ShardInfo], expected: Sequence[str],
+             tfds_files: Sequence[str], old: Mapping[str, Any] | None,
+             old_files: Sequence[str], manifest: Mapping[str, Any],
+             class_names: Sequence[str], *, description: str,
+             staged_dir: str | None) -> None:
+    """Replace the old dataset by the new one, manifest aside: the old manifest goes
+    first, then the shards move in, TFDS metadata is written and the old dataset's
+    files the new one does not reuse are removed."""
+    out_dir = config.out_dir
     if old is not None:  # first, so that OUT reads as unfinished while files move
         storage.remove(posixpath.join(out_dir, MANIFEST_NAME))
     if staged_dir is not None:  # a rename on a disk, a server-side copy on a store
@@ -652,9 +688,6 @@ def finalize_output(
             path = posixpath.join(out_dir, name)
             if name not in keep and name != MANIFEST_NAME:
                 storage.remove(path)
-    publish_report_files(out_dir, staged_dir)
-    _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
-    return manifest
 
 
 def read_manifest(out_dir: str) -> dict[str, Any]:
