@@ -81,6 +81,11 @@ def _flag_message(parser: argparse.ArgumentParser, message: str) -> str:
 
 
 def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the flags every job command shares (input/output, tiling, mixing, output).
+
+    A flat list of `add_argument` calls, one per option, grouped as ``--help`` shows
+    them; it stays long because splitting it would only scatter the flags.
+    """
     io = parser.add_argument_group("input and output")
     io.add_argument("--manifest", required=True, help="slide manifest (CSV or Parquet) "
                     "with columns slide_id, path, label")
@@ -235,6 +240,11 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``softmix`` parser: one sub-command per tool and engine.
+
+    A flat list of sub-parsers and their flags, in ``--help`` order; it stays long
+    because splitting it would only scatter the commands.
+    """
     parser = argparse.ArgumentParser(
         prog="softmix",
         description="SoftMix: mix tiles of OME-Zarr slides through soft boundaries and "

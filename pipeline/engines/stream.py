@@ -532,6 +532,11 @@ def stream_dataset(
     same `TileConfig` / `MixConfig`); epoch ``e`` pairs with ``epoch_seed(seed, e)``.
     See the module docstring for how reading, packing and mixing overlap.
 
+    It stays one long function: most of it is this docstring and the keyword list
+    (one per ``softmix beam`` flag; `tests/test_options.py` checks them against the
+    config dataclasses); the body validates them and composes the `tf.data` pipeline,
+    read top to bottom.
+
     Args:
         manifest: slide manifest (CSV or Parquet), as for ``softmix beam --manifest``.
         tile_size, stride, level, mpp, min_tissue, tissue_level, tissue_mode,
