@@ -571,34 +571,56 @@ def open_slide(
         storage_options = storage.options_for(path_str)
     options = dict(storage_options or {})
     if not is_store:
-        if _is_url(path_str):
-            # No existence check here (a HEAD and a LIST per open, and every strip
-            # opens its slide): opening reads zarr.json anyway, and a failure is
-            # looked at below.
-            try:
-                import fsspec
-
-                fsspec.core.url_to_fs(path_str, **options)
-            except (OSError, ValueError, ImportError) as err:
-                raise SlideError(
-                    slide_id,
-                    "missing",
-                    f"cannot reach {path_str}: {err}. Check the URL and "
-                    "storage_options (credentials, endpoint; --storage-options).",
-                ) from err
-        else:
-            path_str = os.path.expanduser(path_str)
-            if not os.path.exists(path_str):
-                raise SlideError(
-                    slide_id,
-                    "missing",
-                    f"{path_str} does not exist. Check the path in the manifest "
-                    "(relative paths are resolved against the manifest's directory).",
-                )
+        path_str = _located(path_str, slide_id, options)
     from .tiff import is_tiff_path, open_tiff_slide
 
     if not is_store and is_tiff_path(path_str):
         return open_tiff_slide(path_str, slide_id=slide_id, storage_options=options or None)
+    node, counting = _open_zarr_node(path, is_store, path_str, slide_id, options)
+    if isinstance(node, zarr.Array):
+        slide = _slide_from_array(node, slide_id, path_str, axes)
+        slide.read_stats = counting.stats
+        return slide
+    axes_arg = "".join(axes) if axes is not None and not isinstance(axes, str) else axes
+    slide = _slide_from_group(node, slide_id, path_str, axes_arg)
+    slide.read_stats = counting.stats
+    return slide
+
+
+def _located(path_str: str, slide_id: str, options: Mapping[str, Any]) -> str:
+    """`path_str` with ``~`` expanded, after checking a local path exists and a URL's
+    filesystem can be set up (no request: opening the store reads its metadata)."""
+    if _is_url(path_str):
+        # No existence check here (a HEAD and a LIST per open, and every strip
+        # opens its slide): opening reads zarr.json anyway, and a failure is
+        # looked at there (`_open_zarr_node`).
+        try:
+            import fsspec
+
+            fsspec.core.url_to_fs(path_str, **options)
+        except (OSError, ValueError, ImportError) as err:
+            raise SlideError(
+                slide_id,
+                "missing",
+                f"cannot reach {path_str}: {err}. Check the URL and "
+                "storage_options (credentials, endpoint; --storage-options).",
+            ) from err
+    else:
+        path_str = os.path.expanduser(path_str)
+        if not os.path.exists(path_str):
+            raise SlideError(
+                slide_id,
+                "missing",
+                f"{path_str} does not exist. Check the path in the manifest "
+                "(relative paths are resolved against the manifest's directory).",
+            )
+    return path_str
+
+
+def _open_zarr_node(path: Any, is_store: bool, path_str: str, slide_id: str,
+                    options: Mapping[str, Any]) -> tuple[Any, Any]:
+    """The Zarr group or array at `path` (Zarr v3 tried first, then v2) and the
+    `CountingStore` that counts its reads."""
     from .store import CountingStore
 
     try:
@@ -636,34 +658,34 @@ def open_slide(
             f"{path_str} could not be opened as Zarr ({type(err).__name__}: "
             f"{err}). Convert the slide to OME-Zarr.",
         ) from err
-    if isinstance(node, zarr.Array):
-        names_raw: Any = axes
-        if names_raw is None:
-            dimension_names = getattr(node.metadata, "dimension_names", None)
-            if dimension_names and all(dimension_names):
-                names_raw = list(dimension_names)
-        if names_raw is None:
-            raise SlideError(
-                slide_id,
-                "unsupported_axes",
-                f"{path_str} is a plain Zarr array of shape {node.shape} without axis "
-                "names. Pass axes= naming each dimension, e.g. axes='yxc' or 'cyx'.",
-            )
-        names, _ = _parse_axes(names_raw, slide_id, f"axes of {path_str}")
-        if len(names) != node.ndim:
-            raise SlideError(
-                slide_id,
-                "unsupported_axes",
-                f"axes={''.join(names)!r} name {len(names)} dimensions but the array at "
-                f"{path_str} has shape {node.shape}. Pass one axis name per dimension.",
-            )
-        slide = Slide(slide_id, path_str, [node], names, [None], attributes=dict(node.attrs))
-        slide.read_stats = counting.stats
-        return slide
-    axes_arg = "".join(axes) if axes is not None and not isinstance(axes, str) else axes
-    slide = _slide_from_group(node, slide_id, path_str, axes_arg)
-    slide.read_stats = counting.stats
-    return slide
+    return node, counting
+
+
+def _slide_from_array(node: Any, slide_id: str, path_str: str,
+                      axes: str | Sequence[str] | None) -> Slide:
+    """A plain Zarr array as a one-level `Slide`, its axes from `axes` or the array's
+    ``dimension_names``."""
+    names_raw: Any = axes
+    if names_raw is None:
+        dimension_names = getattr(node.metadata, "dimension_names", None)
+        if dimension_names and all(dimension_names):
+            names_raw = list(dimension_names)
+    if names_raw is None:
+        raise SlideError(
+            slide_id,
+            "unsupported_axes",
+            f"{path_str} is a plain Zarr array of shape {node.shape} without axis "
+            "names. Pass axes= naming each dimension, e.g. axes='yxc' or 'cyx'.",
+        )
+    names, _ = _parse_axes(names_raw, slide_id, f"axes of {path_str}")
+    if len(names) != node.ndim:
+        raise SlideError(
+            slide_id,
+            "unsupported_axes",
+            f"axes={''.join(names)!r} name {len(names)} dimensions but the array at "
+            f"{path_str} has shape {node.shape}. Pass one axis name per dimension.",
+        )
+    return Slide(slide_id, path_str, [node], names, [None], attributes=dict(node.attrs))
 
 
 def read_tile(slide: Slide, key: TileKey, tile_size: int) -> np.ndarray:
