@@ -443,26 +443,7 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
             "the image array itself and pass its axes (axes='yxc').",
         )
     ome, multiscales = found
-    if (
-        not isinstance(multiscales, Sequence)
-        or not multiscales
-        or not isinstance(multiscales[0], Mapping)
-    ):
-        raise SlideError(
-            slide_id,
-            "bad_metadata",
-            f"'multiscales' in {path} must be a non-empty list of objects. "
-            f"Received: {multiscales!r}. Rewrite the OME-NGFF metadata.",
-        )
-    multiscale = multiscales[0]
-    datasets = multiscale.get("datasets")
-    if not isinstance(datasets, Sequence) or not datasets:
-        raise SlideError(
-            slide_id,
-            "bad_metadata",
-            f"multiscales[0] of {path} has no 'datasets'. Rewrite the OME-NGFF "
-            "metadata with one dataset per pyramid level.",
-        )
+    multiscale, datasets = _first_multiscale(multiscales, slide_id, path)
     raw_axes = axes if axes is not None else multiscale.get("axes")
     if raw_axes is None:
         raise SlideError(
@@ -485,27 +466,7 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
     y, x = names.index("y"), names.index("x")
     unit_y, unit_x = unit_to_micrometer(units[y]), unit_to_micrometer(units[x])
     for i, dataset in enumerate(datasets):
-        if not isinstance(dataset, Mapping) or not isinstance(dataset.get("path"), str):
-            raise SlideError(
-                slide_id,
-                "bad_metadata",
-                f"datasets[{i}] of {path} has no 'path'. Rewrite the OME-NGFF metadata.",
-            )
-        try:
-            array = group[dataset["path"]]
-        except (KeyError, FileNotFoundError) as err:
-            raise SlideError(
-                slide_id,
-                "bad_metadata",
-                f"level {i} path {dataset['path']!r} listed in the multiscales of {path} "
-                "does not exist. Rewrite the metadata or the missing level.",
-            ) from err
-        if not isinstance(array, zarr.Array):
-            raise SlideError(
-                slide_id,
-                "bad_metadata",
-                f"level {i} path {dataset['path']!r} of {path} is not an array.",
-            )
+        array = _level_array(group, dataset, i, slide_id, path)
         arrays.append(array)
         scale = _scale_of(
             dataset.get("coordinateTransformations"), ndim, slide_id, f"datasets[{i}] of {path}"
@@ -516,6 +477,57 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
         else:
             scales.append((scale[y] * unit_y, scale[x] * unit_x))
     return Slide(slide_id, path, arrays, names, scales, attributes=ome, group=group)
+
+def _first_multiscale(multiscales: Any, slide_id: str, path: str
+                      ) -> tuple[Mapping[str, Any], Sequence[Any]]:
+    """The first entry of OME-NGFF 'multiscales' and its 'datasets', checked."""
+    if (
+        not isinstance(multiscales, Sequence)
+        or not multiscales
+        or not isinstance(multiscales[0], Mapping)
+    ):
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"'multiscales' in {path} must be a non-empty list of objects. "
+            f"Received: {multiscales!r}. Rewrite the OME-NGFF metadata.",
+        )
+    multiscale = multiscales[0]
+    datasets = multiscale.get("datasets")
+    if not isinstance(datasets, Sequence) or not datasets:
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"multiscales[0] of {path} has no 'datasets'. Rewrite the OME-NGFF "
+            "metadata with one dataset per pyramid level.",
+        )
+    return multiscale, datasets
+
+
+def _level_array(group: Any, dataset: Any, i: int, slide_id: str, path: str) -> zarr.Array:
+    """The array of pyramid level `i` (the multiscales' ``datasets[i]``), checked."""
+    if not isinstance(dataset, Mapping) or not isinstance(dataset.get("path"), str):
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"datasets[{i}] of {path} has no 'path'. Rewrite the OME-NGFF metadata.",
+        )
+    try:
+        array = group[dataset["path"]]
+    except (KeyError, FileNotFoundError) as err:
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"level {i} path {dataset['path']!r} listed in the multiscales of {path} "
+            "does not exist. Rewrite the metadata or the missing level.",
+        ) from err
+    if not isinstance(array, zarr.Array):
+        raise SlideError(
+            slide_id,
+            "bad_metadata",
+            f"level {i} path {dataset['path']!r} of {path} is not an array.",
+        )
+    return array
 
 
 def _url_exists(path: str, options: Mapping[str, Any]) -> bool:
