@@ -13,7 +13,7 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from ..errors import ManifestError
@@ -170,6 +170,29 @@ def load_slide_manifest(
                 "first with `softmix demo-data DIR`."
             )
     table = _read_table(path, storage_options)
+    columns, rows = _checked_rows(table, path, group_column)
+    names = _class_names(rows, class_names, path)
+    base_dir = posixpath.dirname(path) if _is_url(path) else os.path.dirname(os.path.abspath(path))
+    extra = [c for c in columns if c not in REQUIRED_COLUMNS]
+    slides = tuple(
+        SlideRecord(
+            slide_id=row["slide_id"],
+            path=_resolve(row["path"], base_dir),
+            label=row["label"],
+            label_index=names.index(row["label"]),
+            group=(row[group_column] or None) if group_column is not None else None,
+            metadata=tuple((c, row[c] or "") for c in extra),
+        )
+        for row in rows
+    )
+    return SlideManifest(slides=_mark_duplicate_paths(slides, path), class_names=names,
+                         path=path)
+
+
+def _checked_rows(table: Any, path: str, group_column: str | None
+                  ) -> tuple[list[str], list[dict[str, str | None]]]:
+    """The manifest's columns and its rows (cells stripped), after checking the required
+    columns, the group column, empty cells and duplicate slide ids."""
     columns = list(table.column_names)
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
@@ -208,6 +231,13 @@ def load_slide_manifest(
             f"manifest {path} has duplicate slide_id(s) {duplicates}. Slide ids must be "
             "unique: they name the tiles."
         )
+    return columns, rows
+
+
+def _class_names(rows: Sequence[Mapping[str, str | None]], class_names: Sequence[str] | None,
+                 path: str) -> tuple[str, ...]:
+    """The run's classes: `class_names` checked against the manifest's labels, or the
+    sorted distinct labels."""
     labels = sort_labels({row["label"] for row in rows})
     if class_names is None:
         names = tuple(labels)
@@ -223,21 +253,7 @@ def load_slide_manifest(
                 f"manifest {path} has unknown label(s) {unknown}; known classes are "
                 f"{list(names)}. Fix the labels or add the classes to class_names."
             )
-    base_dir = posixpath.dirname(path) if _is_url(path) else os.path.dirname(os.path.abspath(path))
-    extra = [c for c in columns if c not in REQUIRED_COLUMNS]
-    slides = tuple(
-        SlideRecord(
-            slide_id=row["slide_id"],
-            path=_resolve(row["path"], base_dir),
-            label=row["label"],
-            label_index=names.index(row["label"]),
-            group=(row[group_column] or None) if group_column is not None else None,
-            metadata=tuple((c, row[c] or "") for c in extra),
-        )
-        for row in rows
-    )
-    return SlideManifest(slides=_mark_duplicate_paths(slides, path), class_names=names,
-                         path=path)
+    return names
 
 
 def _same_slide_key(path: str) -> str:
