@@ -237,12 +237,10 @@ def prepare_output(config: OutputConfig, fingerprint: Mapping[str, Any] | None =
     import json
     import posixpath
 
-    from ..errors import OutputExistsError
     from ..io import storage
     from .output import (
         acquire_output_lock,
         ensure_output_dir,
-        existing_dataset,
         prepare_output_dir,
         release_output_lock,
     )
@@ -254,35 +252,7 @@ def prepare_output(config: OutputConfig, fingerprint: Mapping[str, Any] | None =
     lock = acquire_output_lock(config.out_dir)
     try:
         staging = staging_dir(config)
-        resumed = False
-        run_file = _read_run_file(config) if resume else None
-        if resume and (run_file is not None or storage.isdir(staging)):
-            old = run_file or {}
-            diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
-            if "fingerprint" not in old or diff:
-                shown = _shown(diff)
-                raise OutputExistsError(
-                    f"Cannot resume the run in {config.out_dir!r}: it was started with "
-                    f"other settings ({shown or 'no fingerprint recorded'}). Rerun with "
-                    "the interrupted run's options and manifest, or pass --overwrite "
-                    "(instead of --resume) to discard it and start again.")
-            resumed = True
-        elif resume:
-            finished = existing_dataset(config.out_dir)
-            if finished is not None:
-                params = finished.get("params", {})
-                if params.get("run_fingerprint") == digest:
-                    raise RunFinished(config.out_dir, finished)
-                recorded = params.get("fingerprint")
-                diff = fingerprint_diff(recorded, fingerprint or {},
-                                        old_name="finished run") if isinstance(
-                                            recorded, Mapping) else []
-                raise OutputExistsError(
-                    f"Cannot resume in {config.out_dir!r}: it holds a finished SoftMix "
-                    "dataset made with other settings ("
-                    f"{_shown(diff) or 'options, seed, software or slides: not recorded'}"
-                    "). Rerun with its options and manifest to see it is finished, pass "
-                    "--overwrite to replace it, or choose another --out.")
+        resumed = resume and _resumable(config, fingerprint, digest)
         prepare_output_dir(config)  # now that no other run can change OUT
         if not resumed:
             storage.rmtree(staging)
@@ -294,6 +264,49 @@ def prepare_output(config: OutputConfig, fingerprint: Mapping[str, Any] | None =
     except BaseException:
         release_output_lock(config.out_dir, run_id=lock["run_id"])
         raise
+
+
+def _resumable(config: OutputConfig, fingerprint: Mapping[str, Any] | None,
+               digest: str | None) -> bool:
+    """With resume (OUT locked by this run): True when OUT holds an interrupted run
+    with this run's fingerprint, False when it holds none.
+
+    Raises:
+        OutputExistsError: an interrupted or finished run made with other settings.
+        RunFinished: a finished run with this fingerprint.
+    """
+    from ..errors import OutputExistsError
+    from ..io import storage
+    from .output import existing_dataset
+
+    run_file = _read_run_file(config)
+    if run_file is not None or storage.isdir(staging_dir(config)):
+        old = run_file or {}
+        diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
+        if "fingerprint" not in old or diff:
+            shown = _shown(diff)
+            raise OutputExistsError(
+                f"Cannot resume the run in {config.out_dir!r}: it was started with "
+                f"other settings ({shown or 'no fingerprint recorded'}). Rerun with "
+                "the interrupted run's options and manifest, or pass --overwrite "
+                "(instead of --resume) to discard it and start again.")
+        return True
+    finished = existing_dataset(config.out_dir)
+    if finished is not None:
+        params = finished.get("params", {})
+        if params.get("run_fingerprint") == digest:
+            raise RunFinished(config.out_dir, finished)
+        recorded = params.get("fingerprint")
+        diff = fingerprint_diff(recorded, fingerprint or {},
+                                old_name="finished run") if isinstance(
+                                    recorded, Mapping) else []
+        raise OutputExistsError(
+            f"Cannot resume in {config.out_dir!r}: it holds a finished SoftMix "
+            "dataset made with other settings ("
+            f"{_shown(diff) or 'options, seed, software or slides: not recorded'}"
+            "). Rerun with its options and manifest to see it is finished, pass "
+            "--overwrite to replace it, or choose another --out.")
+    return False
 
 
 class RunFinished(Exception):  # noqa: N818 - a signal, not an error
