@@ -162,6 +162,9 @@ def read_dataset(
 ) -> tf.data.Dataset:
     """The examples of a finished SoftMix run, decoded.
 
+    Its length is mostly this docstring and the keyword list; the body checks the
+    keywords and composes one `tf.data` pipeline, read top to bottom.
+
     Args:
         out_dir: the run's output directory (local path or fsspec URL; where
             TensorFlow cannot read the scheme, ``s3://`` say, the shards are read

@@ -193,6 +193,9 @@ def open_tiff_slide(path: str, *, slide_id: str | None = None,
                     storage_options: Mapping[str, Any] | None = None) -> Any:
     """Open an SVS / NDPI / OME-TIFF / (tiled or striped) TIFF file as a `Slide`.
 
+    It stays one function: the file handle opened first must be closed on every
+    error of the parse, which one try block around the steps shows plainly.
+
     Args:
         path: local path or fsspec URL of the file.
         slide_id: id for errors and tile keys; defaults to the path.
