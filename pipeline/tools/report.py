@@ -722,10 +722,10 @@ def _build_html(out_dir: str, manifest: Mapping[str, Any], views: Sequence[Slide
                 png_names: Mapping[str, str], plots: Mapping[str, bytes],
                 sample: ShardSample, contact: bytes | None, contact_error: str | None,
                 timeline: Mapping[str, Any] | None, has_record: bool, elapsed: float) -> str:
+    """The report page: header, accounting, plots, contact sheet and the slides table."""
     acc = manifest["accounting"]
     params = manifest.get("params", {})
     names = manifest["class_names"]
-    skipped = acc.get("tiles_skipped", {})
     stain = manifest.get("stain")
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -742,6 +742,45 @@ def _build_html(out_dir: str, manifest: Mapping[str, Any], views: Sequence[Slide
                      "written by runs of softmix 0.1.0 with this report): slides are shown "
                      "without their tiles.</p>")
 
+    parts += _accounting_html(acc, names, timeline)
+    parts += _plots_html(manifest, plots, sample, stain)
+
+    # Contact sheet
+    parts.append("<h2>Mixed examples (softmix preview)</h2>")
+    if contact is not None:
+        parts.append(_img(contact, "contact sheet of mixed examples", extra=" id='contact'"))
+    else:
+        parts.append(f"<p class='bad'>no contact sheet: {_esc(contact_error)}</p>")
+
+    # Slides
+    parts.append("<h2>Slides</h2>")
+    parts.append(_legend())
+    parts.append(
+        "<div id='controls'><input id='q' placeholder='filter: slide id, label, reason'>"
+        "<select id='filter'><option value='all'>all slides</option><option value='failed'>"
+        "failed</option><option value='skipped'>failed, errors or unpaired tiles</option>"
+        "</select><button id='prev'>&larr; prev</button><button id='next'>next &rarr;"
+        "</button><span id='pageinfo' class='muted'></span></div>")
+    head = "".join(f"<th>{_esc(h)}</th>" for h in (
+        "thumbnail", "slide", "label", "level / size (px)", "µm/px (x x y)", "tiles",
+        "used", "skipped", "bytes read"))
+    if stain:
+        head += "<th>stain: fit vs target, raw | normalised</th>"
+    parts.append(f"<table id='slides'><thead><tr>{head}</tr></thead><tbody>")
+    for index, view in enumerate(views):
+        parts.append(_slide_row(view, index, png_names[view.slide_id], bool(stain)))
+    parts.append("</tbody></table>")
+    parts.append(f"<p class='muted'>Report written in {elapsed:.1f} s from {_esc(out_dir)}; "
+                 "full-size slide pictures are in report/&lt;slide&gt;.png.</p>")
+    parts.append(f"<script>{_JS % PAGE_SIZE}</script></body></html>")
+    return "\n".join(parts)
+
+
+def _accounting_html(acc: Mapping[str, Any], names: Sequence[str],
+                     timeline: Mapping[str, Any] | None) -> list[str]:
+    """The report's accounting, read counters, stage times and failed slides."""
+    parts: list[str] = []
+    skipped = acc.get("tiles_skipped", {})
     # Accounting
     parts.append("<h2>Accounting</h2><div class='grid'><table id='accounting'>")
     total_skipped = sum(skipped.values())
@@ -797,7 +836,13 @@ def _build_html(out_dir: str, manifest: Mapping[str, Any], views: Sequence[Slide
                          f"<td>{_esc(reason)}</td><td class='msg'>{_esc(messages.get(sid, ''))}"
                          "</td></tr>")
         parts.append("</table>")
+    return parts
 
+
+def _plots_html(manifest: Mapping[str, Any], plots: Mapping[str, bytes], sample: ShardSample,
+                stain: Mapping[str, Any] | None) -> list[str]:
+    """The report's plots (labels, lam, pairing, shards) and its stain section."""
+    parts: list[str] = []
     # Plots
     parts.append("<h2>Labels, lam, pairing and shards</h2>")
     total = manifest["num_examples"]
@@ -825,36 +870,7 @@ def _build_html(out_dir: str, manifest: Mapping[str, Any], views: Sequence[Slide
                               extra=" id='plot-stain_fits'"))
         parts.append("<p class='muted'>Per slide (table below): its fit's colours next to the "
                      "target's, and a few used tiles raw (left) and normalised (right).</p>")
-
-    # Contact sheet
-    parts.append("<h2>Mixed examples (softmix preview)</h2>")
-    if contact is not None:
-        parts.append(_img(contact, "contact sheet of mixed examples", extra=" id='contact'"))
-    else:
-        parts.append(f"<p class='bad'>no contact sheet: {_esc(contact_error)}</p>")
-
-    # Slides
-    parts.append("<h2>Slides</h2>")
-    parts.append(_legend())
-    parts.append(
-        "<div id='controls'><input id='q' placeholder='filter: slide id, label, reason'>"
-        "<select id='filter'><option value='all'>all slides</option><option value='failed'>"
-        "failed</option><option value='skipped'>failed, errors or unpaired tiles</option>"
-        "</select><button id='prev'>&larr; prev</button><button id='next'>next &rarr;"
-        "</button><span id='pageinfo' class='muted'></span></div>")
-    head = "".join(f"<th>{_esc(h)}</th>" for h in (
-        "thumbnail", "slide", "label", "level / size (px)", "µm/px (x x y)", "tiles",
-        "used", "skipped", "bytes read"))
-    if stain:
-        head += "<th>stain: fit vs target, raw | normalised</th>"
-    parts.append(f"<table id='slides'><thead><tr>{head}</tr></thead><tbody>")
-    for index, view in enumerate(views):
-        parts.append(_slide_row(view, index, png_names[view.slide_id], bool(stain)))
-    parts.append("</tbody></table>")
-    parts.append(f"<p class='muted'>Report written in {elapsed:.1f} s from {_esc(out_dir)}; "
-                 "full-size slide pictures are in report/&lt;slide&gt;.png.</p>")
-    parts.append(f"<script>{_JS % PAGE_SIZE}</script></body></html>")
-    return "\n".join(parts)
+    return parts
 
 
 # --- The command --------------------------------------------------------------------------
@@ -938,6 +954,28 @@ def write_report(out_dir: str, *, workers: int | None = None, max_examples: int 
     # Failed slides first, then by id: problems are on the first page.
     views.sort(key=lambda v: (v.failed is None, v.slide_id))
 
+    png_names = _write_slide_pngs(fs, root, views, threads)
+
+    sample = read_shard_sample(fs, root, manifest, max_examples)
+    timeline = (record or {}).get("timeline")
+    plots = _plots(manifest, sample, timeline)
+    contact, contact_error = _contact_sheet(out_dir) if contact_sheet else (None, "not asked for")
+    elapsed = time.perf_counter() - started
+    page = _build_html(out_dir, manifest, views, png_names, plots, sample, contact,
+                       contact_error, timeline, record is not None, elapsed)
+    path = posixpath.join(root, REPORT_HTML)
+    fs.pipe_file(path, page.encode("utf-8"))
+    if log:
+        log(f"report: {len(views)} slides, {sample.examples} examples read, "
+            f"{len(page) / 2**20:.1f} MB, {time.perf_counter() - started:.1f} s")
+    shown = out_dir.rstrip("/") + "/" + REPORT_HTML
+    return shown if "://" in out_dir else os.path.join(out_dir, REPORT_HTML)
+
+
+def _write_slide_pngs(fs: Any, root: str, views: Sequence[SlideView], threads: int
+                      ) -> dict[str, str]:
+    """Write each slide's picture to ``OUT/report/`` (removing pictures of an earlier
+    report) and return the file name of each slide's picture."""
     png_names: dict[str, str] = {}
     used_names: set[str] = set()
     for view in views:
@@ -960,19 +998,5 @@ def write_report(out_dir: str, *, workers: int | None = None, max_examples: int 
     if pngs:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             list(pool.map(lambda item: fs.pipe_file(*item), pngs.items()))
-
-    sample = read_shard_sample(fs, root, manifest, max_examples)
-    timeline = (record or {}).get("timeline")
-    plots = _plots(manifest, sample, timeline)
-    contact, contact_error = _contact_sheet(out_dir) if contact_sheet else (None, "not asked for")
-    elapsed = time.perf_counter() - started
-    page = _build_html(out_dir, manifest, views, png_names, plots, sample, contact,
-                       contact_error, timeline, record is not None, elapsed)
-    path = posixpath.join(root, REPORT_HTML)
-    fs.pipe_file(path, page.encode("utf-8"))
-    if log:
-        log(f"report: {len(views)} slides, {sample.examples} examples read, "
-            f"{len(page) / 2**20:.1f} MB, {time.perf_counter() - started:.1f} s")
-    shown = out_dir.rstrip("/") + "/" + REPORT_HTML
-    return shown if "://" in out_dir else os.path.join(out_dir, REPORT_HTML)
+    return png_names
 
