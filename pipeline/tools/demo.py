@@ -43,7 +43,7 @@ import pathlib
 import re
 import shutil
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -378,32 +378,7 @@ def write_demo_data(
         RecordedNameError: the record lists a path outside `out_dir` (nothing removed).
         PipelineError: `he_source` was given but holds no H&E slide.
     """
-    # Every bound is checked before anything is read, allocated or written.
-    if num_slides < 2:
-        raise ValueError(
-            "`num_slides` must be >= 2: the demo is a two-class task (the classes "
-            "alternate slide by slide), and mixed labels need both classes. "
-            f"Received: num_slides={num_slides}. Use --num-slides 2 or more."
-        )
-    if num_slides > MAX_SLIDES:
-        raise ValueError(
-            f"`num_slides` must be at most {MAX_SLIDES}. Received: "
-            f"num_slides={num_slides}. Use --num-slides {MAX_SLIDES} or less.")
-    if not 256 <= slide_size <= MAX_SLIDE_SIZE:
-        raise ValueError(
-            f"`slide_size` (--size) must be in [256, {MAX_SLIDE_SIZE}] px (up to whole-"
-            f"slide scale). Received: slide_size={slide_size}. Use --size "
-            f"{MAX_SLIDE_SIZE if slide_size > MAX_SLIDE_SIZE else 256} or a size between.")
-    chunk = default_chunk(slide_size) if chunk is None else chunk
-    if chunk < 32 or chunk % 2:
-        raise ValueError(f"`chunk` must be an even number >= 32. Received: chunk={chunk}")
-    if chunk > min(MAX_CHUNK, slide_size):
-        raise ValueError(
-            f"`chunk` must be at most {min(MAX_CHUNK, slide_size)} px (the "
-            f"slide size {slide_size} and {MAX_CHUNK}: a chunk is held in memory whole). "
-            f"Received: chunk={chunk}. Use --chunk {default_chunk(slide_size)} (the default).")
-    if format_version not in ("0.4", "0.5"):
-        raise ValueError(f"`format_version` must be '0.4' or '0.5'. Received: {format_version!r}")
+    chunk = _checked_demo_args(num_slides, slide_size, chunk, format_version)
     out = pathlib.Path(out_dir).expanduser()
     manifest_path = out / "manifest.csv"
     slides_dir = out / "slides"
@@ -440,33 +415,11 @@ def write_demo_data(
     _write_marker(out, written, complete=False)
     streamed = slide_size > STREAM_ABOVE
     rows = []
-    block = min(int(round(0.75 * slide_size)), slide_size)
     for index, slide_id in enumerate(slide_ids):
-        turn = index // 2
-        fy, fx = _POSITIONS[turn % len(_POSITIONS)]
-        oy, ox = _IHC_OFFSETS[turn % len(_IHC_OFFSETS)]
-        transform = turn // len(_POSITIONS) if source is not None else turn
-        if index % 2 == 0:
-            label = other_name
-            tissue = _dihedral(he, transform)
-            mpp, specimen = (HE_MPP, "cmu-1") if source is not None else (IHC_MPP, "skimage-ihc")
-        else:
-            label, tissue, mpp, specimen = "ihc", _dihedral(ihc, turn + 1), IHC_MPP, "skimage-ihc"
-        slide_path = out / planned[index]
-        if streamed:
-            if label == "he":
-                slide = tiled_slide(tissue, slide_size, index, fy, fx, scan_glass(he))
-            else:
-                slide = tiled_slide(tissue, slide_size, index, oy, ox)
-            write_streamed(slide_path, slide, mpp, format_version, chunk)
-        else:
-            glass = _glass(slide_size, slide_size, seed=index)
-            if label == "he":
-                tissue = _dihedral(_crop(he, slide_size, fy, fx), transform)
-                image = _place(glass, tissue, 0.5, 0.5)
-            else:
-                image = _place(glass, _mirror_extend(tissue, block), oy, ox)
-            _write_slide(slide_path, image, mpp, format_version, chunk)
+        label, specimen = _write_demo_slide(out / planned[index], index, he, ihc,
+                                            he_found=source is not None,
+                                            other_name=other_name, slide_size=slide_size,
+                                            format_version=format_version, chunk=chunk)
         rows.append(
             (
                 slide_id,
@@ -476,6 +429,90 @@ def write_demo_data(
                 "cmu-1-small-region" if specimen == "cmu-1" else "skimage",
             )
         )
+    _write_demo_texts(out, rows, streamed=streamed, other_name=other_name,
+                      other_note=other_note)
+    _write_marker(out, written, complete=True)
+    if log is not None:
+        log(
+            f"demo data: wrote {num_slides} OME-Zarr v{format_version} slides "
+            f"({slide_size}x{slide_size} px, {num_levels(slide_size)} levels, "
+            f"{chunk}-px chunks) and {manifest_path}\n"
+            f"  class {other_name!r}: {other_note}\n"
+            "  class 'ihc': scikit-image bundled immunohistochemistry sample (public domain)"
+        )
+    return manifest_path
+
+
+def _checked_demo_args(num_slides: int, slide_size: int, chunk: int | None,
+                       format_version: str) -> int:
+    """Check `write_demo_data`'s bounds; return the chunk size (default for the size)."""
+    # Every bound is checked before anything is read, allocated or written.
+    if num_slides < 2:
+        raise ValueError(
+            "`num_slides` must be >= 2: the demo is a two-class task (the classes "
+            "alternate slide by slide), and mixed labels need both classes. "
+            f"Received: num_slides={num_slides}. Use --num-slides 2 or more."
+        )
+    if num_slides > MAX_SLIDES:
+        raise ValueError(
+            f"`num_slides` must be at most {MAX_SLIDES}. Received: "
+            f"num_slides={num_slides}. Use --num-slides {MAX_SLIDES} or less.")
+    if not 256 <= slide_size <= MAX_SLIDE_SIZE:
+        raise ValueError(
+            f"`slide_size` (--size) must be in [256, {MAX_SLIDE_SIZE}] px (up to whole-"
+            f"slide scale). Received: slide_size={slide_size}. Use --size "
+            f"{MAX_SLIDE_SIZE if slide_size > MAX_SLIDE_SIZE else 256} or a size between.")
+    chunk = default_chunk(slide_size) if chunk is None else chunk
+    if chunk < 32 or chunk % 2:
+        raise ValueError(f"`chunk` must be an even number >= 32. Received: chunk={chunk}")
+    if chunk > min(MAX_CHUNK, slide_size):
+        raise ValueError(
+            f"`chunk` must be at most {min(MAX_CHUNK, slide_size)} px (the "
+            f"slide size {slide_size} and {MAX_CHUNK}: a chunk is held in memory whole). "
+            f"Received: chunk={chunk}. Use --chunk {default_chunk(slide_size)} (the default).")
+    if format_version not in ("0.4", "0.5"):
+        raise ValueError(f"`format_version` must be '0.4' or '0.5'. Received: {format_version!r}")
+    return chunk
+
+
+def _write_demo_slide(slide_path: pathlib.Path, index: int, he: np.ndarray, ihc: np.ndarray,
+                      *, he_found: bool, other_name: str, slide_size: int,
+                      format_version: str, chunk: int) -> tuple[str, str]:
+    """Write demo slide `index` (even: H&E or hematoxylin, odd: IHC); return its label
+    and specimen."""
+    streamed = slide_size > STREAM_ABOVE
+    block = min(int(round(0.75 * slide_size)), slide_size)
+    turn = index // 2
+    fy, fx = _POSITIONS[turn % len(_POSITIONS)]
+    oy, ox = _IHC_OFFSETS[turn % len(_IHC_OFFSETS)]
+    transform = turn // len(_POSITIONS) if he_found else turn
+    if index % 2 == 0:
+        label = other_name
+        tissue = _dihedral(he, transform)
+        mpp, specimen = (HE_MPP, "cmu-1") if he_found else (IHC_MPP, "skimage-ihc")
+    else:
+        label, tissue, mpp, specimen = "ihc", _dihedral(ihc, turn + 1), IHC_MPP, "skimage-ihc"
+    if streamed:
+        if label == "he":
+            slide = tiled_slide(tissue, slide_size, index, fy, fx, scan_glass(he))
+        else:
+            slide = tiled_slide(tissue, slide_size, index, oy, ox)
+        write_streamed(slide_path, slide, mpp, format_version, chunk)
+    else:
+        glass = _glass(slide_size, slide_size, seed=index)
+        if label == "he":
+            tissue = _dihedral(_crop(he, slide_size, fy, fx), transform)
+            image = _place(glass, tissue, 0.5, 0.5)
+        else:
+            image = _place(glass, _mirror_extend(tissue, block), oy, ox)
+        _write_slide(slide_path, image, mpp, format_version, chunk)
+    return label, specimen
+
+
+def _write_demo_texts(out: pathlib.Path, rows: Sequence[Sequence[str]], *, streamed: bool,
+                      other_name: str, other_note: str) -> None:
+    """Write the demo's ``manifest.csv`` and ``SOURCES.txt``."""
+    manifest_path = out / "manifest.csv"
     lines = ["slide_id,path,label,patient_id,source"] + [",".join(row) for row in rows]
     manifest_path.write_text("\n".join(lines) + "\n")
     layout = (
@@ -490,13 +527,3 @@ def write_demo_data(
         "mirror-extended, flipped/rotated, declared 0.5 um/px.\n"
         f"Tissue is {layout}, on synthetic near-white glass with mild noise.\n"
     )
-    _write_marker(out, written, complete=True)
-    if log is not None:
-        log(
-            f"demo data: wrote {num_slides} OME-Zarr v{format_version} slides "
-            f"({slide_size}x{slide_size} px, {num_levels(slide_size)} levels, "
-            f"{chunk}-px chunks) and {manifest_path}\n"
-            f"  class {other_name!r}: {other_note}\n"
-            "  class 'ihc': scikit-image bundled immunohistochemistry sample (public domain)"
-        )
-    return manifest_path
