@@ -493,13 +493,7 @@ def convert_slides(
     pairs = [(s, s) if isinstance(s, str) else (str(s[0]), str(s[1])) for s in sources]
     if not pairs:
         raise ValueError("no slides to convert.")
-    chosen = list(names) if names is not None else [
-        _safe_name(slide_id if slide_id != path else _stem(path)) for slide_id, path in pairs]
-    seen: dict[str, int] = {}
-    unique = []
-    for name in chosen:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    unique = _unique_names(pairs, names)
     written = [f"{n}.ome.zarr" for n in unique] + list(extra_written)
     settings = dataclasses.asdict(config)
     settings["sources"] = [p for _, p in pairs]
@@ -518,6 +512,30 @@ def convert_slides(
     for plan in plans:
         if not resumed or not fs.exists(plan.target):
             create_image(plan, config)
+    _run_stages(stages, config, engine=engine, workers=workers, scheduler=scheduler,
+                beam_args=beam_args, resumed=resumed, fs=fs, say=say)
+    _write_marker(out, {"written": written, "settings": settings, "complete": True})
+    return plans
+
+
+def _unique_names(pairs: Sequence[tuple[str, str]], names: Sequence[str] | None) -> list[str]:
+    """Each slide's output name (`names`, or one made from its id or file name), with
+    ``-2``, ``-3``... added to repeats."""
+    chosen = list(names) if names is not None else [
+        _safe_name(slide_id if slide_id != path else _stem(path)) for slide_id, path in pairs]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in chosen:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return unique
+
+
+def _run_stages(stages: Sequence[Sequence[BlockTask]], config: ConvertConfig, *, engine: str,
+                workers: int, scheduler: str | None, beam_args: Sequence[str], resumed: bool,
+                fs: Any, say: Callable[[str], None]) -> None:
+    """Run the block tasks stage by stage (level by level) on `engine`, skipping the
+    blocks a resumed conversion finished, and close the engine's workers."""
     client = None
     local = _LocalPool(workers) if engine == "local" else None
     if engine == "dask":
@@ -560,8 +578,6 @@ def convert_slides(
             client.close()
             if cluster is not None:
                 cluster.close()
-    _write_marker(out, {"written": written, "settings": settings, "complete": True})
-    return plans
 
 
 def convert_manifest(
