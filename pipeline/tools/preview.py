@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -90,31 +91,13 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     """
     from PIL import Image, ImageDraw
 
-    import softmix_tf
-
-    from ..dataset.reader import records_dataset
-    from ..dataset.schema import decode_example
-    from ..errors import PipelineError
     from ..run.output import read_manifest
 
     manifest = read_manifest(out_dir)
     params: dict[str, Any] = manifest["params"]
     mix = params["mix"]
     class_names = manifest["class_names"]
-    compression = params.get("compression")
-    files = [posixpath.join(out_dir, shard["file"]) for shard in manifest["shards"]]
-    dataset = records_dataset(files, compression or "")
-    # A fixed-seed shuffle shows a spread of anchors, not only the first slide's tiles.
-    dataset = dataset.shuffle(1024, seed=0)
-    if num_examples < 1:
-        raise PipelineError(f"`num_examples` must be >= 1. Received: num_examples={num_examples}")
-    if not any(shard["num_examples"] for shard in manifest["shards"]):
-        raise PipelineError(
-            f"No examples to preview in {out_dir!r}: the run wrote 0 examples (see the "
-            "accounting in its manifest.json). Rerun the job with --overwrite once its "
-            "inputs or options are fixed."
-        )
-    records = [decode_example(raw.numpy()) for raw in dataset.take(num_examples)]
+    records = _preview_records(out_dir, manifest, num_examples)
 
     cols = min(4, len(records))
     rows = (len(records) + cols - 1) // cols
@@ -126,14 +109,7 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     for i, record in enumerate(records):
         image = record["image"]
         height, width = image.shape[:2]
-        if record["lam"] > 0:
-            mask = softmix_tf.softmix_mask(
-                np.asarray([record["seed"]], dtype=np.int64), (height, width),
-                grid=tuple(mix["grid"]), alpha=mix["alpha"], softness=mix["softness"],
-                ramp=mix["ramp"],
-            ).numpy()[0]
-        else:
-            mask = np.zeros((height, width), np.float32)
+        mask = _mask_of(record, mix, (height, width))
         mask_rgb = np.repeat((mask * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
         x0, y0 = (i % cols) * cell_w, (i // cols) * cell_h
         for j, part in enumerate((_to_rgb8(image), mask_rgb)):
@@ -161,3 +137,51 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     sheet.save(buffer, format=Image.registered_extensions().get(ext, "PNG"))
     storage.write_bytes(path, buffer.getvalue())
     return path
+
+
+def _preview_records(out_dir: str, manifest: Mapping[str, Any], num_examples: int
+                     ) -> list[dict[str, Any]]:
+    """The first `num_examples` records of a fixed-seed shuffle of the run's shards,
+    decoded.
+
+    Raises:
+        PipelineError: `num_examples` < 1, or a run with no example.
+    """
+    from ..dataset.reader import records_dataset
+    from ..dataset.schema import decode_example
+    from ..errors import PipelineError
+
+    params = manifest["params"]
+    compression = params.get("compression")
+    files = [posixpath.join(out_dir, shard["file"]) for shard in manifest["shards"]]
+    dataset = records_dataset(files, compression or "")
+    # A fixed-seed shuffle shows a spread of anchors, not only the first slide's tiles.
+    dataset = dataset.shuffle(1024, seed=0)
+    if num_examples < 1:
+        raise PipelineError(f"`num_examples` must be >= 1. Received: num_examples={num_examples}")
+    if not any(shard["num_examples"] for shard in manifest["shards"]):
+        raise PipelineError(
+            f"No examples to preview in {out_dir!r}: the run wrote 0 examples (see the "
+            "accounting in its manifest.json). Rerun the job with --overwrite once its "
+            "inputs or options are fixed."
+        )
+    records = [decode_example(raw.numpy()) for raw in dataset.take(num_examples)]
+    return records
+
+
+def _mask_of(record: Mapping[str, Any], mix: Mapping[str, Any], shape: tuple[int, int]
+             ) -> np.ndarray:
+    """The example's mixing mask (1 = from source b), drawn again from its seed; zeros
+    for an unmixed example."""
+    import softmix_tf
+
+    height, width = shape
+    if record["lam"] > 0:
+        mask = softmix_tf.softmix_mask(
+            np.asarray([record["seed"]], dtype=np.int64), (height, width),
+            grid=tuple(mix["grid"]), alpha=mix["alpha"], softness=mix["softness"],
+            ramp=mix["ramp"],
+        ).numpy()[0]
+    else:
+        mask = np.zeros((height, width), np.float32)
+    return mask
