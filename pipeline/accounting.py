@@ -94,7 +94,8 @@ class Accounting:
                    tiles_pending=len(plan.tiles), slides_failed=failed,
                    slides_failed_messages=messages,
                    chunks_read=plan.chunks_read, bytes_read=plan.bytes_read,
-                   requests=plan.requests, resumed={"plans": int(plan.reused)})
+                   requests=plan.requests, resumed={"plans": int(plan.reused),
+                                                     "slides_changed": int(plan.changed)})
 
     @classmethod
     def from_tile(
@@ -221,7 +222,8 @@ class Accounting:
             "store_requests": self.requests,
             "pack_bytes": self.pack_bytes,
             "resumed": {key: self.resumed.get(key, 0)
-                        for key in ("plans", "strips", "buckets", "shards")},
+                        for key in ("plans", "strips", "buckets", "shards",
+                                    "slides_changed")},
         }
 
     def with_resumed(self, reused: Mapping[str, int], *, resumed_run: bool) -> Accounting:

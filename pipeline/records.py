@@ -83,6 +83,9 @@ class SlideRecord:
         label_index: index of `label` in the run's class names.
         group: value of the group column (e.g. patient), or None.
         metadata: the remaining manifest columns, as strings.
+        duplicate_of: the id of an earlier row with the same path (the slide is
+            planned and packed once, under that id; this row fails as
+            ``duplicate_path``), else None.
     """
 
     slide_id: str
@@ -91,6 +94,7 @@ class SlideRecord:
     label_index: int
     group: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()
+    duplicate_of: str | None = None
 
     @property
     def metadata_dict(self) -> Mapping[str, str]:
@@ -117,6 +121,11 @@ class SlidePlan:
             (`fit.to_dict()` of `softmix_tf.stain`, fitted on a sample of its kept tiles
             at the tiled level, `pipeline.steps.stain.fit_slide`), else None (no kept
             tile).
+        content: the slide's content fingerprint when the plan was made
+            (`pipeline.io.content`), None when not computed (no staging) or the store
+            cannot be listed; strips, buckets and shards made from the slide record it.
+        changed: a kept plan was found but the slide's content had changed since, so
+            it was made again (a resumed run reports these slides).
     """
 
     slide_id: str
@@ -132,6 +141,8 @@ class SlidePlan:
     requests: int = 0
     reused: bool = dataclasses.field(default=False, compare=False)
     stain_fit: str | None = dataclasses.field(default=None, compare=False)
+    content: str | None = dataclasses.field(default=None, compare=False)
+    changed: bool = dataclasses.field(default=False, compare=False)
 
     @property
     def skipped_dict(self) -> dict[str, int]:

@@ -358,7 +358,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[Sli
 
     layout_pc = (
         strips
-        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles)))
+        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles), r.content))
         | "CollectSizes" >> beam.combiners.ToList()
         | "Layout" >> beam.Map(layout_of, majority)
     )

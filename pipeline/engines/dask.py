@@ -61,8 +61,8 @@ def _second(pair: tuple[Any, Any]) -> Any:
     return pair[1]
 
 
-def _strip_size(result: Any) -> tuple[str, int, int]:
-    return (result.slide_id, result.strip, len(result.tiles))
+def _strip_size(result: Any) -> tuple[str, int, int, str | None]:
+    return (result.slide_id, result.strip, len(result.tiles), result.content)
 
 
 def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
@@ -235,7 +235,7 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
         grouped = bag.groupby(_bucket_key, shuffle="tasks",
                               npartitions=max(1, min(num_buckets, 4 * num_threads)))
         mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
-        total = sum(n for _, _, n in summaries) * (job.mix.num_mixes
+        total = sum(s[2] for s in summaries) * (job.mix.num_mixes
                                                    + int(job.mix.keep_originals))
         with _job.progress_reporter(job.output, enabled=progress, total=total):
             buckets = client.gather(client.compute(mixed))

@@ -14,7 +14,7 @@ How it runs
 - **Planning** (when `stream_dataset` is called): every slide is planned in a thread
   pool; plans are kept in the cache directory, so a later stream with the same cache
   and tiling options reads nothing again. Pairing needs every slide's tile count, so
-  this is the only step the first batch waits for as a whole.
+  the first batch waits for planning as a whole (and for packing, below).
 - **Work units** are strips (chunk columns), in an epoch-seeded order; with an
   `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` of that order.
   Units are interleaved with ``num_parallel_reads`` Python generators: each packs its
@@ -23,21 +23,14 @@ How it runs
   reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
   decoding release the GIL). Mixing is a batched, traced map of `softmix_tf.softmix`
   (batch-invariant, so batching gives the offline pixels bit for bit).
-- **Background packing**: ``pack_threads`` threads pack the strips in the first
-  epoch's order (this pipeline's units first), so packs are mostly ready before they
-  are needed. A partner tile whose strip is not packed yet is read straight from its
-  slide (`slides.read_tile`: the same pixels). Its cost: the chunk(s) under the tile
-  are fetched and decoded for one tile (a 1024-px chunk for a 256-px tile is 16x the
-  tile's bytes) until background packing catches up; `StreamStats.direct_reads`
-  counts them. Waiting for partner packs instead would make the first batch wait for
-  nearly every strip (partners are drawn from the whole cohort).
-- **Layout snapshot**: each epoch pairs on the usable-tile counts known when it
-  starts: a packed strip's readable tiles, else its planned tiles. Packing drops a
-  planned tile only for bad input (``missing_chunk``, ``read_error``,
-  ``nonfinite_pixels``); if that happens while an epoch pairs on planned counts, that
-  epoch's examples of the tile are dropped (counted) and a warning says the epoch
-  differs from the offline job; later epochs (and a rerun on the same cache) pair on
-  the packed counts, exactly as the offline job does.
+- **Packing before pairing**: ``pack_threads`` threads pack the strips in the first
+  epoch's order (this pipeline's units first); with ``pack_threads=0`` the first work
+  unit packs them all in its own thread. An epoch pairs on the packed (readable) tile
+  count of every strip, exactly as the offline job does, so its first example waits
+  until every strip is packed (or found packed and verified in `cache_dir`): packing
+  finds the tiles planning cannot see are unusable (``read_error``,
+  ``nonfinite_pixels``, a chunk gone since planning), and pairing on planned counts
+  would make epoch 0 differ from the offline output whenever it does.
 
 Memory is bounded by configuration, never by cohort size: ``pack_threads *
 read_cache_mb`` of decoded slide rows, ``num_parallel_reads`` units of at most
@@ -75,7 +68,7 @@ from ..config import (
     TileConfig,
     check_count,
 )
-from ..errors import PipelineError, SlideError, TileReadError
+from ..errors import PipelineError, SlideError
 from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..steps.pack import PackReader, StripResult, StripTask, split_plan
@@ -114,7 +107,6 @@ class StreamStats:
             ``accounting.check()`` holds.
         slides_planned, plans_reused: slides tiled now / plans loaded from the cache.
         strips_packed, strips_reused: packs written now / reused verified packs.
-        direct_reads: partner tiles read straight from a slide (strip not packed yet).
         examples: examples yielded (all epochs).
         epochs_started: epochs whose first work unit started.
         plan_seconds: time spent planning (before the dataset could be built).
@@ -125,7 +117,7 @@ class StreamStats:
         self._accounting = Accounting()
         self.slides_planned = self.plans_reused = 0
         self.strips_packed = self.strips_reused = 0
-        self.direct_reads = self.examples = self.epochs_started = 0
+        self.examples = self.epochs_started = 0
         self.plan_seconds = 0.0
 
     @property
@@ -145,8 +137,8 @@ class StreamStats:
         return (f"StreamStats(tiles_total={acc.tiles_total}, tiles_used={acc.tiles_used}, "
                 f"tiles_skipped={dict(acc.tiles_skipped)}, slides_failed="
                 f"{dict(acc.slides_failed)}, examples={self.examples}, strips_packed="
-                f"{self.strips_packed}, strips_reused={self.strips_reused}, direct_reads="
-                f"{self.direct_reads}, chunks_read={acc.chunks_read})")
+                f"{self.strips_packed}, strips_reused={self.strips_reused}, "
+                f"chunks_read={acc.chunks_read})")
 
 
 _STATS: weakref.WeakKeyDictionary[Any, StreamStats] = weakref.WeakKeyDictionary()
@@ -227,19 +219,14 @@ class _Packer:
             self._pack(sid, future)
         return future.result()
 
-    def ready(self, sid: _StripId) -> StripResult | None:
-        """The pack result if packed already (raises its error), else None."""
-        with self._lock:
-            future = self._claims.get(sid)
-        if future is None or not future.done():
-            return None
-        return future.result()
-
-    def known(self, sid: _StripId) -> StripResult | None:
-        try:
-            return self.ready(sid)
-        except Exception:  # noqa: BLE001 - reported where the strip is consumed
-            return None
+    def ensure_all(self, order: Sequence[_StripId]) -> dict[_StripId, StripResult]:
+        """Every strip's pack result: packs those no thread has claimed yet here, in
+        `order`, then waits for the others (raises the first strip's error)."""
+        for sid in order:
+            future, mine = self._claim(sid)
+            if mine:
+                self._pack(sid, future)
+        return {sid: self.ensure(sid) for sid in order}
 
     def start(self, order: Sequence[_StripId], threads: int) -> None:
         items = iter(order)
@@ -346,10 +333,6 @@ class _Stream:
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
         self._epoch_lock = threading.Lock()
         self._consumed: set[_StripId] = set()
-        self._slides: dict[str, Any] = {}
-        self._slides_lock = threading.Lock()
-        self._warned_layout = False
-        self.direct_pool = cf.ThreadPoolExecutor(8, thread_name_prefix="softmix-direct")
 
     # Units and epochs.
 
@@ -366,10 +349,9 @@ class _Stream:
             found = self._epochs.get(number)
             if found is not None:
                 return found
-            tiles = {}
-            for sid, task in self.tasks.items():
-                result = self.packer.known(sid)
-                tiles[sid] = result.tiles if result is not None else task.tiles
+            # Pair on the packed counts, as the offline job does (module docstring).
+            results = self.packer.ensure_all(self.order(0))
+            tiles = {sid: results[sid].tiles for sid in self.tasks}
             channels, dtype = self.kind or (3, "uint8")
             layout = _stages.build_layout(
                 [(*sid, len(t)) for sid, t in tiles.items()], self.records, self.job,
@@ -393,59 +375,23 @@ class _Stream:
 
     # Reading.
 
-    def _slide(self, record: SlideRecord) -> Any:
-        from ..io.slides import open_slide
-
-        with self._slides_lock:
-            slide = self._slides.get(record.slide_id)
-            if slide is None:
-                slide = open_slide(record.path, slide_id=record.slide_id,
-                                   axes=record.metadata_dict.get("axes") or None)
-                self._slides[record.slide_id] = slide
-            return slide
-
     def _from_pack(self, result: StripResult, key: TileKey) -> tuple[str, int] | None:
         local = self.reader.local(result.pack, key)
         return None if local is None else (result.pack, local)
 
-    def _read_direct(self, sid: _StripId, key: TileKey) -> np.ndarray | None:
-        from ..io.slides import read_tile
-
-        task = self.tasks[sid]
-        try:
-            pixels = read_tile(self._slide(task.record), key, self.job.tile.tile_size)
-            if self.stain is not None:  # as `pack_task` does: the same pixels as the pack
-                from ..steps.stain import strip_transform
-
-                pixels = strip_transform(task, self.stain)(pixels)
-            self.stats.add(direct_reads=1)
-            return pixels
-        except (TileReadError, SlideError):
-            pass  # the pack decides whether the tile is usable
-        location = self._from_pack(self.packer.ensure(sid), key)
-        return None if location is None else self.reader.read_many([location])[0]
-
     def pixels(self, wanted: dict[TileKey, _StripId]) -> dict[TileKey, np.ndarray | None]:
-        """Pixels of tiles (None: unusable), from packs or, if not packed yet, the slides."""
+        """Pixels of tiles from their packs (None: the pack skipped the tile)."""
         out: dict[TileKey, np.ndarray | None] = {}
         from_packs: list[tuple[TileKey, tuple[str, int]]] = []
-        direct = []
         for key, sid in wanted.items():
-            result = self.packer.ready(sid)
-            if result is None:
-                direct.append((key, sid))
-                continue
-            location = self._from_pack(result, key)
+            location = self._from_pack(self.packer.ensure(sid), key)
             if location is None:
                 out[key] = None
             else:
                 from_packs.append((key, location))
-        futures = [(key, self.direct_pool.submit(self._read_direct, sid, key))
-                   for key, sid in direct]
         if from_packs:
             images = self.reader.read_many([loc for _, loc in from_packs])
             out.update((key, image) for (key, _), image in zip(from_packs, images, strict=True))
-        out.update((key, future.result()) for key, future in futures)
         return out
 
     def examples(self, number: Any, unit: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -461,10 +407,7 @@ class _Stream:
         pairs, accounting = _stages.pair_strip(dataclasses.replace(result, tiles=tiles),
                                                ep.layout, ep.table)
         specs: list[PairSpec] = sorted(spec for _, spec in pairs)
-        exact = tiles is result.tiles
         readable = {t.key for t in result.tiles}
-        if not exact and len(readable) < len(tiles):
-            self._warn_layout(ep.number)
         outcome: dict[TileKey, list[int]] = {}  # anchor -> [written, partner failures]
         num_classes = len(self.class_names)
         for start in range(0, len(specs), _CHUNK):
@@ -493,7 +436,7 @@ class _Stream:
             if rows:
                 self.stats.add(examples=len(rows))
                 yield self._batch(rows, pixels, num_classes, label_vector)
-        self._account(sid, ep, result, tiles, accounting, outcome, exact)
+        self._account(sid, result, accounting, outcome)
 
     def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
@@ -517,25 +460,15 @@ class _Stream:
             out[f"{prefix}/label"] = np.asarray([_class_index(t) for t in tiles], np.int64)
         return out
 
-    def _warn_layout(self, number: int) -> None:
-        if not self._warned_layout:
-            self._warned_layout = True
-            logger.warning(
-                "epoch %d paired on planned tile counts, but packing found unusable tiles: "
-                "its examples of those tiles are dropped and it differs from the offline "
-                "job's output. Later epochs (and streams reusing this cache) pair on the "
-                "packed counts, as the offline job does.", number)
-
-    def _account(self, sid: _StripId, ep: _Epoch, result: StripResult,
-                 tiles: Sequence[TileRecord], accounting: Accounting,
-                 outcome: dict[TileKey, list[int]], exact: bool) -> None:
+    def _account(self, sid: _StripId, result: StripResult, accounting: Accounting,
+                 outcome: dict[TileKey, list[int]]) -> None:
         """Resolve the strip's tiles (used / no_partner ...) once, on first consumption."""
         with self._epoch_lock:
             if sid in self._consumed:
                 return
             self._consumed.add(sid)
         dropped = sum(n for _, n in outcome.values())
-        if exact and not dropped:
+        if not dropped:
             self.stats.add(accounting.merge(Accounting(examples_written=sum(
                 w for w, _ in outcome.values()))))
             return
@@ -700,6 +633,7 @@ def stream_dataset(
     key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
                               else ())
     staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}")
+    _check_cache_dir(root, staging)
     job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,
                     output=OutputConfig(out_dir=root, num_shards=1, on_error=on_error),
                     class_names=tuple(class_names) if class_names else None,
@@ -758,6 +692,23 @@ def stream_dataset(
     dataset = dataset.prefetch(tf.data.AUTOTUNE)
     _STATS[dataset] = stats
     return dataset
+
+
+def _check_cache_dir(root: str, staging: str) -> None:
+    """Create the stream's folder in `root`, or say plainly why it cannot be."""
+    import tensorflow as tf
+
+    try:
+        if tf.io.gfile.exists(root) and not tf.io.gfile.isdir(root):
+            raise PipelineError(
+                f"cache_dir={root!r} is a file, not a directory. Pass a directory (it is "
+                "created if missing), or None for a temporary one.")
+        tf.io.gfile.makedirs(staging)
+    except (OSError, tf.errors.OpError) as err:
+        raise PipelineError(
+            f"cannot use cache_dir={root!r} as a directory for plans and tile packs "
+            f"({type(err).__name__}: {err}). Pass a writable directory, or None for a "
+            "temporary one.") from err
 
 
 _PROVENANCE = ("seed", "example_id", "mix_index") + tuple(

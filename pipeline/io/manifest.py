@@ -9,6 +9,7 @@ URLs (``s3://...``) are kept as they are.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import posixpath
 import re
@@ -22,6 +23,7 @@ __all__ = ["REQUIRED_COLUMNS", "SlideManifest", "load_slide_manifest"]
 
 REQUIRED_COLUMNS = ("slide_id", "path", "label")
 _INT_LABEL = re.compile(r"[+-]?\d+")
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,4 +236,38 @@ def load_slide_manifest(
         )
         for row in rows
     )
-    return SlideManifest(slides=slides, class_names=names, path=path)
+    return SlideManifest(slides=_mark_duplicate_paths(slides, path), class_names=names,
+                         path=path)
+
+
+def _same_slide_key(path: str) -> str:
+    if _is_url(path):
+        return path.rstrip("/")
+    return os.path.realpath(path)
+
+
+def _mark_duplicate_paths(slides: Sequence[SlideRecord], manifest: str
+                          ) -> tuple[SlideRecord, ...]:
+    """Mark rows whose slide (resolved path) an earlier row already names.
+
+    Such a row is planned as a failure (``duplicate_path``: counted under
+    ``slides_failed``, an error with ``--on-error fail``), so the slide is read and
+    packed once, and a warning names both rows.
+    """
+    first: dict[str, str] = {}
+    out = []
+    repeated: dict[str, list[str]] = {}
+    for record in slides:
+        key = _same_slide_key(record.path)
+        if key in first:
+            record = dataclasses.replace(record, duplicate_of=first[key])
+            repeated.setdefault(first[key], []).append(record.slide_id)
+        else:
+            first[key] = record.slide_id
+        out.append(record)
+    for original, others in repeated.items():
+        shown = ", ".join(repr(o) for o in others[:5]) + (" ..." if len(others) > 5 else "")
+        logger.warning("manifest %s: %d row(s) (%s) name the slide of row %r again; the "
+                       "slide is used once, the other rows are counted as failed "
+                       "(duplicate_path)", manifest, len(others), shown, original)
+    return tuple(out)

@@ -24,6 +24,7 @@ import bisect
 import collections
 import dataclasses
 import json
+import logging
 import math
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +35,7 @@ import numpy as np
 from ..accounting import Accounting
 from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
 from ..records import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
-from ..steps.pack import StripResult, StripTask, _write_text_atomic, file_crc32, pack_path
+from ..steps.pack import StripResult, StripTask, pack_path
 
 __all__ = [
     "BucketResult",
@@ -51,25 +52,45 @@ __all__ = [
 
 DEFAULT_EXAMPLES_PER_TASK = 128
 
+logger = logging.getLogger(__name__)
+
 
 def plan_task(record: SlideRecord, config: TileConfig, on_error: str,
               class_names: Sequence[str], staging: str | None = None) -> SlidePlan:
     """Tile one slide (opened afresh, so its read counters are this task's).
 
-    With `staging`, the plan is kept there (``plans/<slide>.json``, written atomically
-    once complete) and a later attempt (a resumed run, a retried task) reuses it
-    instead of reading the slide again. Failed plans are not kept: they are retried.
+    With `staging`, the plan is kept there (``plans/<name>.plan`` and its verified
+    sidecar, `checkpoint`) and a later attempt (a resumed run, a retried task) reuses
+    it instead of reading the slide again, when the plan file verifies and the slide's
+    content fingerprint (`pipeline.io.content`: its store's listing and metadata) is
+    what it was when the plan was made. A slide changed in place is planned again (and
+    so are its strips, and the buckets and shards holding its tiles, whose inputs
+    name the fingerprint). Failed plans are not kept: they are retried.
     """
     from ..steps.plan import plan_slide
 
+    if record.duplicate_of is not None:  # fails at once (`plan_slide`): nothing to keep
+        return plan_slide(record, config, on_error=on_error, class_names=class_names)
     path = plan_path(staging, record, config, class_names) if staging else None
+    content = changed = None
     if path is not None:
-        kept = _load_plan(path, record)
+        from ..io.content import slide_fingerprint
+
+        content = slide_fingerprint(record.path)
+        kept, changed = _load_plan(path, record, content)
         if kept is not None:
             return kept
     plan = plan_slide(record, config, on_error=on_error, class_names=class_names)
+    plan = dataclasses.replace(plan, content=content, changed=bool(changed))
+    if changed:
+        logger.warning("slide %r (%s) changed since the interrupted run made its plan "
+                       "(its files' sizes, times or metadata differ): planning it again and "
+                       "redoing what was made from it", record.slide_id, record.path)
     if path is not None and plan.failure is None:
-        _write_text_atomic(path, json.dumps(_plan_to_json(plan)))
+        from .checkpoint import write_checked
+
+        write_checked(path, json.dumps(_plan_to_json(plan)).encode(),
+                      inputs=_plan_inputs(path, content), records=len(plan.tiles))
     return plan
 
 
@@ -77,7 +98,11 @@ def plan_path(staging: str, record: SlideRecord, config: TileConfig,
               class_names: Sequence[str] = ()) -> str:
     """Where `plan_task` keeps a slide's plan: named by everything the plan depends on."""
     digest = stable_hash("plan", record, dataclasses.astuple(config), tuple(class_names))
-    return posixpath.join(staging, "plans", f"{digest:016x}.json")
+    return posixpath.join(staging, "plans", f"{digest:016x}.plan")
+
+
+def _plan_inputs(path: str, content: str | None) -> dict[str, Any]:
+    return {"plan": posixpath.basename(path), "content": content}
 
 
 def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
@@ -94,16 +119,21 @@ def _plan_to_json(plan: SlidePlan) -> dict[str, Any]:
     }
 
 
-def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
-    import tensorflow as tf
-
+def _load_plan(path: str, record: SlideRecord, content: str | None
+               ) -> tuple[SlidePlan | None, bool]:
+    """`(the kept plan if it verifies for the slide's current content, changed)`:
+    `changed` when a verified plan exists but was made from other slide content."""
     from ..records import TileKey
+    from .checkpoint import load_checked
 
+    if content is None:  # the slide cannot be fingerprinted: never reuse
+        return None, False
+    found = load_checked(path, _plan_inputs(path, content), read=True)
+    if found is None:
+        other = load_checked(path, _plan_inputs(path, _sidecar_content(path)))
+        return None, other is not None
     try:
-        if not tf.io.gfile.exists(path):
-            return None
-        with tf.io.gfile.GFile(path, "r") as handle:
-            data = json.loads(handle.read())
+        data = json.loads(found[1] or b"")
         level = data["level"]
         tiles = tuple(
             TileRecord(TileKey(record.slide_id, level, x, y), label=record.label_index,
@@ -115,7 +145,20 @@ def _load_plan(path: str, record: SlideRecord) -> SlidePlan | None:
                          num_channels=data["num_channels"], dtype=data["dtype"],
                          chunk_shape=tuple(data["chunk_shape"]), chunks_read=chunks_read,
                          bytes_read=bytes_read, requests=requests, reused=True,
-                         stain_fit=data.get("stain_fit"))
+                         stain_fit=data.get("stain_fit"), content=content), False
+    except (ValueError, KeyError, TypeError):
+        return None, False
+
+
+def _sidecar_content(path: str) -> str | None:
+    """The content fingerprint a kept plan's sidecar records (None if unreadable)."""
+    import tensorflow as tf
+
+    from .checkpoint import sidecar_path
+
+    try:
+        with tf.io.gfile.GFile(sidecar_path(path), "r") as handle:
+            return json.loads(handle.read())["inputs"]["content"]
     except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
         return None
 
@@ -177,6 +220,7 @@ class SlideLayout:
     group: str | None
     strips: tuple[int, ...]
     offsets: tuple[int, ...]  # len(strips) + 1; offsets[-1] = usable tiles
+    content: str | None = None  # the slide's content fingerprint (`SlidePlan.content`)
 
     @property
     def num_tiles(self) -> int:
@@ -219,13 +263,13 @@ class RunLayout:
                 for s in sorted(self.slides.values(), key=lambda s: s.slide_id)]
 
 
-def build_layout(strips: Iterable[tuple[str, int, int]], records: Sequence[SlideRecord],
+def build_layout(strips: Iterable[tuple[Any, ...]], records: Sequence[SlideRecord],
                  job: JobConfig, staging: str, *, tile_bytes: float,
                  examples_per_task: int | None = None) -> RunLayout:
     """The run's layout from `(slide_id, strip, usable tiles)` of every packed strip.
 
     Args:
-        strips: one triple per strip with at least one usable tile.
+        strips: ``(slide_id, strip, usable tiles[, content fingerprint])`` per strip.
         records: the manifest's slides (labels, groups).
         job: the run's configuration (sharding, mixing).
         staging: the run's staging directory.
@@ -235,9 +279,11 @@ def build_layout(strips: Iterable[tuple[str, int, int]], records: Sequence[Slide
     from ..dataset.shards import num_shards_for
 
     by_slide: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
-    for slide_id, strip, count in strips:
+    contents: dict[str, str | None] = {}
+    for slide_id, strip, count, *content in strips:
         if count > 0:
             by_slide[slide_id].append((strip, count))
+            contents[slide_id] = content[0] if content else None
     records_by_id = {r.slide_id: r for r in records}
     slides = {}
     for slide_id, items in sorted(by_slide.items()):
@@ -247,7 +293,8 @@ def build_layout(strips: Iterable[tuple[str, int, int]], records: Sequence[Slide
             offsets.append(offsets[-1] + count)
         record = records_by_id[slide_id]
         slides[slide_id] = SlideLayout(slide_id, record.label_index, record.group,
-                                       tuple(s for s, _ in items), tuple(offsets))
+                                       tuple(s for s, _ in items), tuple(offsets),
+                                       contents.get(slide_id))
     usable = sum(s.num_tiles for s in slides.values())
     num_examples = usable * (job.mix.num_mixes + int(job.mix.keep_originals))
     if job.output.num_shards is not None:
@@ -295,6 +342,7 @@ class BucketResult:
     path: str
     accounting: Accounting
     reused: bool = False
+    crc32: int | None = None
 
 
 def bucket_path(staging: str, shard: int, bucket: int) -> str:
@@ -311,14 +359,20 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     from ..dataset.shards import write_shard
     from ..steps.mix import configure_tensorflow, mix_examples
     from ..steps.pack import PackReader
+    from .checkpoint import file_crc32, load_checked, write_sidecar
     from .job import report_progress
 
     specs = sorted(specs)
     path = bucket_path(layout.staging, *bucket)
-    digest = f"{stable_hash('bucket', [(s.example_id, s.seed) for s in specs]):016x}"
-    kept = _load_bucket(path, bucket, digest)
+    inputs = _bucket_inputs(specs, layout)
+    kept = None if inputs is None else load_checked(path, inputs)
     if kept is not None:
-        return kept
+        sidecar = kept[0]
+        return BucketResult(bucket[0], bucket[1], path,
+                            Accounting(class_mass=tuple(sidecar["class_mass"]),
+                                       examples_written=sidecar["records"],
+                                       resumed={"buckets": 1}),
+                            reused=True, crc32=sidecar["crc32"])
     configure_tensorflow()
     reader = PackReader()
     locations: dict[Any, tuple[str, int]] = {}
@@ -342,34 +396,22 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     write_shard(path, records)
     report_progress(progress_dir, len(results))
     accounting = Accounting.from_written(results)
-    size, crc = file_crc32(path)
-    sidecar = {"digest": digest, "num_examples": len(results), "bytes": size, "crc32": crc,
-               "class_mass": list(accounting.class_mass),
-               "ids": sorted(r.spec.example_id for r in results)}
-    _write_text_atomic(path + ".json", json.dumps(sidecar))
-    return BucketResult(bucket[0], bucket[1], path, accounting)
+    size, crc = file_crc32(path)  # TFRecordWriter writes it: read back once
+    write_sidecar(path, inputs=inputs, records=len(results), size=size, crc32=crc,
+                  class_mass=list(accounting.class_mass),
+                  ids=sorted(r.spec.example_id for r in results))
+    return BucketResult(bucket[0], bucket[1], path, accounting, crc32=crc)
 
 
-def _load_bucket(path: str, bucket: tuple[int, int], digest: str) -> BucketResult | None:
-    """A bucket file an earlier attempt completed and that still verifies, or None."""
-    import tensorflow as tf
-
-    try:
-        if not (tf.io.gfile.exists(path + ".json") and tf.io.gfile.exists(path)):
-            return None
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            sidecar = json.loads(handle.read())
-        if sidecar.get("digest") != digest:
-            return None
-        if file_crc32(path) != (sidecar["bytes"], sidecar["crc32"]):
-            return None
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
+def _bucket_inputs(specs: Sequence[Any], layout: RunLayout) -> dict[str, Any] | None:
+    """What a bucket is made from: its pair specs (ids, seeds, sources, partners) and
+    the content fingerprints of the slides its tiles come from (None: unverifiable)."""
+    slides = sorted({s.a.key.slide_id for s in specs} | {s.b_slide for s in specs
+                                                          if not s.is_original})
+    contents = {sid: layout.slides[sid].content for sid in slides}
+    if any(c is None for c in contents.values()):
         return None
-    return BucketResult(bucket[0], bucket[1], path,
-                        Accounting(class_mass=tuple(sidecar["class_mass"]),
-                                   examples_written=sidecar["num_examples"],
-                                   resumed={"buckets": 1}),
-                        reused=True)
+    return {"specs": f"{stable_hash('bucket', specs):016x}", "content": contents}
 
 
 def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
@@ -381,31 +423,27 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     """
     import tensorflow as tf
 
-    from ..dataset.shards import merge_shards, shard_filename
+    from ..dataset.shards import ShardInfo, merge_shards, shard_filename
+    from .checkpoint import file_crc32, load_checked, write_sidecar
     from .job import staging_dir
 
     parts = []
     for bucket in sorted(buckets, key=lambda b: b.bucket):
         with tf.io.gfile.GFile(bucket.path + ".json", "r") as handle:
-            parts.append((bucket.path, json.loads(handle.read())["ids"]))
+            side = json.loads(handle.read())
+        parts.append((bucket.path, side["ids"], side["crc32"]))
     name = shard_filename(config.name, shard, num_shards)
     path = posixpath.join(staging_dir(config), name)
-    ids = sorted(i for _, part_ids in parts for i in part_ids)
-    digest = f"{stable_hash('shard', ids, config.compression):016x}"
-    try:
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            sidecar = json.loads(handle.read())
-        if sidecar["digest"] == digest and file_crc32(path) == (sidecar["bytes"],
-                                                                sidecar["crc32"]):
-            from ..dataset.shards import ShardInfo
-
-            return ShardInfo(name, sidecar["num_examples"], sidecar["bytes"], reused=True)
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
-        pass  # not there, or not verifiable: write it (again)
-    info = merge_shards(path, parts, compression=config.compression)
-    size, crc = file_crc32(path)
-    _write_text_atomic(path + ".json", json.dumps(
-        {"digest": digest, "num_examples": info.num_examples, "bytes": size, "crc32": crc}))
+    ids = sorted(i for _, part_ids, _ in parts for i in part_ids)
+    # The shard is made from exactly these bucket files: their CRCs name their bytes.
+    inputs = {"ids": f"{stable_hash('shard', ids, config.compression):016x}",
+              "buckets": [crc for _, _, crc in parts]}
+    kept = load_checked(path, inputs)
+    if kept is not None:
+        return ShardInfo(name, kept[0]["records"], kept[0]["size"], reused=True)
+    info = merge_shards(path, [(p, i) for p, i, _ in parts], compression=config.compression)
+    size, crc = file_crc32(path)  # TFRecordWriter writes it: read back once
+    write_sidecar(path, inputs=inputs, records=info.num_examples, size=size, crc32=crc)
     return info
 
 

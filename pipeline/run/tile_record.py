@@ -123,7 +123,7 @@ def build_tile_record(staging: str) -> dict[str, Any]:
     fingerprint = run.get("fingerprint") or {}
     slides_in = fingerprint.get("slides") or {}
 
-    plan_entries = _listing(fs, posixpath.join(root, "plans"), ".json")
+    plan_entries = _listing(fs, posixpath.join(root, "plans"), ".plan")  # data, not sidecars
     pack_entries = _listing(fs, posixpath.join(root, "packs"), ".json")
     bucket_entries = _listing(fs, posixpath.join(root, "buckets"), ".json")
     shard_entries = _listing(fs, root, ".tfrecord.json")

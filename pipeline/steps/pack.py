@@ -41,9 +41,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import posixpath
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -79,6 +77,8 @@ class StripTask:
             `read_amplification` (each block needed by the run is owned by one strip).
         stain_fit: the slide's stain fit (JSON, `SlidePlan.stain_fit`) when the run
             normalises stains (`stain.strip_transform`), else None.
+        content: the slide's content fingerprint from its plan (`SlidePlan.content`):
+            part of the pack's recorded inputs.
     """
 
     record: SlideRecord
@@ -88,6 +88,7 @@ class StripTask:
     chunk_shape: tuple[int, int]
     owned_blocks: tuple[tuple[int, int], ...]
     stain_fit: str | None = None
+    content: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +106,7 @@ class StripResult:
         bytes_needed: compressed bytes of the owned blocks that hold a kept tile.
         pack_bytes: bytes written to the pack.
         reused: the pack was already complete and verified (a resumed run).
+        content: the slide's content fingerprint the pack was made from.
     """
 
     slide_id: str
@@ -119,6 +121,7 @@ class StripResult:
     bytes_needed: int = 0
     pack_bytes: int = 0
     reused: bool = False
+    content: str | None = None
 
 
 def _tile_blocks(x: int, y: int, tile_size: int, chunk_shape: tuple[int, int]
@@ -149,7 +152,8 @@ def split_plan(record: SlideRecord, plan: SlidePlan, tile_size: int) -> list[Str
         owned[strip].append(block)
     return [
         StripTask(record, strip, tuple(sorted(by_strip[strip])), tile_size, chunk_shape,
-                  tuple(sorted(owned[strip])), stain_fit=plan.stain_fit)
+                  tuple(sorted(owned[strip])), stain_fit=plan.stain_fit,
+                  content=plan.content)
         for strip in sorted(by_strip)
     ]
 
@@ -287,8 +291,10 @@ def pack_strip(task: StripTask, staging: str, *,
         return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
     tf.io.gfile.makedirs(posixpath.dirname(path))
-    crc = 0
-    with tf.io.gfile.GFile(path + ".bin", "wb") as out:
+    from ..run.checkpoint import CrcWriter, write_sidecar
+
+    with tf.io.gfile.GFile(path + ".bin", "wb") as handle:
+        out = CrcWriter(handle)
         for tile in in_read_order:
             x, y = tile.key.x, tile.key.y
             try:
@@ -322,7 +328,6 @@ def pack_strip(task: StripTask, staging: str, *,
                 pixels = transform(pixels)
             blob = bytes(codec.encode(np.ascontiguousarray(pixels)))
             out.write(blob)
-            crc = zlib.crc32(blob, crc)
             entries[tile.key] = (offset, len(blob))
             offset += len(blob)
     readable = tuple(t for t in task.tiles if t.key in entries)
@@ -334,7 +339,7 @@ def pack_strip(task: StripTask, staging: str, *,
         slide_id=record.slide_id, strip=task.strip, tiles=readable, pack=path,
         skipped=tuple(sorted(skipped.items())), messages=tuple(messages),
         chunks_read=stats.chunks_read, bytes_read=stats.bytes_read, requests=stats.requests,
-        bytes_needed=needed, pack_bytes=offset,
+        bytes_needed=needed, pack_bytes=offset, content=task.content,
     )
     index = {
         "slide_id": record.slide_id,
@@ -345,75 +350,53 @@ def pack_strip(task: StripTask, staging: str, *,
         "num_channels": slide.num_channels,
         "tiles": [[t.key.x, t.key.y, *entries[t.key], t.soft_label] for t in readable],
         "skipped_tiles": skipped_at,
-        # Written after the data: what a resumed run checks before reusing the pack.
-        "task": _task_digest(task),
-        "bin_bytes": offset,
-        "bin_crc32": crc,
         "result": {"skipped": result.skipped, "messages": result.messages,
                    "chunks_read": result.chunks_read, "bytes_read": result.bytes_read,
                    "requests": result.requests, "bytes_needed": result.bytes_needed},
     }
-    _write_text_atomic(path + ".json", json.dumps(index))
+    # Written after the data: what a resumed run checks before reusing the pack.
+    write_sidecar(path + ".bin", inputs=_task_inputs(task), records=len(readable),
+                  size=out.size, crc32=out.crc32, **index)
     return result
 
 
-def _task_digest(task: StripTask) -> str:
+def _task_inputs(task: StripTask) -> dict[str, Any]:
+    """What a pack is made from: the strip task (tiles, geometry, stain fit) and the
+    slide's content fingerprint."""
     digest = stable_hash("strip", task.record, task.strip, task.tiles, task.tile_size,
-                         task.chunk_shape)
-    return f"{digest:016x}"
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(posixpath.dirname(path))
-    temp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temp, path, overwrite=True)
-
-
-def file_crc32(path: str) -> tuple[int, int]:
-    """`(size, crc32)` of a file, read in 4 MiB blocks."""
-    import tensorflow as tf
-
-    crc, size = 0, 0
-    with tf.io.gfile.GFile(path, "rb") as handle:
-        while block := handle.read(4 << 20):
-            crc = zlib.crc32(block, crc)
-            size += len(block)
-    return size, crc
+                         task.chunk_shape, task.stain_fit or "")
+    return {"task": f"{digest:016x}", "content": task.content}
 
 
 def load_pack_result(task: StripTask, path: str) -> StripResult | None:
     """The result of an earlier, complete and verified packing of `task`, or None.
 
-    A pack is reused (by a resumed run, or a retried task) only when its index was
-    written for the same task and its data file has the recorded size and CRC32;
-    anything truncated or unverifiable is packed again.
+    A pack is reused (by a resumed run, or a retried task) only when its index (the
+    pack's sidecar, `pipeline.run.checkpoint`) was written for the same task and slide
+    content and its data file has the recorded size and CRC32; anything truncated,
+    edited or made from other inputs is packed again.
     """
-    import tensorflow as tf
+    from ..run.checkpoint import load_checked
 
-    if not tf.io.gfile.exists(path + ".json") or not tf.io.gfile.exists(path + ".bin"):
+    if task.content is None:  # the slide's content cannot be fingerprinted
         return None
+    found = load_checked(path + ".bin", _task_inputs(task))
+    if found is None:
+        return None
+    index = found[0]
     try:
-        with tf.io.gfile.GFile(path + ".json", "r") as handle:
-            index = json.loads(handle.read())
-        if index.get("task") != _task_digest(task):
-            return None
-        if file_crc32(path + ".bin") != (index["bin_bytes"], index["bin_crc32"]):
-            return None
         done = index["result"]
-    except (ValueError, KeyError, OSError, tf.errors.OpError):
+        keys = {(x, y) for x, y, *_ in index["tiles"]}
+        readable = tuple(t for t in task.tiles if (t.key.x, t.key.y) in keys)
+        return StripResult(
+            slide_id=task.record.slide_id, strip=task.strip, tiles=readable, pack=path,
+            skipped=tuple((r, n) for r, n in done["skipped"]),
+            messages=tuple(done["messages"]), chunks_read=done["chunks_read"],
+            bytes_read=done["bytes_read"], requests=done["requests"],
+            bytes_needed=done["bytes_needed"], pack_bytes=index["size"], reused=True,
+            content=task.content)
+    except (ValueError, KeyError, TypeError):
         return None
-    keys = {(x, y) for x, y, *_ in index["tiles"]}
-    readable = tuple(t for t in task.tiles if (t.key.x, t.key.y) in keys)
-    return StripResult(
-        slide_id=task.record.slide_id, strip=task.strip, tiles=readable, pack=path,
-        skipped=tuple((r, n) for r, n in done["skipped"]), messages=tuple(done["messages"]),
-        chunks_read=done["chunks_read"], bytes_read=done["bytes_read"],
-        requests=done["requests"], bytes_needed=done["bytes_needed"],
-        pack_bytes=index["bin_bytes"], reused=True)
 
 
 class PackReader:

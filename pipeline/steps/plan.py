@@ -90,8 +90,10 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     """Where the (low-resolution) image shows tissue, by Otsu's threshold.
 
     The feature thresholded is the HSV saturation for RGB(A) brightfield images
-    (glass is grey-white, stained tissue is coloured), and the mean channel
-    intensity for other channel counts (fluorescence/multiplex: tissue is bright).
+    (glass is grey-white, stained tissue is coloured), and for other channel counts
+    the mean channel intensity (fluorescence/multiplex: tissue is bright), or its
+    darkness when the image's border is bright (>= 0.5 of the range: a grey
+    brightfield scan, where glass is bright and tissue dark).
     The feature is smoothed (Gaussian, sigma 1 px) before scikit-image's
     `threshold_otsu`; the mask is then closed (disk of 1/64 of the shorter side) and
     its holes filled, so sparse stroma between stained structures counts as tissue.
@@ -127,14 +129,14 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
             f"`image` must be [height, width, channels]. Received: shape={image.shape}"
         )
     channels = image.shape[-1]
+    values = _to_unit_float(image)
     if mode == "auto":
-        mode = "saturation" if channels in (3, 4) else "intensity"
+        mode = "saturation" if channels in (3, 4) else _grey_mode(values.mean(axis=-1))
     if mode not in ("saturation", "intensity", "darkness"):
         raise ValueError(
             "`mode` must be 'auto', 'saturation', 'intensity' or 'darkness'. "
             f"Received: mode={mode!r}"
         )
-    values = _to_unit_float(image)
     if mode == "saturation":
         if channels not in (3, 4):
             raise ValueError(
@@ -162,6 +164,17 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     padded = np.pad(mask, radius, mode="edge")
     padded = close_with_disk(padded, radius)
     return ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
+
+
+def _grey_mode(intensity: np.ndarray) -> str:
+    """`tissue_mask`'s rule for a non-RGB image: ``"darkness"`` when its border (where
+    the background is) is bright, as glass is in a grey brightfield scan, else
+    ``"intensity"`` (fluorescence: a dark background, bright tissue)."""
+    height, width = intensity.shape
+    ring = max(1, min(height, width) // 20)
+    border = np.concatenate([intensity[:ring].ravel(), intensity[-ring:].ravel(),
+                             intensity[:, :ring].ravel(), intensity[:, -ring:].ravel()])
+    return "darkness" if border.size and float(np.median(border)) >= 0.5 else "intensity"
 
 
 def close_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
@@ -338,6 +351,14 @@ def _plan(
     slide_cache: SlideCache | None,
     class_names: Sequence[str] | None,
 ) -> SlidePlan:
+    if record.duplicate_of is not None:
+        raise SlideError(
+            record.slide_id,
+            "duplicate_path",
+            f"its path {record.path} is the slide of row {record.duplicate_of!r} too; the "
+            f"slide is used once, as {record.duplicate_of!r}. Remove the repeated row, or "
+            "point it at its own slide.",
+        )
     axes = record.metadata_dict.get("axes") or None  # plain Zarr arrays: manifest column
     if slide_cache is not None:
         slide = slide_cache.get(record.path, record.slide_id, axes=axes)
@@ -390,10 +411,15 @@ def _plan(
                 f"the tissue mask of level {tissue_level} is empty (blank or uniform image). "
                 "Check the slide, or set min_tissue=0 to keep every tile.",
             )
-    # Row by row, so planning memory follows the tiles kept, not the claimed area.
+    # Row by row, so planning memory follows the tiles kept, not the claimed area; a
+    # tissue tile whose chunks do not exist in the store is counted (`missing_chunk`),
+    # never recorded, so a level claiming far more pixels than it stores costs one
+    # vectorised pass over the claimed grid, not one record per claimed tile.
     xs = np.arange(cols, dtype=np.int64) * step
-    kept_rows, kept_tissue, rejected = [], [], 0
+    kept_rows, kept_tissue, rejected, missing = [], [], 0, 0
     table = _summed_area(mask.astype(np.float64)) if mask is not None else None
+    chunk_h, chunk_w = slide.chunk_shape(level)
+    blocks = existing_blocks(slide, level)
     for row in range(rows):
         row_yx = np.stack([np.full(cols, row * step, dtype=np.int64), xs], axis=1)
         if table is not None:
@@ -401,8 +427,18 @@ def _plan(
             keep = fractions >= config.min_tissue
             rejected += int((~keep).sum())
             row_yx = row_yx[keep]
-            if stain_norm != "none":
-                kept_tissue.append(fractions[keep])
+        else:
+            fractions = None
+        if blocks is not None and len(row_yx):
+            stored = _blocks_exist(blocks, row_yx, size, (chunk_h, chunk_w), width)
+            missing += int((~stored).sum())
+            row_yx = row_yx[stored]
+            if fractions is not None:
+                fractions = fractions[keep][stored]
+        elif fractions is not None:
+            fractions = fractions[keep]
+        if stain_norm != "none" and fractions is not None:
+            kept_tissue.append(fractions)
         if len(row_yx):
             kept_rows.append(row_yx)
     kept = np.concatenate(kept_rows) if kept_rows else np.zeros((0, 2), dtype=np.int64)
@@ -435,7 +471,8 @@ def _plan(
     return SlidePlan(
         slide_id=record.slide_id,
         tiles=tuple(tiles),
-        skipped=(("background", rejected),) if rejected else (),
+        skipped=tuple((reason, count) for reason, count in
+                      (("background", rejected), ("missing_chunk", missing)) if count),
         num_channels=slide.num_channels,
         dtype=slide.dtype.name,
         chunk_shape=slide.chunk_shape(level),
@@ -444,6 +481,76 @@ def _plan(
         requests=stats.requests if stats is not None else 0,
         stain_fit=stain_fit,
     )
+
+
+def existing_blocks(slide: Slide, level: int) -> np.ndarray | None:
+    """Sorted ids ``row * block_cols + col`` of the chunk blocks of `level` whose chunks
+    (every channel's) exist in the store, from one listing of the level's prefix.
+
+    Blocks are chunks, or shards for sharded arrays (as `Slide.chunk_shape`). None
+    when the store cannot be listed (then nothing is filtered here; packing still
+    counts a missing chunk per tile).
+    """
+    try:
+        from zarr.core.sync import sync
+
+        array = slide.level_array(level)
+        metadata = array.metadata
+        encoding = getattr(metadata, "chunk_key_encoding", None)
+        if encoding is not None:
+            separator = encoding.separator
+            lead = "c" + separator if getattr(encoding, "name", "default") == "default" else ""
+        else:
+            separator = getattr(metadata, "dimension_separator", None) or "."
+            lead = ""
+        prefix = array.store_path.path
+
+        async def listing() -> list[str]:
+            return [key async for key in array.store_path.store.list_prefix(prefix)]
+
+        keys = sync(listing())
+    except Exception:  # noqa: BLE001 - any store that cannot list: no filter
+        return None
+    grid = getattr(array, "shards", None) or array.chunks
+    axes = slide.axes
+    yi, xi = axes.index("y"), axes.index("x")
+    block_cols = -(-int(array.shape[xi]) // int(grid[xi]))
+    per_block = 1
+    for axis, (extent, chunk) in enumerate(zip(array.shape, grid, strict=True)):
+        if axis not in (yi, xi):
+            per_block *= -(-int(extent) // int(chunk))
+    start = len(prefix.rstrip("/")) + 1 if prefix else 0
+    names = [key[start:] for key in keys]
+    if not any(name in (".zarray", "zarr.json") for name in names):
+        return None  # a listing without the array's own metadata cannot be trusted
+    counts: dict[int, int] = {}
+    for name in names:
+        if not name.startswith(lead):
+            continue
+        parts = name[len(lead):].split(separator)
+        if len(parts) != array.ndim or not all(p.isdigit() for p in parts):
+            continue
+        block = int(parts[yi]) * block_cols + int(parts[xi])
+        counts[block] = counts.get(block, 0) + 1
+    return np.array(sorted(b for b, n in counts.items() if n >= per_block), dtype=np.int64)
+
+
+def _blocks_exist(blocks: np.ndarray, tiles_yx: np.ndarray, tile_size: int,
+                  chunk_shape: tuple[int, int], width: int) -> np.ndarray:
+    """Whether every block each tile ``(y, x)`` touches is in `blocks` (`existing_blocks`)."""
+    ch, cw = chunk_shape
+    block_cols = -(-width // cw)
+    y, x = tiles_yx[:, 0], tiles_yx[:, 1]
+    r0, r1 = y // ch, (y + tile_size - 1) // ch
+    c0, c1 = x // cw, (x + tile_size - 1) // cw
+    ok = np.ones(len(tiles_yx), dtype=bool)
+    for dr in range(int((r1 - r0).max()) + 1):
+        for dc in range(int((c1 - c0).max()) + 1):
+            inside = (r0 + dr <= r1) & (c0 + dc <= c1)
+            ids = (r0 + dr) * block_cols + (c0 + dc)
+            found = np.isin(ids, blocks, assume_unique=False)
+            ok &= found | ~inside
+    return ok
 
 
 def plan_slide(

@@ -162,7 +162,7 @@ def test_resume_with_nothing_to_resume_runs_fresh(synthetic_dataset, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["num_examples"] == 3 * synthetic_dataset.total_tiles
     assert manifest["accounting"]["resumed"] == {"plans": 0, "strips": 0, "buckets": 0,
-                                                 "shards": 0}
+                                                 "shards": 0, "slides_changed": 0}
 
 
 def test_prepare_output_keeps_matching_staging_only(synthetic_dataset, tmp_path):
@@ -186,3 +186,85 @@ def test_prepare_output_keeps_matching_staging_only(synthetic_dataset, tmp_path)
         _job.prepare_output(other.output, _job.run_fingerprint(other, slides))
     with pytest.raises(ValueError, match="exclude each other"):
         OutputConfig(out_dir=str(out), overwrite=True, resume=True)
+
+
+def _stopped_before_publishing(argv: list[str], monkeypatch) -> None:
+    """Run to the end but stop before publishing: every plan, pack, bucket and shard
+    is finished in staging (the most there is to reuse wrongly)."""
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before publishing (test)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_job, "publish_output", stop)
+        with pytest.raises(RuntimeError, match="stopped before publishing"):
+            cli_main(argv)
+    from pipeline.run.output import release_output_lock
+
+    release_output_lock(argv[argv.index("--out") + 1])  # as a killed run leaves it
+
+
+def _recolour_in_place(slide: pathlib.Path) -> None:
+    """New pixels at level 0 (tissue and glass), same path, same metadata, same shape."""
+    import zarr
+
+    array = zarr.open_array(str(slide / "s0"), mode="r+")
+    before = {p: p.read_bytes() for p in slide.rglob("zarr.json")}
+    pixels = array[...]
+    array[...] = (pixels.astype(int) * 3 // 4 + 10).astype(pixels.dtype)
+    assert {p: p.read_bytes() for p in slide.rglob("zarr.json")} == before
+
+
+def test_resume_redoes_what_a_changed_slide_or_an_edited_plan_made(
+        synthetic_dataset_factory, tmp_path, monkeypatch, capsys):
+    data = synthetic_dataset_factory()
+    out = tmp_path / "out"
+    argv = _argv("beam", data.manifest_path, out, "--workers", "1")
+    _stopped_before_publishing(argv, monkeypatch)
+    staging = out / _job.STAGING_DIR
+    assert len(list(staging.glob("*.tfrecord"))) == 4  # all shards staged
+    # Pixels of one slide change in place; another slide's kept plan is edited.
+    changed_id = data.slide_ids[1]
+    _recolour_in_place(data.root / "slides" / f"{changed_id}.ome.zarr")
+    plans = sorted((staging / "plans").glob("*.plan"))
+    assert len(plans) == 4
+    edited = next(p for p in plans if json.loads(p.read_text())["slide_id"] == data.slide_ids[0])
+    plan = json.loads(edited.read_text())
+    plan["tiles"][0][0] += 8
+    edited.write_text(json.dumps(plan))
+    capsys.readouterr()
+    assert cli_main([*argv, "--resume"]) == 0
+    reference = tmp_path / "reference"
+    assert cli_main(_argv("beam", data.manifest_path, reference, "--workers", "1")) == 0
+    assert _files(out) == _files(reference)  # the new pixels, the original plan
+    manifest = json.loads((out / "manifest.json").read_text())
+    resumed = manifest["accounting"]["resumed"]
+    assert resumed["plans"] == 2 and resumed["slides_changed"] == 1
+    assert resumed["shards"] < 4  # shards holding the changed slide's tiles were redone
+
+
+def test_plan_task_reuses_a_plan_only_while_slide_and_file_verify(synthetic_dataset_factory,
+                                                                 tmp_path):
+    from pipeline.run import tasks as _stages
+
+    data = synthetic_dataset_factory()
+    record = load_slide_manifest(str(data.manifest_path)).slides[0]
+    config = TileConfig(tile_size=128)
+    names = ("he", "ihc")
+    staging = str(tmp_path / "staging")
+    first = _stages.plan_task(record, config, "skip", names, staging)
+    assert not first.reused and first.content
+    again = _stages.plan_task(record, config, "skip", names, staging)
+    assert again.reused and again == first
+    path = pathlib.Path(_stages.plan_path(staging, record, config, names))
+    sidecar = json.loads(path.with_name(path.name + ".json").read_text())
+    assert sidecar["size"] == path.stat().st_size and sidecar["records"] == len(first.tiles)
+    # An edited plan (same size even) does not verify: planned again.
+    text = path.read_text()
+    path.write_text(text.replace("[0, ", "[8, ", 1) if "[0, " in text else text[:-2] + " }")
+    redone = _stages.plan_task(record, config, "skip", names, staging)
+    assert not redone.reused and not redone.changed and redone == first
+    # The slide's pixels change in place: planned again, reported as changed.
+    _recolour_in_place(pathlib.Path(record.path))
+    changed = _stages.plan_task(record, config, "skip", names, staging)
+    assert not changed.reused and changed.changed and changed.content != first.content
+    assert _stages.plan_task(record, config, "skip", names, staging).reused

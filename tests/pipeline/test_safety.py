@@ -438,3 +438,23 @@ def test_op_checks_soft_labels_and_takes_numpy_scalars():
                            seeds, grid=2)
     with pytest.raises(TypeError, match="softness"):
         softmix_tf.softmix(images, images, good, good, seeds, grid=2, softness=True)
+
+
+def test_rows_naming_one_slide_twice_use_it_once(capsys, caplog, synthetic_dataset, tmp_path):
+    root = synthetic_dataset.root
+    manifest = _manifest_copy(synthetic_dataset, tmp_path / "m.csv", extra=[
+        f"again,{root}/slides/./syn-0.ome.zarr/,he,patient-9",
+        f"thrice,{root}/slides/syn-0.ome.zarr,ihc,patient-9"])
+    slides = load_slide_manifest(str(manifest)).slides
+    assert [s.duplicate_of for s in slides] == [None] * 4 + ["syn-0", "syn-0"]
+    assert "2 row(s) ('again', 'thrice') name the slide of row 'syn-0'" in caplog.text
+    rc, out, err = _run(capsys, _args(manifest, tmp_path / "out", "--num-mixes", "1"))
+    assert rc == 0, err
+    written = read_manifest(str(tmp_path / "out"))
+    acc = written["accounting"]
+    assert acc["slides_failed"] == {"again": "duplicate_path", "thrice": "duplicate_path"}
+    assert "slide of row 'syn-0'" in acc["slides_failed_messages"]["again"]
+    assert written["num_examples"] == synthetic_dataset.total_tiles  # syn-0's tiles once
+    assert acc["tiles_total"] == 4 * 16  # the repeated rows were never planned
+    rc, _, err = _run(capsys, _args(manifest, tmp_path / "fail", "--on-error", "fail"))
+    assert rc == 1 and "again" in err and "syn-0" in err and "duplicate_path" in err

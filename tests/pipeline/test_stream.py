@@ -126,18 +126,16 @@ def test_cache_reuse_reads_nothing(synthetic_dataset, epoch0):
     stats = pipeline.dataset_stats(dataset.batch(4))  # found through derived datasets
     assert stats.plans_reused == 4 and stats.slides_planned == 0
     assert stats.strips_packed == 0 and stats.strips_reused > 0
-    assert stats.direct_reads == 0
     assert stats.accounting.chunks_read == 0 and stats.accounting.bytes_read == 0
     assert sorted(got) == sorted(got0)
 
 
-def test_cold_cache_partner_reads_give_the_same_pixels(synthetic_dataset, offline, tmp_path):
-    # No background packing: every partner in a strip not consumed yet is read
-    # straight from its slide, and must give the pack's pixels.
+def test_cold_cache_without_packing_threads(synthetic_dataset, offline, tmp_path):
+    # No background packing: the first unit packs every strip before pairing.
     dataset = _stream(synthetic_dataset.manifest_path, cache_dir=str(tmp_path),
                       pack_threads=0, num_parallel_reads=1)
     got = _collect(dataset)
-    assert pipeline.dataset_stats(dataset).direct_reads > 0
+    assert pipeline.dataset_stats(dataset).strips_packed > 0
     _assert_same(got, offline[0])
 
 
@@ -223,3 +221,38 @@ def test_manifest_keys_match_the_reader(offline, epoch0):
     assert set(record) - {"image", "label", "lam", "example_id"} == set(PROVENANCE)
     assert manifest["num_examples"] == len(got0)
     assert read_manifest  # the offline reader's manifest module stays importable
+
+
+@pytest.mark.parametrize("pack_threads", [0, 2])
+def test_epoch0_with_a_corrupt_chunk_equals_offline(synthetic_dataset_factory, tmp_path,
+                                                    pack_threads):
+    """A tissue chunk that only packing can find corrupt: every configuration pairs on
+    the packed counts, as the offline job does (no `partner_failed`, same examples)."""
+    data = synthetic_dataset_factory()
+    chunk = data.root / "slides" / "syn-2.ome.zarr" / "s0" / "c" / "0" / "3" / "1"
+    chunk.write_bytes(b"not zstd" * 16)  # level 0 only: planning reads the last level
+    job = JobConfig(manifest=str(data.manifest_path), tile=TileConfig(tile_size=128),
+                    mix=MixConfig(batch_size=4, **MIX),
+                    output=OutputConfig(out_dir=str(tmp_path / "out"), num_shards=2))
+    manifest = run_beam(job, progress=False)
+    want = {}
+    for shard in manifest["shards"]:
+        for raw in tf.data.TFRecordDataset(str(tmp_path / "out" / shard["file"])):
+            record = decode_example(raw.numpy())
+            want[record["example_id"]] = record
+    assert manifest["accounting"]["tiles_skipped"].get("read_error") == 1
+    dataset = _stream(data.manifest_path, cache_dir=str(tmp_path / "c"),
+                      pack_threads=pack_threads, num_parallel_reads=1)
+    got = _collect(dataset)
+    _assert_same(got, want)
+    accounting = pipeline.dataset_stats(dataset).accounting
+    assert dict(accounting.examples_dropped) == {}
+    assert dict(accounting.tiles_skipped) == manifest["accounting"]["tiles_skipped"]
+
+
+def test_cache_dir_that_is_a_file_is_named(synthetic_dataset, tmp_path):
+    file = tmp_path / "not-a-dir"
+    file.write_text("x")
+    with pytest.raises(PipelineError, match="not-a-dir") as caught:
+        _stream(synthetic_dataset.manifest_path, cache_dir=str(file))
+    assert "directory" in str(caught.value)

@@ -391,3 +391,64 @@ def test_absurd_claimed_shape_is_bad_metadata_not_an_allocation(tmp_path):
     assert plan.failure == "bad_metadata"
     assert "10000000x10000000" in plan.message and "metadata" in plan.message
     assert grown_mib < 200
+
+
+@pytest.mark.parametrize("version", ["0.5", "0.4"])
+def test_claimed_area_without_chunks_is_counted_not_recorded(tmp_path, version):
+    """Level 0 claims 10^5 x 10^5 px (610k tiles, under the cap) but stores 512 x 512:
+    the plan holds only tiles whose chunks exist; the rest of the tissue the (real)
+    tissue level shows over the claimed area is counted as `missing_chunk`."""
+    import json
+    import resource
+
+    image = synthetic_tissue(512, 512, [(0, 0, 512, 256)])
+    path = write_ome_zarr(tmp_path / "claims.ome.zarr", image, version=version)
+    meta = path / "s0" / ("zarr.json" if version == "0.5" else ".zarray")
+    doc = json.loads(meta.read_text())
+    doc["shape"] = [3, 100_000, 100_000]
+    meta.write_text(json.dumps(doc))
+    record = SlideRecord("claims", str(path), "he", 0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    plan = plan_slide(record, TileConfig(tile_size=128), on_error="fail")
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    skipped = plan.skipped_dict
+    grid = (100_000 // 128) ** 2
+    assert plan.num_tiles_total == grid
+    # Only the stored 512 x 512 corner can hold kept tiles (16 tiles of 128 px).
+    assert 0 < len(plan.tiles) <= 16
+    assert all(t.key.x < 512 and t.key.y < 512 for t in plan.tiles)
+    assert skipped["missing_chunk"] > 100_000  # the stretched tissue, counted
+    assert grown_mib < 150
+
+
+def test_plan_counts_tissue_tiles_in_missing_chunks(tmp_path):
+    import os
+
+    image = synthetic_tissue(512, 512, [(0, 0, 512, 512)])
+    path = write_ome_zarr(tmp_path / "holes.ome.zarr", image)
+    os.remove(path / "s0" / "c" / "0" / "1" / "2")  # block (row 1, col 2), all channels
+    plan = plan_slide(SlideRecord("h", str(path), "he", 0), TileConfig(tile_size=128),
+                      on_error="fail")
+    assert plan.skipped_dict == {"missing_chunk": 1}
+    assert TileKey("h", 0, 256, 128) not in {t.key for t in plan.tiles}
+    assert len(plan.tiles) == 15
+
+
+def test_auto_tissue_mode_on_grey_brightfield_keeps_only_tissue(tmp_path):
+    """A 2-D grey brightfield scan: bright glass, darker tissue (was: every tile kept)."""
+    rng = np.random.default_rng(0)
+    grey = np.full((512, 512), 232, np.uint8)
+    grey[128:384, 0:256] = 110
+    grey = np.clip(grey + rng.normal(0, 4, grey.shape), 0, 255).astype(np.uint8)
+    mask = tissue_mask(grey)
+    assert mask[140:370, 10:240].all() and not mask[:, 300:].any()
+    zarr.create_array(store=str(tmp_path / "grey.zarr"), data=grey, chunks=(128, 128),
+                      dimension_names=["y", "x"])
+    plan = plan_slide(SlideRecord("g", str(tmp_path / "grey.zarr"), "he", 0),
+                      TileConfig(tile_size=128), on_error="fail")
+    assert sorted((t.key.y, t.key.x) for t in plan.tiles) == [
+        (y, x) for y in (128, 256) for x in (0, 128)]
+    assert plan.skipped_dict == {"background": 12}
+    # Fluorescence (dark background, bright tissue) keeps its rule.
+    assert not tissue_mask(255 - grey)[:, 300:].any()
+    assert tissue_mask(255 - grey)[140:370, 10:240].all()

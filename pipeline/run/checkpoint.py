@@ -1,0 +1,129 @@
+"""Verified checkpoints: how every artifact a resumed run may reuse is written and checked.
+
+Plans, tile packs, mixed buckets and staged shards are all kept the same way:
+
+1. the data file is written (atomically where the store allows), its size and CRC32
+   computed while writing (`CrcWriter`) or, for files another library writes
+   (TFRecords), read back once right after;
+2. then a small JSON *sidecar* ``<data>.json`` (``<pack>.json`` for a pack's
+   ``<pack>.bin``) is written atomically: ``{"inputs", "records", "size", "crc32",
+   ...}``, where ``inputs`` names everything the data was made from (the step's
+   parameters, and the content fingerprints of the slides whose pixels it holds,
+   `pipeline.io.content`);
+3. before reusing it, a later attempt (a resumed run, a retried task) calls
+   `load_checked(data, inputs)`: the sidecar must exist and parse, its ``inputs``
+   must equal what this attempt would make the data from, and the data file must
+   have the recorded size and CRC32. Anything else (missing, truncated, edited,
+   made from other inputs) is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import zlib
+from typing import Any
+
+__all__ = ["CrcWriter", "file_crc32", "load_checked", "sidecar_path", "write_checked",
+           "write_sidecar", "write_text_atomic"]
+
+
+def sidecar_path(data: str) -> str:
+    """The sidecar of data file `data` (a pack's ``.bin`` has its index as sidecar)."""
+    return (data[:-4] if data.endswith(".bin") else data) + ".json"
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(posixpath.dirname(path))
+    temp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temp, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temp, path, overwrite=True)
+
+
+def file_crc32(path: str) -> tuple[int, int]:
+    """`(size, crc32)` of a file, read in 4 MiB blocks."""
+    import tensorflow as tf
+
+    crc, size = 0, 0
+    with tf.io.gfile.GFile(path, "rb") as handle:
+        while block := handle.read(4 << 20):
+            crc = zlib.crc32(block, crc)
+            size += len(block)
+    return size, crc
+
+
+class CrcWriter:
+    """A binary file handle that keeps the size and CRC32 of what went through it."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+        self.size = 0
+        self.crc32 = 0
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
+        self.size += len(data)
+
+
+def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int,
+                  **extra: Any) -> None:
+    """Write `data`'s sidecar (after `data` itself is complete)."""
+    body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32}
+    write_text_atomic(sidecar_path(data), json.dumps(body))
+
+
+def write_checked(data: str, payload: bytes, *, inputs: Any, records: int,
+                  **extra: Any) -> None:
+    """Write `payload` to `data` atomically, then its sidecar (CRC of the bytes in hand)."""
+    import tensorflow as tf
+
+    tf.io.gfile.makedirs(posixpath.dirname(data))
+    temp = f"{data}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(temp, "wb") as handle:
+        handle.write(payload)
+    tf.io.gfile.rename(temp, data, overwrite=True)
+    write_sidecar(data, inputs=inputs, records=records, size=len(payload),
+                  crc32=zlib.crc32(payload), **extra)
+
+
+def load_checked(data: str, inputs: Any, *, read: bool = False
+                 ) -> tuple[dict[str, Any], bytes | None] | None:
+    """`(sidecar, data bytes if read)` when `data` may be reused for `inputs`, else None.
+
+    Reusable means: the sidecar exists and parses, was written for the same `inputs`,
+    and the data file has the recorded size and CRC32 (with `read`, the bytes checked
+    are returned, so a small file is read once).
+    """
+    import tensorflow as tf
+
+    try:
+        side = sidecar_path(data)
+        if not (tf.io.gfile.exists(side) and tf.io.gfile.exists(data)):
+            return None
+        with tf.io.gfile.GFile(side, "r") as handle:
+            sidecar = json.loads(handle.read())
+        if not isinstance(sidecar, dict) or sidecar.get("inputs") != _plain(inputs):
+            return None
+        if read:
+            with tf.io.gfile.GFile(data, "rb") as handle:
+                payload = handle.read()
+            found = (len(payload), zlib.crc32(payload))
+        else:
+            payload = None
+            found = file_crc32(data)
+        if found != (sidecar["size"], sidecar["crc32"]):
+            return None
+    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+        return None
+    return sidecar, payload
+
+
+def _plain(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
