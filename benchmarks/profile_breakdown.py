@@ -70,9 +70,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import tensorflow  # noqa: F401 - counted as start-up, as in every worker
+    from pipeline.engines.local import run_local
 
     from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
-    from pipeline.engines.local import run_local
 
     imports = time.process_time() - _CPU0
     out = pathlib.Path(tempfile.mkdtemp(prefix="softmix-breakdown-")) / "out"

@@ -14,7 +14,8 @@ Plans, tile packs, mixed buckets and staged shards are all kept the same way:
    `load_checked(data, inputs)`: the sidecar must exist and parse, its ``inputs``
    must equal what this attempt would make the data from, and the data file must
    have the recorded size and CRC32. Anything else (missing, truncated, edited,
-   made from other inputs) is redone.
+   made from other inputs) is redone. A data file whose size and modification time
+   are those the sidecar recorded is not read again (a metadata read per artifact).
 """
 
 from __future__ import annotations
@@ -71,10 +72,26 @@ class CrcWriter:
         self.size += len(data)
 
 
+def _stamp(path: str) -> tuple[int, int]:
+    """`(size, modification time in ns)` of `path`: one metadata read, no data."""
+    if "://" not in path or path.startswith("file://"):  # gfile's local mtime is whole seconds
+        stat = os.stat(path.removeprefix("file://"))
+        return stat.st_size, stat.st_mtime_ns
+    import tensorflow as tf
+
+    stat = tf.io.gfile.stat(path)
+    return int(stat.length), int(stat.mtime_nsec)
+
+
 def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int,
                   **extra: Any) -> None:
-    """Write `data`'s sidecar (after `data` itself is complete)."""
-    body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32}
+    """Write `data`'s sidecar (after `data` itself is complete).
+
+    Besides the size and CRC32 it records the data file's modification time, so a
+    later attempt can reuse an untouched file on a metadata read (`load_checked`).
+    """
+    body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32,
+            "mtime_ns": _stamp(data)[1]}
     write_text_atomic(sidecar_path(data), json.dumps(body))
 
 
@@ -98,7 +115,11 @@ def load_checked(data: str, inputs: Any, *, read: bool = False
 
     Reusable means: the sidecar exists and parses, was written for the same `inputs`,
     and the data file has the recorded size and CRC32 (with `read`, the bytes checked
-    are returned, so a small file is read once).
+    are returned, so a small file is read once). Without `read`, a file whose size and
+    modification time are still those recorded right after it was written is taken as
+    untouched without reading it (a resumed run pays metadata reads, not a second read
+    of every byte); any other file is read and its CRC32 compared. A same-size edit
+    that also restores the modification time is the one change this does not see.
     """
     import tensorflow as tf
 
@@ -114,6 +135,8 @@ def load_checked(data: str, inputs: Any, *, read: bool = False
             with tf.io.gfile.GFile(data, "rb") as handle:
                 payload = handle.read()
             found = (len(payload), zlib.crc32(payload))
+        elif _stamp(data) == (sidecar["size"], sidecar.get("mtime_ns")):
+            return sidecar, None
         else:
             payload = None
             found = file_crc32(data)
