@@ -66,20 +66,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest")
     parser.add_argument("--tile-size", type=int, default=256)
-    parser.add_argument("--stain-norm", default="none")
     args = parser.parse_args()
 
     import tensorflow  # noqa: F401 - counted as start-up, as in every worker
-    from pipeline.engines.local import run_local
 
     from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+    from pipeline.engines.local import run_local
 
     imports = time.process_time() - _CPU0
     out = pathlib.Path(tempfile.mkdtemp(prefix="softmix-breakdown-")) / "out"
     job = JobConfig(manifest=args.manifest, tile=TileConfig(tile_size=args.tile_size),
                     mix=MixConfig(grid=(4, 4)),
-                    output=OutputConfig(out_dir=str(out), overwrite=True),
-                    **({"stain_norm": args.stain_norm} if args.stain_norm != "none" else {}))
+                    output=OutputConfig(out_dir=str(out), overwrite=True))
     profiler = cProfile.Profile(time.process_time)
     cpu0, wall0 = time.process_time(), time.perf_counter()
     profiler.enable()
