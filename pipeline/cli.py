@@ -251,6 +251,41 @@ def build_parser() -> argparse.ArgumentParser:
                       "are mirror-tiled tissue, written chunk by chunk)")
     demo.add_argument("--chunk", type=int, default=None,
                       help="chunk side in pixels (default 256, or 1024 for --size above 4096)")
+    demo.add_argument("--format", choices=("ome-zarr", "svs"), default="ome-zarr",
+                      help="slide format: OME-Zarr (default) or Aperio-style SVS (tiled "
+                      "pyramidal JPEG TIFF), to try reading scanner files directly")
+
+    convert = sub.add_parser(
+        "convert", help="convert scanner slides (SVS, NDPI, OME-TIFF, TIFF) to OME-Zarr",
+        description="Convert SLIDE files, or every slide of --manifest (then OUT/manifest.csv "
+        "lists the converted slides, same columns), to OME-Zarr under --out.")
+    convert.add_argument("slides", nargs="*", metavar="SLIDE", help="slide files to convert")
+    convert.add_argument("--manifest", default=None, help="convert every slide of this manifest")
+    convert.add_argument("--out", required=True, help="output directory (new or empty)")
+    convert.add_argument("--engine", choices=("local", "beam", "dask"), default="local",
+                         help="where blocks run: a local process pool (default), Beam, Dask")
+    convert.add_argument("--workers", type=_positive_int, default=1,
+                         help="worker processes (default 1)")
+    convert.add_argument("--chunk", type=_positive_int, default=1024,
+                         help="chunk side in pixels (default 1024)")
+    convert.add_argument("--shard", type=_positive_int, default=None,
+                         help="shard side in pixels, a multiple of --chunk (Zarr v3 sharding: "
+                         "fewer, larger objects in a bucket)")
+    convert.add_argument("--compression", choices=("zstd", "blosc"), default="zstd",
+                         help="chunk compression (default zstd; lossless either way)")
+    convert.add_argument("--ngff-version", choices=("0.5", "0.4"), default="0.5",
+                         help="OME-NGFF 0.5 on Zarr v3 (default) or 0.4 on Zarr v2")
+    convert.add_argument("--pyramid", choices=("rebuild", "copy"), default="rebuild",
+                         help="rebuild the pyramid from level 0 by 2x2 means (default) or "
+                         "copy the file's own levels")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier conversion in --out (only what it wrote)")
+    convert.add_argument("--resume", action="store_true",
+                         help="finish an interrupted conversion (same options): blocks "
+                         "already written are kept")
+    convert.add_argument("--scheduler", default=None,
+                         help="Dask scheduler address (--engine dask; default a local cluster)")
+    convert.add_argument("--no-progress", action="store_true", help="no progress lines")
 
     beam = sub.add_parser(
         "beam",
@@ -645,8 +680,16 @@ def _main(argv: list[str]) -> int:
                 raise
             except ValueError as err:  # a bad flag value: usage error, exit status 2
                 parser.error(_flag_message(_subparser(parser, args.command), str(err)))
+            if args.format == "svs":
+                from .tools.svs import demo_to_svs
+
+                paths = demo_to_svs(args.out)
+                print(f"demo data: rewrote the {len(paths)} slides as Aperio-style SVS (tiled "
+                      f"JPEG pyramid, MPP in the description) in {args.out}/slides")
             print(f"demo manifest: {manifest}")
             return 0
+        if args.command == "convert":
+            return _convert(parser, args)
         if args.command == "preview":
             from .tools.preview import write_preview
 
@@ -676,6 +719,27 @@ def _main(argv: list[str]) -> int:
     finally:
         _release_lock(job)
         _RUN_OUT.clear()
+
+
+def _convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .tools.convert import ConvertConfig, convert_manifest, convert_slides
+
+    if bool(args.slides) == bool(args.manifest):
+        parser.error("convert: give either SLIDE files or --manifest (one of them).")
+    try:
+        config = ConvertConfig(chunk=args.chunk, shard=args.shard, compression=args.compression,
+                               ngff_version=args.ngff_version, pyramid=args.pyramid)
+    except ValueError as err:
+        parser.error(_flag_message(_subparser(parser, "convert"), str(err)))
+    kwargs = dict(config=config, engine=args.engine, workers=args.workers,
+                  overwrite=args.overwrite, resume=args.resume, scheduler=args.scheduler,
+                  progress=not args.no_progress)
+    if args.manifest:
+        print(f"converted manifest: {convert_manifest(args.manifest, args.out, **kwargs)}")
+    else:
+        for plan in convert_slides(args.slides, args.out, **kwargs):
+            print(f"converted: {plan.source} -> {plan.target}")
+    return 0
 
 
 def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,

@@ -166,6 +166,9 @@ class Slide:
         self.path = path
         self.axes = tuple(axes)
         self.attributes = dict(attributes or {})
+        # Whether a listing of the store names the chunks that exist (Zarr stores);
+        # False for stores whose chunks are views of one file (TIFF tiles).
+        self.chunks_listable = True
         self._arrays = list(arrays)
         self._scales = list(scales)
         self._group = group
@@ -525,6 +528,9 @@ def open_slide(
 ) -> Slide:
     """Open an OME-Zarr multiscale image (or a plain Zarr array) as a `Slide`.
 
+    A path ending in ``.svs``, ``.ndpi``, ``.tif`` or ``.tiff`` (``.ome.tif[f]``
+    included) is a scanner file and opens through `tiff.open_tiff_slide` instead.
+
     Args:
         path: local path, fsspec URL (``s3://``, ``gs://``, ``memory://``...) or a
             `zarr` store object.
@@ -538,7 +544,7 @@ def open_slide(
 
     Raises:
         SlideError: reasons ``missing``, ``not_zarr``, ``bad_metadata``,
-            ``unsupported_axes``.
+            ``unsupported_axes`` (TIFF files also ``not_tiff``, ``truncated``, ``bad_tiff``).
 
     Example (needs a slide on disk, e.g. from ``softmix demo-data demo``)::
 
@@ -575,6 +581,10 @@ def open_slide(
                 f"{path_str} does not exist. Check the path in the manifest "
                 "(relative paths are resolved against the manifest's directory).",
             )
+    from .tiff import is_tiff_path, open_tiff_slide
+
+    if not is_store and is_tiff_path(path_str):
+        return open_tiff_slide(path_str, slide_id=slide_id, storage_options=options or None)
     from .store import CountingStore
 
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from zarr.abc.store import ByteRequest
@@ -74,19 +75,33 @@ class ReadStats:
 
 
 class CountingStore(WrapperStore):
-    """A read-only view of a Zarr store that records every fetch in `stats`."""
+    """A read-only view of a Zarr store that records every fetch in `stats`.
 
-    def __init__(self, store: Any, stats: ReadStats | None = None):
+    `measure(store, key, size)`, when given, says how many bytes a fetch of `key` cost
+    when the store hands back something else than what it read (tifffile's store
+    returns decoded tiles; the cost is the tile's compressed size in the file).
+    """
+
+    def __init__(self, store: Any, stats: ReadStats | None = None,
+                 measure: Callable[[Any, str, int], int] | None = None):
         super().__init__(store)
         self.stats = stats if stats is not None else ReadStats()
+        self.measure = measure
 
     def _with_store(self, store: Any) -> CountingStore:
-        return type(self)(store, self.stats)
+        return type(self)(store, self.stats, self.measure)
+
+    def _size(self, key: str, buffer: Buffer | None) -> int | None:
+        if buffer is None:
+            return None
+        if self.measure is None:
+            return len(buffer)
+        return self.measure(self._store, key, len(buffer))
 
     async def get(self, key: str, prototype: BufferPrototype,
                   byte_range: ByteRequest | None = None) -> Buffer | None:
         buffer = await self._store.get(key, prototype, byte_range)
-        self.stats.record(key, None if buffer is None else len(buffer))
+        self.stats.record(key, self._size(key, buffer))
         return buffer
 
     async def get_partial_values(self, prototype: BufferPrototype,
@@ -94,5 +109,5 @@ class CountingStore(WrapperStore):
         key_ranges = list(key_ranges)
         buffers = await self._store.get_partial_values(prototype, key_ranges)
         for (key, _), buffer in zip(key_ranges, buffers, strict=True):
-            self.stats.record(key, None if buffer is None else len(buffer))
+            self.stats.record(key, self._size(key, buffer))
         return buffers

@@ -63,8 +63,21 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
         "options": options,
         "software": software_versions(),
         "slides": {r.slide_id: {"path": r.path, "label": r.label, "group": r.group,
-                                "columns": dict(r.metadata)} for r in slides},
+                                "columns": dict(r.metadata), **_file_stamp(r.path)}
+                   for r in slides},
     }
+
+
+def _file_stamp(path: str) -> dict[str, Any]:
+    """A TIFF slide is one file: its size and mtime tell a resumed run it changed."""
+    from ..io.tiff import file_stamp, is_tiff_path
+
+    if not is_tiff_path(path):
+        return {}
+    try:
+        return {"file": file_stamp(path)}
+    except (OSError, ValueError):  # missing: the run reports it as a failed slide
+        return {}
 
 
 def fingerprint_digest(fingerprint: Mapping[str, Any]) -> str:

@@ -489,8 +489,11 @@ def existing_blocks(slide: Slide, level: int) -> np.ndarray | None:
 
     Blocks are chunks, or shards for sharded arrays (as `Slide.chunk_shape`). None
     when the store cannot be listed (then nothing is filtered here; packing still
-    counts a missing chunk per tile).
+    counts a missing chunk per tile), or when the slide's chunks are not objects of
+    their own (`Slide.chunks_listable`: a TIFF file's tiles).
     """
+    if not slide.chunks_listable:
+        return None
     try:
         from zarr.core.sync import sync
 

@@ -224,9 +224,9 @@ def test_missing_path(tmp_path):
 
 
 def test_not_a_zarr_store(tmp_path):
-    (tmp_path / "slide.svs").write_bytes(b"not zarr")
+    (tmp_path / "slide.bin").write_bytes(b"not zarr")  # (.svs files open as TIFF)
     (tmp_path / "folder").mkdir()
-    for path in (tmp_path / "folder", tmp_path / "slide.svs"):
+    for path in (tmp_path / "folder", tmp_path / "slide.bin"):
         with pytest.raises(
             SlideError, match="not a Zarr store|could not be opened as Zarr.*Convert"
         ) as err:
