@@ -1,14 +1,15 @@
-"""The offline job at slide scale: Beam and Dask next to a no-framework floor, one run.
+"""The offline job at slide scale: Beam and Dask next to the no-framework floor, one run.
 
 Run: `.venv/bin/python benchmarks/bench_pipeline.py --slide-size 8192 --slides 4
-[--latency-ms 20] [--engines floor,beam,dask] [--workers 1,2] [--memory]`.
+[--latency-ms 20] [--engines local,beam,dask] [--workers 1,2] [--memory]`.
 
 Slides come from `softmix demo-data --size N` (real H&E texture, OME-Zarr v0.5,
 1024-px chunks above 4096 px) and are cached under `.cache/bench/`. Every engine runs
 the same job (tile 256, grid 4, one mix per tile) and writes the same examples. The
-*floor* runs the very same steps (`pipeline.run.tasks`: plan, pack chunk by chunk, pair,
-mix, PNG-encode, write) with no framework at all: a plain process pool of the same
-size. `--latency-ms` serves the slides through the `latency://` test filesystem
+floor is the local engine (`softmix local`, `pipeline.engines.local`): the very same
+run (`pipeline.run`: plan, pack chunk by chunk, pair, mix, PNG-encode, write, publish)
+with no framework at all, in process for one worker, else a plain process pool of the
+same size. `--latency-ms` serves the slides through the `latency://` test filesystem
 (`pipeline.remote`), which adds that delay to every request, like a bucket.
 
 Each run is a fresh process, like a user's command: examples/s counts its wall clock,
@@ -22,7 +23,6 @@ slides (Dask, 2 workers).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import os
 import pathlib
@@ -102,95 +102,11 @@ def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int):
                      output=OutputConfig(out_dir=str(out), overwrite=True))
 
 
-# --- The floor: the same steps in a plain process pool ----------------------------------
-
-
-def _init_worker() -> None:
-    from pipeline.steps.mix import configure_tensorflow
-
-    configure_tensorflow()
-
-
-class _InProcess:
-    """One worker: the steps run right here, like Beam's in-process runner."""
-
-    def __enter__(self) -> _InProcess:
-        _init_worker()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    @staticmethod
-    def map(fn, *iterables):
-        return map(fn, *iterables)
-
-
-def _pool(workers: int, context):
-    if workers == 1:
-        return _InProcess()
-    return concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
-                                                  initializer=_init_worker)
-
-
-def run_floor(job, workers: int) -> dict:
-    """Plan, pack, pair, mix, encode and write: in this process for one worker, else
-    with a pool of `workers` plain processes."""
-    import collections
-
-    from pipeline.accounting import Accounting
-    from pipeline.io.manifest import load_slide_manifest
-    from pipeline.run import job as _job
-    from pipeline.run import tasks as _stages
-    from pipeline.steps.pack import split_plan
-    from pipeline.steps.pair import PairingTable
-
-    manifest = load_slide_manifest(job.manifest)
-    names = manifest.class_names
-    staging = _job.staging_dir(job.output)
-    shutil.rmtree(job.output.out_dir, ignore_errors=True)
-    os.makedirs(staging)
-    records = {r.slide_id: r for r in manifest.slides}
-    import multiprocessing
-
-    # Spawned, not forked: this process already runs TensorFlow, Beam and Dask threads.
-    context = multiprocessing.get_context("spawn")
-    with _pool(workers, context) as pool:
-        plans = list(pool.map(_stages.plan_task, manifest.slides,
-                              [job.tile] * len(records), ["skip"] * len(records),
-                              [tuple(names)] * len(records)))
-        tasks = [t for p in plans for t in split_plan(records[p.slide_id], p,
-                                                      job.tile.tile_size)]
-        strips = list(pool.map(_stages.pack_task, tasks, [staging] * len(tasks),
-                               [job.read_cache_mb] * len(tasks)))
-        layout = _stages.build_layout([(r.slide_id, r.strip, len(r.tiles)) for r in strips],
-                                      manifest.slides, job, staging,
-                                      tile_bytes=_stages.example_bytes(3, "uint8", 256))
-        table = PairingTable(layout.counts(), job.mix, len(names))
-        by_bucket = collections.defaultdict(list)
-        for result in strips:
-            pairs, _ = _stages.pair_strip(result, layout, table)
-            for bucket, spec in pairs:
-                by_bucket[bucket].append(spec)
-        keys = sorted(by_bucket)
-        buckets = list(pool.map(_stages.mix_bucket, keys, [by_bucket[k] for k in keys],
-                                [layout] * len(keys), [job.mix] * len(keys),
-                                [len(names)] * len(keys)))
-        shards = collections.defaultdict(list)
-        for bucket in buckets:
-            shards[bucket.shard].append(bucket)
-        list(pool.map(_stages.finalize_shard, sorted(shards),
-                      [shards[s] for s in sorted(shards)],
-                      [layout.num_shards] * len(shards), [job.output] * len(shards)))
-    acc = Accounting.merge_all([Accounting.from_plan(p) for p in plans]
-                               + [_stages.strip_accounting(r) for r in strips]
-                               + [b.accounting for b in buckets])
-    return {"num_examples": acc.examples_written, "accounting": acc.to_dict()}
-
-
 def run_engine(engine: str, job, workers: int) -> dict:
-    if engine == "floor":
-        return run_floor(job, workers)
+    if engine == "local":
+        from pipeline.engines.local import run_local
+
+        return run_local(job, workers=workers, progress=False)
     if engine == "beam":
         from pipeline.engines.beam import run_beam
 
@@ -242,7 +158,7 @@ def main() -> None:
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="per-request latency of the simulated bucket (0: local disk)")
-    parser.add_argument("--engines", default="floor,beam,dask")
+    parser.add_argument("--engines", default="local,beam,dask")
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--memory", action="store_true",
                         help="also compare peak RSS with 4 vs 16 slides (Dask, 2 workers)")
@@ -271,10 +187,10 @@ def main() -> None:
                 rows.append(row)
                 print(f"{engine} x{workers}: {row['examples']} examples in "
                       f"{row['seconds']:.1f} s", flush=True)
-        floors = {r["workers"]: r["rate"] for r in rows if r["engine"] == "floor"}
+        floors = {r["workers"]: r["rate"] for r in rows if r["engine"] == "local"}
         print(f"\n{args.slides} slides of {args.slide_size} px, tile {args.tile_size}, "
               f"latency {args.latency_ms:g} ms/request, {os.cpu_count()} CPUs\n")
-        print("| engine | workers | examples | s | examples/s | vs floor | vs 1 worker "
+        print("| engine | workers | examples | s | examples/s | vs local | vs 1 worker "
               "| chunks_read | bytes_read (MB) | read_amplification | requests/example "
               "| peak RSS (MiB) |")
         print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -20,10 +20,10 @@ does not import TensorFlow.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .records import MixedExample, SlidePlan, TileRecord
+from .records import MixedExample, SlidePlan
 
 __all__ = ["NO_PARTNER", "PARTNER_FAILED", "Accounting"]
 
@@ -96,50 +96,6 @@ class Accounting:
                    chunks_read=plan.chunks_read, bytes_read=plan.bytes_read,
                    requests=plan.requests, resumed={"plans": int(plan.reused),
                                                      "slides_changed": int(plan.changed)})
-
-    @classmethod
-    def from_tile(
-        cls,
-        tile: TileRecord | None = None,
-        *,
-        written: Sequence[MixedExample] = (),
-        read_failure: str | None = None,
-        partner_failures: int = 0,
-    ) -> Accounting:
-        """The outcome of one planned tile, as source `a` (report each tile once).
-
-        Args:
-            tile: the anchor tile (informative only; counts do not depend on it).
-            written: the examples with this tile as source `a` that were written.
-            read_failure: reason reading this tile failed (then nothing was written).
-            partner_failures: examples dropped because their partner `b` failed.
-
-        Returns:
-            An `Accounting` that resolves one pending tile.
-        """
-        if read_failure is not None and written:
-            raise ValueError(
-                f"A tile whose read failed cannot have written examples. Received: "
-                f"read_failure={read_failure!r}, {len(written)} written, tile={tile}."
-            )
-        dropped: dict[str, int] = {}
-        if read_failure is not None:
-            reason = read_failure
-        elif written:
-            reason = None
-        elif partner_failures:
-            reason = PARTNER_FAILED
-        else:
-            reason = NO_PARTNER
-        if partner_failures:
-            dropped[PARTNER_FAILED] = partner_failures
-        return dataclasses.replace(
-            cls.from_written(written if reason is None else ()),
-            tiles_used=1 if reason is None else 0,
-            tiles_skipped={reason: 1} if reason is not None else {},
-            tiles_pending=-1,
-            examples_dropped=dropped,
-        )
 
     @classmethod
     def from_written(cls, written: Iterable[MixedExample]) -> Accounting:

@@ -1,4 +1,4 @@
-"""`softmix` command line: demo data, the Beam and Dask jobs, previews and run reports.
+"""`softmix` command line: demo data, the Beam, Dask and local jobs, previews and run reports.
 
 Flags map one to one onto the config dataclasses (`--softness` <-> `MixConfig.softness`).
 Other flags of `softmix beam` must be Beam pipeline options (they are passed through, so
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="softmix",
         description="SoftMix: mix tiles of OME-Zarr slides through soft boundaries and "
-        "write sharded TFRecords (Apache Beam or Dask).",
+        "write sharded TFRecords (Apache Beam, Dask, or locally).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -304,6 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="memory limit per LocalCluster worker (default 4GiB)")
     dask.add_argument("--threads-per-worker", type=_WORKERS, default=1,
                       help=f"threads per LocalCluster worker (1 to {MAX_WORKERS}, default 1)")
+
+    local = sub.add_parser("local", help="run the job on this machine, no framework "
+                           "(in process, or a pool of --workers processes)")
+    _add_job_arguments(local)
 
     preview = sub.add_parser("preview", help="write a PNG contact sheet of mixed examples")
     preview.add_argument("out", help="output directory of a finished run")
@@ -752,6 +756,10 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
 
             result = run_beam(job, workers=args.workers, beam_args=extra,
                               progress=not args.no_progress)
+        elif args.command == "local":
+            from .engines.local import run_local
+
+            result = run_local(job, workers=args.workers, progress=not args.no_progress)
         else:
             from .engines.dask import run_dask
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from typing import Any
 
 __all__ = [
     "PAIRING_POLICIES",
     "JobConfig",
     "MixConfig",
+    "OpConfig",
     "OutputConfig",
+    "PairingConfig",
     "STAIN_FIT_TILES",
     "STAIN_NORMS",
     "TISSUE_MODES",
@@ -219,15 +222,10 @@ class TileConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class MixConfig:
-    """How tiles are paired and mixed (SPEC section 2 and 4).
+class PairingConfig:
+    """Which tiles are paired, how often, and with what seed (`pipeline.steps.pair`).
 
     Attributes:
-        grid: (rows, cols) of the SoftMix cell grid.
-        alpha: Beta(alpha, alpha) parameter of the mixed proportion, > 0.
-        softness: transition width as a fraction of the smallest cell side, in [0, 1].
-        ramp: "cosine" or "linear".
-        mix_prob: probability that an example is mixed at all.
         pairing: "random", "cross-class" or "balanced".
         group_column: manifest column whose equal values are never paired (e.g. a
             patient id), or None.
@@ -235,33 +233,15 @@ class MixConfig:
             [0, 64].
         keep_originals: also write each used tile unmixed (lam = 0).
         seed: global seed; every per-example seed is a hash of it and the tile key.
-        batch_size: examples per call of the TensorFlow op, in [1, 4096].
     """
 
-    grid: tuple[int, int] = (4, 4)
-    alpha: float = 1.0
-    softness: float = 0.5
-    ramp: str = "cosine"
-    mix_prob: float = 1.0
     pairing: str = "random"
     group_column: str | None = None
     num_mixes: int = 1
     keep_originals: bool = False
     seed: int = 0
-    batch_size: int = 32
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", parse_grid(self.grid))
-        if not 0 < self.alpha < math.inf:
-            raise ValueError(f"`alpha` must be finite and > 0. Received: alpha={self.alpha}")
-        if not 0.0 <= self.softness <= 1.0:
-            raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
-        if self.ramp not in ("cosine", "linear"):
-            raise ValueError(
-                f"`ramp` must be 'cosine' or 'linear'. Received: ramp={self.ramp!r}"
-            )
-        if not 0.0 <= self.mix_prob <= 1.0:
-            raise ValueError(f"`mix_prob` must be in [0, 1]. Received: mix_prob={self.mix_prob}")
         if self.pairing not in PAIRING_POLICIES:
             raise ValueError(
                 f"`pairing` must be one of {PAIRING_POLICIES}. Received: pairing={self.pairing!r}"
@@ -276,11 +256,131 @@ class MixConfig:
                 "`num_mixes=0` without `keep_originals` would write nothing. "
                 "Use num_mixes >= 1 or turn keep_originals on."
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class OpConfig:
+    """How a pair is mixed: the SoftMix op's settings (SPEC section 2, `pipeline.steps.mix`).
+
+    Attributes:
+        grid: (rows, cols) of the SoftMix cell grid.
+        alpha: Beta(alpha, alpha) parameter of the mixed proportion, > 0.
+        softness: transition width as a fraction of the smallest cell side, in [0, 1].
+        ramp: "cosine" or "linear".
+        mix_prob: probability that an example is mixed at all.
+        batch_size: examples per call of the TensorFlow op, in [1, 4096] (never
+            changes a pixel).
+    """
+
+    grid: tuple[int, int] = (4, 4)
+    alpha: float = 1.0
+    softness: float = 0.5
+    ramp: str = "cosine"
+    mix_prob: float = 1.0
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", parse_grid(self.grid))
+        if not 0 < self.alpha < math.inf:
+            raise ValueError(f"`alpha` must be finite and > 0. Received: alpha={self.alpha}")
+        if not 0.0 <= self.softness <= 1.0:
+            raise ValueError(f"`softness` must be in [0, 1]. Received: softness={self.softness}")
+        if self.ramp not in ("cosine", "linear"):
+            raise ValueError(
+                f"`ramp` must be 'cosine' or 'linear'. Received: ramp={self.ramp!r}"
+            )
+        if not 0.0 <= self.mix_prob <= 1.0:
+            raise ValueError(f"`mix_prob` must be in [0, 1]. Received: mix_prob={self.mix_prob}")
         if self.batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1. Received: batch_size={self.batch_size}")
         check_count("batch_size", self.batch_size, MAX_BATCH_SIZE,
                     "It is only the examples per op call (it never changes the output); "
                     "the default 32 is enough.")
+
+
+_UNSET: Any = object()
+# The flat names of `MixConfig` (the CLI flags and `manifest.json`'s params keep them,
+# in this order), each a field of `OpConfig` or `PairingConfig`.
+MIX_FIELDS = ("grid", "alpha", "softness", "ramp", "mix_prob", "pairing", "group_column",
+              "num_mixes", "keep_originals", "seed", "batch_size")
+
+
+@dataclasses.dataclass(frozen=True, init=False)
+class MixConfig:
+    """How tiles are paired (`pair`: `PairingConfig`) and mixed (`op`: `OpConfig`).
+
+    Built from flat keywords, one per CLI flag (``MixConfig(grid=4, seed=7)``; the
+    defaults are those of the two parts), or from the parts
+    (``MixConfig(pair=..., op=...)``; flat keywords then override single settings).
+    Every setting reads flat too (``mix.seed`` is ``mix.pair.seed``).
+    """
+
+    pair: PairingConfig
+    op: OpConfig
+
+    def __init__(self, grid: int | str | tuple[int, int] = _UNSET, alpha: float = _UNSET,
+                 softness: float = _UNSET, ramp: str = _UNSET, mix_prob: float = _UNSET,
+                 pairing: str = _UNSET, group_column: str | None = _UNSET,
+                 num_mixes: int = _UNSET, keep_originals: bool = _UNSET, seed: int = _UNSET,
+                 batch_size: int = _UNSET, *, pair: PairingConfig | None = None,
+                 op: OpConfig | None = None):
+        given = {k: v for k, v in locals().items() if k in MIX_FIELDS and v is not _UNSET}
+        op_names = {f.name for f in dataclasses.fields(OpConfig)}
+        op_changes = {k: v for k, v in given.items() if k in op_names}
+        pair_changes = {k: v for k, v in given.items() if k not in op_names}
+        object.__setattr__(self, "op", dataclasses.replace(op or OpConfig(), **op_changes))
+        object.__setattr__(self, "pair",
+                           dataclasses.replace(pair or PairingConfig(), **pair_changes))
+
+    # The flat names (CLI flags, manifest params): each reads its part's setting.
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.op.grid
+
+    @property
+    def alpha(self) -> float:
+        return self.op.alpha
+
+    @property
+    def softness(self) -> float:
+        return self.op.softness
+
+    @property
+    def ramp(self) -> str:
+        return self.op.ramp
+
+    @property
+    def mix_prob(self) -> float:
+        return self.op.mix_prob
+
+    @property
+    def batch_size(self) -> int:
+        return self.op.batch_size
+
+    @property
+    def pairing(self) -> str:
+        return self.pair.pairing
+
+    @property
+    def group_column(self) -> str | None:
+        return self.pair.group_column
+
+    @property
+    def num_mixes(self) -> int:
+        return self.pair.num_mixes
+
+    @property
+    def keep_originals(self) -> bool:
+        return self.pair.keep_originals
+
+    @property
+    def seed(self) -> int:
+        return self.pair.seed
+
+    def to_dict(self) -> dict[str, Any]:
+        """The flat settings in `MIX_FIELDS` order (`manifest.json`'s ``params.mix``)."""
+        return {name: getattr(self, name) for name in MIX_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,17 +40,63 @@ import tensorflow as tf
 from ..records import MixedExample, TileRecord
 
 __all__ = [
+    "FIELDS",
     "PNG_DTYPES",
+    "PROVENANCE",
     "choose_format",
     "decode_example",
     "encode_example",
     "feature_spec",
     "parse_and_decode",
+    "provenance",
 ]
 
 PNG_DTYPES = ("uint8", "uint16")
 PNG_CHANNELS = (1, 3, 4)
 _SOURCE_FIELDS = ("slide_id", "level", "x", "y", "label")
+
+# The schema (module docstring) as data, the one place it is defined: key -> (dtype,
+# shape), "K" = the number of classes. `encode_example`, `feature_spec` (parsing),
+# `output.tfds_features` and the stream's output signature are all built from it.
+IMAGE_FIELDS: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    "image/encoded": ("string", ()),
+    "image/format": ("string", ()),
+    "image/shape": ("int64", (3,)),
+    "image/dtype": ("string", ()),
+}
+PROVENANCE: tuple[str, ...] = ("seed", "example_id", "mix_index") + tuple(
+    f"{p}/{f}" for p in ("a", "b") for f in _SOURCE_FIELDS)
+FIELDS: dict[str, tuple[str, tuple[int | str, ...]]] = {
+    **IMAGE_FIELDS,
+    "label": ("float32", ("K",)),
+    "lam": ("float32", ()),
+    "seed": ("int64", (2,)),
+    "example_id": ("string", ()),
+    "mix_index": ("int64", ()),
+    **{f"{p}/{f}": ("string" if f == "slide_id" else "int64", ())
+       for p in ("a", "b") for f in _SOURCE_FIELDS},
+}
+# Keys older shards may lack, with the value a parse gives them.
+_DEFAULTS = {"example_id": "", "mix_index": -1}
+
+
+def field_shape(name: str, num_classes: int) -> list[int]:
+    """The shape of field `name` for K = `num_classes`."""
+    return [num_classes if d == "K" else int(d) for d in FIELDS[name][1]]
+
+
+def provenance(example_id: str, a: TileRecord, b: TileRecord, mix_index: int,
+               seed: tuple[int, int]) -> dict[str, Any]:
+    """The `PROVENANCE` fields of one example, as Python values (str, int, [int, int])."""
+    out: dict[str, Any] = {"seed": [int(seed[0]), int(seed[1])], "example_id": example_id,
+                           "mix_index": int(mix_index)}
+    for prefix, tile in (("a", a), ("b", b)):
+        out[f"{prefix}/slide_id"] = tile.key.slide_id
+        out[f"{prefix}/level"] = int(tile.key.level)
+        out[f"{prefix}/x"] = int(tile.key.x)
+        out[f"{prefix}/y"] = int(tile.key.y)
+        out[f"{prefix}/label"] = _class_index(tile)
+    return out
 
 
 # PNG encoding (imagecodecs/libpng): Paeth filter + zlib RLE strategy at level 1. On
@@ -91,6 +137,13 @@ def _ints(values: list[int]) -> tf.train.Feature:
 
 def _floats(values: list[float]) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=values))
+
+
+def _feature(dtype: str, value: Any) -> tf.train.Feature:
+    values = value if isinstance(value, list) else [value]
+    if dtype == "string":
+        return _bytes([v if isinstance(v, bytes) else v.encode("utf-8") for v in values])
+    return _ints(values) if dtype == "int64" else _floats(values)
 
 
 def _class_index(tile: TileRecord) -> int:
@@ -134,25 +187,17 @@ def encode_example(example: MixedExample, *, image_format: str | None = None) ->
         encoded = encode_png(image)
     else:
         encoded = np.ascontiguousarray(image, dtype=image.dtype.newbyteorder("<")).tobytes()
-    label = np.asarray(example.label, dtype=np.float32).reshape(-1)
     spec = example.spec
-    feature = {
-        "image/encoded": _bytes([encoded]),
-        "image/format": _bytes([fmt.encode()]),
-        "image/shape": _ints([int(d) for d in image.shape]),
-        "image/dtype": _bytes([image.dtype.name.encode()]),
-        "label": _floats(label.tolist()),
-        "lam": _floats([float(example.lam)]),
-        "seed": _ints([int(spec.seed[0]), int(spec.seed[1])]),
-        "example_id": _bytes([spec.example_id.encode("utf-8")]),
-        "mix_index": _ints([int(spec.mix_index)]),
+    values: dict[str, Any] = {
+        "image/encoded": encoded,
+        "image/format": fmt,
+        "image/shape": [int(d) for d in image.shape],
+        "image/dtype": image.dtype.name,
+        "label": np.asarray(example.label, dtype=np.float32).reshape(-1).tolist(),
+        "lam": float(example.lam),
+        **provenance(spec.example_id, spec.a, spec.b, spec.mix_index, spec.seed),
     }
-    for prefix, tile in (("a", spec.a), ("b", spec.b)):
-        feature[f"{prefix}/slide_id"] = _bytes([tile.key.slide_id.encode("utf-8")])
-        feature[f"{prefix}/level"] = _ints([tile.key.level])
-        feature[f"{prefix}/x"] = _ints([tile.key.x])
-        feature[f"{prefix}/y"] = _ints([tile.key.y])
-        feature[f"{prefix}/label"] = _ints([_class_index(tile)])
+    feature = {key: _feature(FIELDS[key][0], value) for key, value in values.items()}
     proto = tf.train.Example(features=tf.train.Features(feature=feature))
     return proto.SerializeToString(deterministic=True)
 
@@ -207,22 +252,10 @@ def decode_example(serialized: bytes) -> dict[str, Any]:
 
 def feature_spec(num_classes: int) -> dict[str, tf.io.FixedLenFeature]:
     """The `tf.io.parse_single_example` spec of the schema, for K = `num_classes`."""
-    spec = {
-        "image/encoded": tf.io.FixedLenFeature([], tf.string),
-        "image/format": tf.io.FixedLenFeature([], tf.string),
-        "image/shape": tf.io.FixedLenFeature([3], tf.int64),
-        "image/dtype": tf.io.FixedLenFeature([], tf.string),
-        "label": tf.io.FixedLenFeature([num_classes], tf.float32),
-        "lam": tf.io.FixedLenFeature([], tf.float32),
-        "seed": tf.io.FixedLenFeature([2], tf.int64),
-        "example_id": tf.io.FixedLenFeature([], tf.string, default_value=""),
-        "mix_index": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-    }
-    for prefix in ("a", "b"):
-        spec[f"{prefix}/slide_id"] = tf.io.FixedLenFeature([], tf.string)
-        for field in _SOURCE_FIELDS[1:]:
-            spec[f"{prefix}/{field}"] = tf.io.FixedLenFeature([], tf.int64)
-    return spec
+    return {key: tf.io.FixedLenFeature(field_shape(key, num_classes), tf.as_dtype(dtype),
+                                       **({"default_value": _DEFAULTS[key]}
+                                          if key in _DEFAULTS else {}))
+            for key, (dtype, _) in FIELDS.items()}
 
 
 def parse_and_decode(

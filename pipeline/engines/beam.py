@@ -3,9 +3,10 @@
     manifest rows -> SlidesToPlans -> PlansToStrips (tile packs) -> PairStrips
                   -> MixBuckets -> WriteShards (+ accounting) -> manifest.json
 
-Each transform only wires the steps of `tasks` (and through them `plan`,
-`pack`, `pair`, `mix`, `schema`, `shards`, `output`) into Beam;
-nothing here computes anything the Dask adapter does not compute the same way. Only
+Each transform only wires the steps of `pipeline.run.tasks` into Beam, and
+`build_pipeline` only wires the decisions between them (pixel kind, stain target,
+layout, pairing table, publish) that `pipeline.run.run.Run` makes for every engine:
+nothing here computes anything the other engines do not compute the same way. Only
 coordinates travel through Beam: strips carry tile records, the one shuffle carries
 pair specs to their bucket, and pixels go from the slides into the tile packs and
 from the packs into the bucket files (see `pipeline.steps.pack`). The run layout and
@@ -25,10 +26,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from ..accounting import Accounting
 from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
 from ..records import SlidePlan, SlideRecord
 from ..run import job as _job
 from ..run import output as _output
+from ..run.run import Run
 
 __all__ = [
     "MixBuckets",
@@ -109,11 +112,10 @@ class _PackStrip(beam.DoFn):
         self._on_error = on_error
 
     def process(self, task, stain=None):
-        from ..run.tasks import pack_task
-        from ..steps.stain import strip_transform
+        from ..run.run import pack_stained
 
-        result = pack_task(task, self._staging, self._read_cache_mb, self._on_error,
-                           transform=strip_transform(task, stain))
+        result = pack_stained(task, stain, staging=self._staging,
+                              read_cache_mb=self._read_cache_mb, on_error=self._on_error)
         counter = beam.metrics.Metrics.counter
         counter(_NAMESPACE, "strips_packed").inc()
         counter(_NAMESPACE, "chunks_read").inc(result.chunks_read)
@@ -269,135 +271,80 @@ class WriteShards(beam.PTransform):
 
 class _AccountingFn(beam.CombineFn):
     def create_accumulator(self):
-        return _output.Accounting()
+        return Accounting()
 
     def add_input(self, accumulator, element):
         return accumulator.merge(element)
 
     def merge_accumulators(self, accumulators):
-        return _output.Accounting.merge_all(accumulators)
+        return Accounting.merge_all(accumulators)
 
     def extract_output(self, accumulator):
         return accumulator
 
 
-def _make_table(layout, mix: MixConfig, num_classes: int):
-    from ..errors import PipelineError
-    from ..steps.pair import PairingTable
-
-    try:
-        return PairingTable(layout.counts(), mix, num_classes)
-    except ValueError as err:
-        raise PipelineError(str(err)) from err
-
-
-def build_pipeline(pipeline: beam.Pipeline, job: JobConfig, slides: Sequence[SlideRecord],
-                   class_names: Sequence[str], params: dict[str, Any], *,
-                   examples_per_task: int | None = None, resumed: bool = False,
-                   stain: Any = None):
-    """Add the whole job to `pipeline`; the last step writes `manifest.json`.
+def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
+                   examples_per_task: int | None = None):
+    """Add the whole run to `pipeline`; the last step writes `manifest.json`.
 
     Args:
         pipeline: a Beam pipeline (any runner).
-        job: the run's configuration.
-        slides: the manifest's slide records.
-        class_names: the run's classes.
-        params: the `params` entry of `manifest.json`.
+        run: the prepared run (`run.prepare_run`).
+        params: the `params` entry of `manifest.json` (`Run.params`).
         examples_per_task: examples per mix bucket (default 128).
-        resumed: this run continues an interrupted one (`job.prepare_output`).
-        stain: the resolved `stain.StainSpec`; None resolves `job.tile`'s stain options.
 
     Returns:
         A PCollection holding the manifest dict once written.
     """
-    from ..run import tasks as _stages
-    from ..steps import stain as _stain
+    from ..run import tasks as _tasks
+    from ..run.run import stain_fit_of, strip_size
 
-    if stain is None:
-        stain = _stain.resolve_stain(job.tile.stain_norm, job.tile.stain_target,
-                                     [s.slide_id for s in slides])
-
-    num_classes = len(class_names)
-    on_error = job.output.on_error
-    staging = _job.staging_dir(job.output)
-    raw_plans = (
-        pipeline
-        | "Slides" >> beam.Create(list(slides))
-        | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=on_error, class_names=class_names,
-                                           staging=staging)
-    )
-    majority = beam.pvalue.AsSingleton(
-        raw_plans
-        | "Kinds" >> beam.FlatMap(_stages.plan_kind)
+    job, staging = run.job, run.staging
+    raw = (pipeline
+           | "Slides" >> beam.Create(list(run.slides))
+           | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=run.on_error,
+                                              class_names=run.class_names, staging=staging))
+    kind = beam.pvalue.AsSingleton(  # the run's pixel kind: only (channels, dtype) travel
+        raw | "Kinds" >> beam.FlatMap(_tasks.plan_kind)
         | "CollectKinds" >> beam.combiners.ToList()
-        | "Majority" >> beam.Map(_stages.majority_kind)
-    )
-    plans = raw_plans | "Reconcile" >> beam.Map(_stages.reconcile_plan, majority)
-    stain_in: Any = stain
-    fits: Any = []
-    if stain is not None:
-        if stain.target is None:  # a slide's fit: only that slide's plan is looked at
-            target_id = stain.source
-            stain_in = beam.pvalue.AsSingleton(
-                raw_plans
-                | "StainTargetPlan" >> beam.Filter(lambda p: p.slide_id == target_id)
-                | "CollectStainTarget" >> beam.combiners.ToList()
-                | "StainTarget" >> beam.Map(stain.with_slide_fit))
-        fits = beam.pvalue.AsList(plans | "StainFits" >> beam.FlatMap(
-            lambda p: [(p.slide_id, p.stain_fit)] if p.failure is None and p.stain_fit else []))
+        | "Majority" >> beam.Map(_tasks.majority_kind))
+    plans = raw | "Reconcile" >> beam.Map(_tasks.reconcile_plan, kind)
+    stain: Any = run.stain
+    if run.stain_slide is not None:  # a slide's fit: only that slide's plan is looked at
+        target = run.stain_slide
+        stain = beam.pvalue.AsSingleton(
+            raw | "StainTargetPlan" >> beam.Filter(lambda p: p.slide_id == target)
+            | "CollectStainTarget" >> beam.combiners.ToList()
+            | "StainTarget" >> beam.Map(run.stain_for))
+    fits = beam.pvalue.AsList(plans | "StainFits" >> beam.FlatMap(stain_fit_of))
     strips = plans | "PlansToStrips" >> PlansToStrips(
-        slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=on_error,
-        stain=stain_in)
-
-    def layout_of(summaries, kind):
-        channels, dtype = kind if kind is not None else (3, "uint8")
-        return _stages.build_layout(
-            summaries, slides, job, staging,
-            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
-            examples_per_task=examples_per_task)
-
-    layout_pc = (
-        strips
-        | "StripSizes" >> beam.Map(lambda r: (r.slide_id, r.strip, len(r.tiles), r.content))
-        | "CollectSizes" >> beam.combiners.ToList()
-        | "Layout" >> beam.Map(layout_of, majority)
-    )
+        run.slides, job.tile.tile_size, staging, job.read_cache_mb, on_error=run.on_error,
+        stain=stain)
+    layout_pc = (strips
+                 | "StripSizes" >> beam.Map(strip_size)
+                 | "CollectSizes" >> beam.combiners.ToList()
+                 | "Layout" >> beam.Map(run.layout, kind, examples_per_task=examples_per_task))
     layout = beam.pvalue.AsSingleton(layout_pc)
-    table = beam.pvalue.AsSingleton(
-        layout_pc | "PairingTable" >> beam.Map(_make_table, job.mix, num_classes))
+    table = beam.pvalue.AsSingleton(layout_pc | "PairingTable" >> beam.Map(run.pairing_table))
     pairs, pair_accounting = strips | "PairStrips" >> PairStrips(layout, table)
-    buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, num_classes, layout,
+    buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, run.num_classes, layout,
                                                  progress_dir=staging)
     shards = buckets | "WriteShards" >> WriteShards(job.output, layout)
     accounting = (
-        (
-            plans | "PlanAccounting" >> beam.Map(_output.Accounting.from_plan),
-            strips | "StripAccounting" >> beam.Map(_stages.strip_accounting),
-            pair_accounting,
-            buckets | "BucketAccounting" >> beam.Map(lambda b: b.accounting),
-        )
+        (plans | "PlanAccounting" >> beam.Map(Accounting.from_plan),
+         strips | "StripAccounting" >> beam.Map(_tasks.strip_accounting),
+         pair_accounting,
+         buckets | "BucketAccounting" >> beam.Map(lambda b: b.accounting))
         | "AllAccounting" >> beam.Flatten()
-        | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn())
-    )
-    def publish(_, infos, lay, acc, slide_fits, spec):
-        section = spec.manifest_section(dict(slide_fits)) if spec is not None else None
-        return _job.publish_output(
-            job.output, infos, lay.num_shards,
-            acc.with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed),
-            class_names, params, stain=section)
+        | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn()))
 
-    return (
-        pipeline
-        | "Finish" >> beam.Create([None])
-        | "Publish" >> beam.Map(
-            publish,
-            beam.pvalue.AsList(shards),
-            layout,
-            beam.pvalue.AsSingleton(accounting),
-            fits,
-            stain_in,
-        )
-    )
+    def publish(_, infos, lay, acc, slide_fits, spec):
+        return run.publish(infos, lay.num_shards, acc, params, stain=spec, fits=slide_fits)
+
+    return (pipeline
+            | "Finish" >> beam.Create([None])
+            | "Publish" >> beam.Map(publish, beam.pvalue.AsList(shards), layout,
+                                    beam.pvalue.AsSingleton(accounting), fits, stain))
 
 
 def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -433,31 +380,18 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
             slide or tile.
     """
     from ..config import MAX_WORKERS, check_count
-    from ..io.manifest import load_slide_manifest
+    from ..run.run import prepare_run
 
     check_count("workers", workers, MAX_WORKERS, "Local runs gain nothing beyond the "
                 "machine's cores; to scale out use --runner=DataflowRunner.")
-    manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
-                                   group_column=job.mix.group_column)
-    from ..steps.stain import resolve_stain
-
-    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
-                          [s.slide_id for s in manifest.slides])
-    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
-    try:
-        resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
-    except _job.RunFinished as done:
-        print(done, flush=True)
-        return done.manifest
-    params = _job.job_params(job, "beam", workers=workers,
-                             beam_options=[a for a in beam_args],
-                             run_fingerprint=_job.fingerprint_digest(fingerprint))
-    options = local_pipeline_options(workers, beam_args)
+    run = prepare_run(job)
+    if run.finished is not None:
+        return dict(run.finished)
+    params = run.params("beam", workers=workers, beam_options=list(beam_args))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with _job.progress_reporter(job.output, enabled=progress):
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, job, manifest.slides, manifest.class_names, params,
-                       examples_per_task=examples_per_task, resumed=resumed, stain=stain)
+        pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
+        build_pipeline(pipeline, run, params, examples_per_task=examples_per_task)
         try:
             pipeline.run().wait_until_finish()
         except Exception as err:

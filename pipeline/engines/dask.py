@@ -6,8 +6,9 @@
                   -> mix tasks (one per bucket) -> concat tasks (one per shard)
                   -> accounting + manifest.json on the client
 
-Like `beam_transforms`, this module only decides *where* the steps of `tasks` run;
-it computes nothing itself. Futures carry the data-dependent phases (how many strips a
+Like the Beam engine, this module only decides *where* the steps of `pipeline.run.tasks`
+run; the decisions between them are `pipeline.run.run.Run`'s, and it computes nothing
+itself. Futures carry the data-dependent phases (how many strips a
 slide has is known only after planning); the client only ever gathers small results:
 `(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
 shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
@@ -27,14 +28,15 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from ..accounting import Accounting
 from ..config import JobConfig, MixConfig
 from ..errors import PipelineError
 from ..run import job as _job
-from ..run import output as _output
+from ..run.run import Run, pack_stained, prepare_run, stain_fit_of, strip_size
+from ..steps.pack import split_plan
 
 __all__ = [
     "WorkerMemoryMonitor",
-    "measure_peak_worker_rss",
     "run_dask",
     "run_job",
     "start_local_cluster",
@@ -49,20 +51,12 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _first(pair: tuple[Any, Any]) -> Any:
-    return pair[0]
-
-
 def _specs_of(*paired: tuple[list, Any]) -> list:
     return [item for specs, _ in paired for item in specs]
 
 
 def _second(pair: tuple[Any, Any]) -> Any:
     return pair[1]
-
-
-def _strip_size(result: Any) -> tuple[str, int, int, str | None]:
-    return (result.slide_id, result.strip, len(result.tiles), result.content)
 
 
 def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
@@ -76,6 +70,12 @@ def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_clas
 
 def _bucket_key(item: tuple[Any, Any]) -> Any:
     return item[0]
+
+
+def _without_tiles(plan: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(plan, tiles=(), skipped=())
 
 
 def run_job(client: Any, job: JobConfig, *, progress: bool = True,
@@ -97,132 +97,69 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
             slide or tile.
     """
-    try:
-        manifest = _prepare(job)
-    except _job.RunFinished as done:
-        print(done, flush=True)
-        return done.manifest
-    return _run_prepared(client, job, manifest, progress=progress,
-                         examples_per_task=examples_per_task, extra_params=extra_params)
+    run = prepare_run(job)
+    if run.finished is not None:
+        return dict(run.finished)
+    return _run_prepared(client, run, progress=progress, examples_per_task=examples_per_task,
+                         extra_params=extra_params)
 
 
-def _prepare(job: JobConfig) -> tuple[Any, str, bool, Any]:
-    """Check the manifest, the stain target and the output directory before any
-    cluster work.
-
-    Returns:
-        `(slide manifest, run fingerprint digest, whether an interrupted run resumes,
-        the run's `stain.StainSpec` or None)`.
-
-    Raises:
-        _job.RunFinished: `--resume` of a run that already finished.
-    """
-    from ..io.manifest import load_slide_manifest
-    from ..steps.stain import resolve_stain
-
-    manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
-                                   group_column=job.mix.group_column)
-    stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,
-                          [s.slide_id for s in manifest.slides])
-    fingerprint = _job.run_fingerprint(job, manifest.slides, stain=stain)
-    resumed = _job.prepare_output(job.output, fingerprint, slides=manifest.slides)
-    return manifest, _job.fingerprint_digest(fingerprint), resumed, stain
-
-
-def _stain_fit_of(plan: Any) -> tuple[str, str] | None:
-    return (plan.slide_id, plan.stain_fit) if plan.failure is None and plan.stain_fit else None
-
-
-def _without_tiles(plan: Any) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(plan, tiles=(), skipped=())
-
-
-def _pack_stained(task: Any, stain: Any, *, staging: str, read_cache_mb: float,
-                  on_error: str) -> Any:
-    from ..run.tasks import pack_task
-    from ..steps.stain import strip_transform
-
-    return pack_task(task, staging, read_cache_mb, on_error,
-                     transform=strip_transform(task, stain))
-
-
-def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, Any], *,
-                  progress: bool,
-                  examples_per_task: int | None,
+def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: int | None,
                   extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The run's steps as futures; see the module docstring for what travels where.
+
+    Longer than most functions here because it is the whole composition: five phases,
+    each a few `client.map` calls and one decision of `run`, read top to bottom.
+    """
     import dask
     import dask.bag as db
 
-    from ..run import tasks as _stages
-    from ..steps.pack import split_plan
-    from ..steps.pair import PairingTable
+    from ..run import tasks as _tasks
 
-    manifest, digest, resumed, stain = prepared
-    class_names, slides = manifest.class_names, manifest.slides
-    num_classes = len(class_names)
+    job, slides, staging = run.job, list(run.slides), run.staging
     workers = client.scheduler_info(n_workers=-1)["workers"]
-    params = _job.job_params(job, "dask", workers=len(workers), **dict(extra_params or {}),
-                             run_fingerprint=digest)
-    on_error = job.output.on_error
-    staging = _job.staging_dir(job.output)
+    params = run.params("dask", workers=len(workers), **dict(extra_params or {}))
     run_id = uuid.uuid4().hex[:8]
     held: list[Any] = []
     try:
         # 1. Plan every slide; only (channels, dtype) come back to the client.
-        raw = client.map(_stages.plan_task, list(slides), config=job.tile, on_error=on_error,
-                         class_names=tuple(class_names), staging=staging,
+        raw = client.map(_tasks.plan_task, slides, config=job.tile, on_error=run.on_error,
+                         class_names=run.class_names, staging=staging,
                          key=[f"softmix-plan-{run_id}-{i}" for i in range(len(slides))])
         held += raw
-        kinds = [k for ks in client.gather(client.map(_stages.plan_kind, raw)) for k in ks]
-        majority = _stages.majority_kind(kinds)
-        plans = client.map(_stages.reconcile_plan, raw, majority=majority)
+        kind = _tasks.majority_kind(
+            k for ks in client.gather(client.map(_tasks.plan_kind, raw)) for k in ks)
+        plans = client.map(_tasks.reconcile_plan, raw, majority=kind)
         held += plans
-        plan_acc = client.gather(client.map(_output.Accounting.from_plan, plans))
-        slide_fits: dict[str, str] = {}
-        if stain is not None:
-            if stain.target is None:  # only the target slide's plan comes back
-                index = [s.slide_id for s in slides].index(stain.source)
-                stain = stain.with_slide_fit(
-                    [client.submit(_without_tiles, raw[index]).result()])
-            slide_fits = dict(f for f in client.gather(client.map(_stain_fit_of, plans)) if f)
+        plan_acc = client.gather(client.map(Accounting.from_plan, plans))
+        stain = run.stain
+        if run.stain_slide is not None:  # only the target slide's plan comes back
+            index = [s.slide_id for s in slides].index(run.stain_slide)
+            stain = run.stain_for([client.submit(_without_tiles, raw[index]).result()])
+        fits = [f for fs in client.gather(client.map(stain_fit_of, plans)) for f in fs]
         # 2. Cut plans into strips on the workers and pack every strip.
-        strip_lists = client.map(split_plan, list(slides), plans,
-                                 tile_size=job.tile.tile_size)
+        strip_lists = client.map(split_plan, slides, plans, tile_size=job.tile.tile_size)
         held += strip_lists
-        sizes = client.gather(client.map(len, strip_lists))
-        tasks = [client.submit(operator.getitem, lst, i, pure=False)
-                 for lst, n in zip(strip_lists, sizes, strict=True) for i in range(n)]
-        held += tasks
-        if stain is None:
-            results = client.map(_stages.pack_task, tasks, staging=staging,
-                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
-                                 pure=False)
-        else:
-            results = client.map(_pack_stained, tasks, stain=stain, staging=staging,
-                                 read_cache_mb=job.read_cache_mb, on_error=on_error,
-                                 pure=False)
+        counts = client.gather(client.map(len, strip_lists))
+        strips = [client.submit(operator.getitem, lst, i, pure=False)
+                  for lst, n in zip(strip_lists, counts, strict=True) for i in range(n)]
+        held += strips
+        results = client.map(pack_stained, strips, stain=stain, staging=staging,
+                             read_cache_mb=job.read_cache_mb, on_error=run.on_error,
+                             pure=False)
         held += results
-        strip_acc = client.gather(client.map(_stages.strip_accounting, results))
-        summaries = client.gather(client.map(_strip_size, results))
+        strip_acc = client.gather(client.map(_tasks.strip_accounting, results))
+        sizes = client.gather(client.map(strip_size, results))
         # 3. The small run layout and pairing table, broadcast to every worker.
-        channels, dtype = majority if majority is not None else (3, "uint8")
-        layout = _stages.build_layout(
-            summaries, slides, job, staging,
-            tile_bytes=_stages.example_bytes(channels, dtype, job.tile.tile_size),
-            examples_per_task=examples_per_task)
-        try:
-            table = PairingTable(layout.counts(), job.mix, num_classes)
-        except ValueError as err:
-            raise PipelineError(str(err)) from err
+        layout = run.layout(sizes, kind, examples_per_task=examples_per_task)
+        table = run.pairing_table(layout)
         # Tasks, not `scatter`: a scattered value is lost with its worker, a task's
         # result is recomputed.
         layout_f = client.submit(_identity, layout, key=f"softmix-layout-{run_id}")
         table_f = client.submit(_identity, table, key=f"softmix-table-{run_id}")
         held += [layout_f, table_f]
         # 4. Pair per strip, shuffle the (small) specs by bucket, mix each bucket.
-        paired = client.map(_stages.pair_strip, results, layout=layout_f, table=table_f)
+        paired = client.map(_tasks.pair_strip, results, layout=layout_f, table=table_f)
         held += paired
         pair_acc = client.gather(client.map(_second, paired))
         num_buckets = layout.num_shards * layout.buckets_per_shard
@@ -234,17 +171,16 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
                                for i in range(parts)])
         grouped = bag.groupby(_bucket_key, shuffle="tasks",
                               npartitions=max(1, min(num_buckets, 4 * num_threads)))
-        mixed = grouped.map(_mix_group, layout_f, job.mix, num_classes, staging)
-        total = sum(s[2] for s in summaries) * (job.mix.num_mixes
-                                                   + int(job.mix.keep_originals))
-        with _job.progress_reporter(job.output, enabled=progress, total=total):
+        mixed = grouped.map(_mix_group, layout_f, job.mix, run.num_classes, staging)
+        with _job.progress_reporter(job.output, enabled=progress,
+                                    total=run.num_examples(sizes)):
             buckets = client.gather(client.compute(mixed))
         # 5. Concatenate each shard's buckets.
         by_shard: dict[int, list] = collections.defaultdict(list)
         for bucket in buckets:
             by_shard[bucket.shard].append(bucket)
         infos = client.gather(client.map(
-            _stages.finalize_shard, sorted(by_shard), [by_shard[s] for s in sorted(by_shard)],
+            _tasks.finalize_shard, sorted(by_shard), [by_shard[s] for s in sorted(by_shard)],
             num_shards=layout.num_shards, config=job.output, pure=False))
     except PipelineError:
         raise
@@ -253,12 +189,9 @@ def _run_prepared(client: Any, job: JobConfig, prepared: tuple[Any, str, bool, A
         raise
     finally:
         client.cancel(held)
-    accounting = _output.Accounting.merge_all(
-        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets]
-    ).with_resumed({"shards": sum(i.reused for i in infos)}, resumed_run=resumed)
-    section = stain.manifest_section(slide_fits) if stain is not None else None
-    return _job.publish_output(job.output, infos, layout.num_shards, accounting, class_names,
-                               params, stain=section)
+    accounting = Accounting.merge_all(
+        list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets])
+    return run.publish(infos, layout.num_shards, accounting, params, stain=stain, fits=fits)
 
 
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
@@ -300,26 +233,24 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
                     "machine's cores; to scale out pass `scheduler`.")
     extra = {"scheduler": scheduler, "memory_limit": str(memory_limit),
              "threads_per_worker": threads_per_worker}
-    try:
-        manifest = _prepare(job)  # bad input fails before any cluster starts
-    except _job.RunFinished as done:
-        print(done, flush=True)
-        return done.manifest
+    run = prepare_run(job)  # bad input fails before any cluster starts
+    if run.finished is not None:
+        return dict(run.finished)
     options = {"progress": progress, "examples_per_task": examples_per_task,
                "extra_params": extra}
     if client is not None:
-        return _run_prepared(client, job, manifest, **options)
+        return _run_prepared(client, run, **options)
     if scheduler is not None:
         with Client(scheduler) as own:
             print(f"dask dashboard: {own.dashboard_link}", flush=True)
-            return _run_prepared(own, job, manifest, **options)
+            return _run_prepared(own, run, **options)
     with start_local_cluster(workers, threads_per_worker=threads_per_worker,
                              memory_limit=memory_limit) as cluster, Client(cluster) as own:
         print(f"dask dashboard: {own.dashboard_link}", flush=True)
-        return _run_prepared(own, job, manifest, **options)
+        return _run_prepared(own, run, **options)
 
 
-# --- Memory measurement (benchmarks) ---------------------------------------------------
+# --- Memory measurement: the workers' peak RSS while a job runs ---------------------------
 
 
 def _process_rss() -> int:
@@ -378,26 +309,3 @@ class WorkerMemoryMonitor:
     def peak_bytes(self) -> int:
         """The highest RSS of any worker (polled or `ru_maxrss`), in bytes."""
         return max([0, *self.peak_rss.values(), *self.peak_maxrss.values()])
-
-
-def measure_peak_worker_rss(job: JobConfig, *, workers: int = 1, threads_per_worker: int = 1,
-                            memory_limit: str | int = "4GiB", interval: float = 0.2,
-                            examples_per_task: int | None = None
-                            ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Run `job` on a fresh LocalCluster and measure the workers' peak RSS.
-
-    For the benchmark "peak worker RSS with 4 vs 16 demo slides": a fresh cluster per
-    call, so `ru_maxrss` covers this run only.
-
-    Returns:
-        `(manifest, {"peak_rss_bytes": max over workers, "baseline_rss_bytes": max
-        worker RSS before the run})`.
-    """
-    from distributed import Client
-
-    with start_local_cluster(workers, threads_per_worker=threads_per_worker,
-                             memory_limit=memory_limit) as cluster, Client(cluster) as client:
-        baseline = max(client.run(_process_rss).values())
-        with WorkerMemoryMonitor(client, interval) as monitor:
-            manifest = run_job(client, job, progress=False, examples_per_task=examples_per_task)
-    return manifest, {"peak_rss_bytes": monitor.peak_bytes, "baseline_rss_bytes": baseline}

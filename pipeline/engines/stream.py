@@ -1,12 +1,13 @@
 """Stream mixed tiles from Zarr slides straight into `tf.data` training (SPEC section 4b).
 
-One truth, two paths: the stream runs the offline job's own steps (`tasks`):
-plan every slide (`plan_task`, `reconcile_plan`), cut plans into strips
-(`split_plan`), read each strip chunk by chunk once into a zstd tile pack
-(`pack_task`), draw each strip's examples (`pair_strip` with a `PairingTable`) and mix
-them with the SoftMix op. So with the same manifest, options and seed, epoch 0 yields
-exactly the examples ``softmix beam`` writes (same pixels, labels, lam, provenance,
-seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
+The stream is one more engine on the offline job's `Run` (`pipeline.run.run`) and steps
+(`pipeline.run.tasks`): plan every slide (`plan_task`, `reconcile_plan`), cut plans
+into strips (`split_plan`), read each strip chunk by chunk once into a zstd tile pack
+(`pack_task`), draw each strip's examples (`pair_strip` with the run's pairing table)
+and mix them with the offline mixer (`steps.mix.mix_batch`), yielding the offline
+example schema's fields (`dataset.schema`). So with the same manifest, options and
+seed, epoch 0 yields exactly the examples ``softmix beam`` writes (same pixels, labels,
+lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
 new mixes every epoch, the same ones on a rerun.
 
 How it runs
@@ -21,7 +22,7 @@ How it runs
   strip if no one has yet (`pack_task`), draws the strip's examples (`pair_strip`,
   only when the unit is consumed: no list of an epoch's examples is ever built) and
   reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
-  decoding release the GIL). Mixing is a batched, traced map of `softmix_tf.softmix`
+  decoding release the GIL). Mixing is a batched, traced map of `mix.mix_batch`
   (batch-invariant, so batching gives the offline pixels bit for bit).
 - **Packing before pairing**: ``pack_threads`` threads pack the strips in the first
   epoch's order (this pipeline's units first); with ``pack_threads=0`` the first work
@@ -69,9 +70,10 @@ from ..config import (
     check_count,
 )
 from ..errors import PipelineError, SlideError
-from ..records import PairSpec, SlideRecord, TileKey, TileRecord, stable_hash
+from ..records import PairSpec, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
-from ..steps.pack import PackReader, StripResult, StripTask, split_plan
+from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
+from ..steps.pack import PackReader, StripResult, StripTask
 
 MAX_SHUFFLE_BUFFER = 1_000_000  # examples; the buffer holds decoded images
 
@@ -286,21 +288,21 @@ class _Epoch:
 class _Stream:
     """Everything one `stream_dataset` shares between its generator threads."""
 
-    def __init__(self, job: JobConfig, records: Sequence[SlideRecord],
-                 class_names: Sequence[str], staging: str, *, pipeline: tuple[int, int],
-                 plan_threads: int, stats: StreamStats, stain: Any = None):
-        self.job, self.records, self.class_names = job, list(records), tuple(class_names)
-        self.staging, self.stats = staging, stats
+    def __init__(self, run: Run, *, pipeline: tuple[int, int], plan_threads: int,
+                 stats: StreamStats):
+        job = run.job
+        self.run, self.job, self.records = run, job, list(run.slides)
+        self.class_names, self.staging, self.stats = run.class_names, run.staging, stats
         self.pipeline_id, self.num_pipelines = pipeline
-        on_error = job.output.on_error
+        on_error = run.on_error
         start = time.monotonic()
         with cf.ThreadPoolExecutor(max(1, plan_threads)) as pool:
             # Usable plans are kept under ``staging/plans`` and reused by later streams.
             raw = list(pool.map(lambda r: _stages.plan_task(r, job.tile, on_error,
-                                                            class_names, staging), records))
-        majority = _stages.majority_kind(k for p in raw for k in _stages.plan_kind(p))
+                                                            run.class_names, run.staging),
+                                self.records))
+        majority = run.kind_of(raw)
         plans = [_stages.reconcile_plan(p, majority) for p in raw]
-        by_id = {r.slide_id: r for r in records}
         for plan in plans:
             if plan.failure is not None:
                 if on_error == "fail":
@@ -314,10 +316,8 @@ class _Stream:
                   plans_reused=sum(p.reused for p in raw))
         stats.plan_seconds = time.monotonic() - start
         self.kind = majority
-        self.tasks: dict[_StripId, StripTask] = {}
-        for plan in plans:
-            for task in split_plan(by_id[plan.slide_id], plan, job.tile.tile_size):
-                self.tasks[(plan.slide_id, task.strip)] = task
+        self.tasks: dict[_StripId, StripTask] = {
+            (task.record.slide_id, task.strip): task for task in strip_tasks(run, plans)}
         if not self.tasks:
             raise PipelineError(
                 f"No usable tile in {job.manifest!r} (slides failed: "
@@ -325,9 +325,8 @@ class _Stream:
                 f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
                 "`min_tissue`.")
         self.strips = sorted(self.tasks)
-        # The stain target of a slide target is that slide's fit (as in the offline job).
-        self.stain = stain.with_slide_fit(plans) if stain is not None else None
-        self.packer = _Packer(self.tasks, staging, job.read_cache_mb, on_error, stats,
+        self.stain = run.stain_for(raw)  # a slide target: that slide's fit
+        self.packer = _Packer(self.tasks, run.staging, job.read_cache_mb, on_error, stats,
                               self.stain)
         self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
@@ -352,19 +351,11 @@ class _Stream:
             # Pair on the packed counts, as the offline job does (module docstring).
             results = self.packer.ensure_all(self.order(0))
             tiles = {sid: results[sid].tiles for sid in self.tasks}
-            channels, dtype = self.kind or (3, "uint8")
-            layout = _stages.build_layout(
-                [(*sid, len(t)) for sid, t in tiles.items()], self.records, self.job,
-                self.staging, tile_bytes=_stages.example_bytes(channels, dtype,
-                                                               self.job.tile.tile_size))
             from ..steps.pack import pack_path
-            from ..steps.pair import PairingTable
 
-            mix = dataclasses.replace(self.job.mix, seed=epoch_seed(self.job.mix.seed, number))
-            try:
-                table = PairingTable(layout.counts(), mix, len(self.class_names))
-            except ValueError as err:
-                raise PipelineError(str(err)) from err
+            layout = self.run.layout([(*sid, len(t)) for sid, t in tiles.items()], self.kind)
+            table = self.run.pairing_table(layout,
+                                           seed=epoch_seed(self.job.mix.seed, number))
             found = _Epoch(number, self.own_units(number), layout, table, tiles,
                            {pack_path(self.staging, *sid): sid for sid in tiles})
             self._epochs[number] = found
@@ -440,24 +431,19 @@ class _Stream:
 
     def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
-        from ..dataset.schema import _class_index
+        from ..dataset.schema import FIELDS, PROVENANCE, provenance
 
         out: dict[str, np.ndarray] = {
             "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
             "image_b": np.stack([pixels[b.key] for _, b in rows]),
             "label_a": np.stack([label_vector(s.a, num_classes) for s, _ in rows]),
             "label_b": np.stack([label_vector(b, num_classes) for _, b in rows]),
-            "seed": np.asarray([s.seed for s, _ in rows], dtype=np.int64),
-            "mix_index": np.asarray([s.mix_index for s, _ in rows], dtype=np.int64),
-            "example_id": np.asarray([s.example_id.encode() for s, _ in rows], dtype=object),
         }
-        for prefix, tiles in (("a", [s.a for s, _ in rows]), ("b", [b for _, b in rows])):
-            out[f"{prefix}/slide_id"] = np.asarray([t.key.slide_id.encode() for t in tiles],
-                                                   dtype=object)
-            for field in ("level", "x", "y"):
-                out[f"{prefix}/{field}"] = np.asarray([getattr(t.key, field) for t in tiles],
-                                                      dtype=np.int64)
-            out[f"{prefix}/label"] = np.asarray([_class_index(t) for t in tiles], np.int64)
+        values = [provenance(s.example_id, s.a, b, s.mix_index, s.seed) for s, b in rows]
+        for key in PROVENANCE:
+            column = [v[key] for v in values]
+            out[key] = (np.asarray([c.encode() for c in column], dtype=object)
+                        if FIELDS[key][0] == "string" else np.asarray(column, FIELDS[key][0]))
         return out
 
     def _account(self, sid: _StripId, result: StripResult, accounting: Accounting,
@@ -590,7 +576,7 @@ def stream_dataset(
     """
     import tensorflow as tf
 
-    from ..io.manifest import load_slide_manifest
+    from ..dataset.schema import FIELDS, PROVENANCE, field_shape
 
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
@@ -621,48 +607,38 @@ def stream_dataset(
     check_count("read_cache_mb", read_cache_mb, MAX_READ_CACHE_MB,
                 "It is the decoded rows one packing thread holds (MiB).", low=0,
                 integer=False)
-    from ..steps.stain import resolve_stain
-
-    slides = load_slide_manifest(os.fspath(manifest),
-                                 class_names=tuple(class_names) if class_names else None,
-                                 group_column=group_column)
-    stain = resolve_stain(stain_norm, stain_target, [s.slide_id for s in slides.slides])
     temporary = cache_dir is None
     root = tempfile.mkdtemp(prefix="softmix-stream-") if temporary else os.fspath(cache_dir)
-    # A target fit read from a file is part of what the packs hold.
-    key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
-                              else ())
-    staging = posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}")
-    _check_cache_dir(root, staging)
     job = JobConfig(manifest=os.fspath(manifest), tile=tile, mix=mix_config,
                     output=OutputConfig(out_dir=root, num_shards=1, on_error=on_error),
                     class_names=tuple(class_names) if class_names else None,
                     read_cache_mb=read_cache_mb)
+    run = load_run(job, staging=root)
+    # A target fit read from a file is part of what the packs hold.
+    stain = run.stain
+    key = (tile, on_error) + ((stain.target,) if stain is not None and stain.kind == "path"
+                              else ())
+    run = dataclasses.replace(
+        run, staging=posixpath.join(root, f"tiles-{stable_hash('softmix.stream', *key):016x}"))
+    _check_cache_dir(root, run.staging)
     pipeline = (0, 1)
     if input_context is not None:
         pipeline = (input_context.input_pipeline_id, input_context.num_input_pipelines)
     stats = StreamStats()
-    stream = _Stream(job, slides.slides, slides.class_names, staging, pipeline=pipeline,
-                     plan_threads=min(16, 2 * cpus), stats=stats, stain=stain)
+    stream = _Stream(run, pipeline=pipeline, plan_threads=min(16, 2 * cpus), stats=stats)
     if temporary:
         _remove_at_exit(root, weakref.ref(stream))
     first = stream.own_units(epoch or 0)
     stream.packer.start(list(first) + [s for s in stream.order(epoch or 0)
                                        if s not in set(first)], packers)
 
-    channels, dtype = stream.kind or (3, "uint8")
-    size, num_classes = tile.tile_size, len(slides.class_names)
+    channels, dtype = stream.kind or DEFAULT_KIND
+    size, num_classes = tile.tile_size, run.num_classes
     image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
-    signature = {"image_a": image, "image_b": image,
-                 "label_a": tf.TensorSpec([None, num_classes], tf.float32),
-                 "label_b": tf.TensorSpec([None, num_classes], tf.float32),
-                 "seed": tf.TensorSpec([None, 2], tf.int64),
-                 "mix_index": tf.TensorSpec([None], tf.int64),
-                 "example_id": tf.TensorSpec([None], tf.string)}
-    for prefix in ("a", "b"):
-        signature[f"{prefix}/slide_id"] = tf.TensorSpec([None], tf.string)
-        for field in ("level", "x", "y", "label"):
-            signature[f"{prefix}/{field}"] = tf.TensorSpec([None], tf.int64)
+    label = tf.TensorSpec([None, num_classes], tf.float32)
+    signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
+                 **{key: tf.TensorSpec([None, *field_shape(key, num_classes)],
+                                       tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}}
 
     num_units = len(first)
     if epoch is None:
@@ -711,44 +687,22 @@ def _check_cache_dir(root: str, staging: str) -> None:
             "temporary one.") from err
 
 
-_PROVENANCE = ("seed", "example_id", "mix_index") + tuple(
-    f"{p}/{f}" for p in ("a", "b") for f in ("slide_id", "level", "x", "y", "label"))
-
-
 def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
     """The batched map from a unit's batch to what the stream yields (mixing included)."""
-    import tensorflow as tf
-
-    import softmix_tf
+    from ..dataset.schema import PROVENANCE
+    from ..steps.mix import mix_batch
 
     def unmixed(example: dict[str, Any]) -> dict[str, Any]:
         keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
-        keys += _PROVENANCE if as_dict else ()
+        keys += PROVENANCE if as_dict else ()
         return {k: example[k] for k in dict.fromkeys(keys)}
 
-    size = config.batch_size
-
-    def pad(x: Any) -> Any:
-        extra = size - tf.shape(x)[0]
-        x = tf.concat([x, tf.repeat(x[-1:], extra, axis=0)], axis=0)
-        return tf.ensure_shape(x, [size, *x.shape[1:]])
-
     def mixed(batch: dict[str, Any]) -> Any:
-        count = tf.shape(batch["seed"])[0]
-        out = softmix_tf.softmix(*(pad(batch[k]) for k in ("image_a", "image_b", "label_a",
-                                                            "label_b", "seed")),
-                                 grid=config.grid, alpha=config.alpha,
-                                 softness=config.softness, ramp=config.ramp,
-                                 mix_prob=config.mix_prob)
-        out = out._replace(images=out.images[:count], labels=out.labels[:count],
-                           lam=out.lam[:count])
-        original = batch["mix_index"] < 0  # originals are never mixed (offline: lam 0)
-        image = tf.where(original[:, None, None, None], batch["image_a"], out.images)
-        label = tf.where(original[:, None], batch["label_a"], out.labels)
+        image, label, lam = mix_batch(*(batch[k] for k in (
+            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config.op)
         if not as_dict:
             return image, label
-        lam = tf.where(original, tf.zeros_like(out.lam), out.lam)
         return {"image": image, "label": label, "lam": lam,
-                **{k: batch[k] for k in _PROVENANCE}}
+                **{k: batch[k] for k in PROVENANCE}}
 
     return mixed if mix else unmixed

@@ -13,7 +13,6 @@ short ``reason`` (the skip reason the run reports) and a message saying how to f
 
 from __future__ import annotations
 
-import collections
 import math
 import os
 import posixpath
@@ -26,7 +25,7 @@ import zarr
 from ..errors import SlideError, TileReadError
 from ..records import TileKey
 
-__all__ = ["Slide", "SlideCache", "open_slide", "read_tile", "unit_to_micrometer"]
+__all__ = ["Slide", "open_slide", "read_tile", "unit_to_micrometer"]
 
 # Micrometres per unit, for the OME-NGFF space units (plus common spellings).
 _UNIT_TO_UM: dict[str, float] = {
@@ -669,74 +668,3 @@ def read_tile(slide: Slide, key: TileKey, tile_size: int) -> np.ndarray:
             "Fill or mask NaNs in the slide, or let the run skip the tile.",
         )
     return tile
-
-
-class SlideCache:
-    """An LRU of open slides, so each worker opens a slide once.
-
-    Pickling drops the open slides (they hold stores and connections); the copy
-    reopens them on first use.
-
-    Args:
-        max_open: how many slides to keep open.
-        storage_options: fsspec options for every URL opened through the cache.
-        axes: axes for plain Zarr arrays, passed to `open_slide`.
-    """
-
-    def __init__(
-        self,
-        max_open: int = 16,
-        *,
-        storage_options: Mapping[str, Any] | None = None,
-        axes: str | None = None,
-    ):
-        if max_open < 1:
-            raise ValueError(f"`max_open` must be >= 1. Received: max_open={max_open}")
-        self.max_open = max_open
-        self.storage_options = dict(storage_options or {})
-        self.axes = axes
-        self._slides: collections.OrderedDict[tuple[str, str | None], Slide] = (
-            collections.OrderedDict()
-        )
-
-    def get(self, path: str, slide_id: str | None = None, axes: str | None = None) -> Slide:
-        """The open slide at `path`, opening it (and evicting the oldest) if needed.
-
-        `axes` (e.g. ``"yxc"``) overrides the cache-wide axes for this slide: the axis
-        order of a plain Zarr array, from the manifest's optional ``axes`` column.
-        """
-        key = (str(path), slide_id)
-        slide = self._slides.get(key)
-        if slide is not None:
-            self._slides.move_to_end(key)
-            return slide
-        slide = open_slide(
-            path,
-            slide_id=slide_id,
-            axes=axes or self.axes,
-            storage_options=self.storage_options or None,
-        )
-        self._slides[key] = slide
-        while len(self._slides) > self.max_open:
-            self._slides.popitem(last=False)
-        return slide
-
-    def __len__(self) -> int:
-        return len(self._slides)
-
-    def clear(self) -> None:
-        self._slides.clear()
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "max_open": self.max_open,
-            "storage_options": self.storage_options,
-            "axes": self.axes,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(
-            state["max_open"],
-            storage_options=state["storage_options"],  # type: ignore[misc]
-            axes=state["axes"],
-        )

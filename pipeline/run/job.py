@@ -1,8 +1,8 @@
-"""Engine-independent steps of one offline run, shared by the Beam and Dask adapters.
+"""What surrounds an offline run's steps: its parameters and fingerprint, the output
+directory's life cycle (lock, staging, resume, publish), progress and error reporting.
 
-Beam (`beam_transforms`) and Dask (`dask_transforms`) only decide *where* the steps of
-`tasks` run; this module holds what surrounds them: the run's parameters, the output
-directory's life cycle (staging, publishing), progress and error reporting.
+`pipeline.run.run.Run` calls these for every engine; the steps themselves are
+`pipeline.run.tasks`.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..config import JobConfig
+from .output import STAGING_DIR
 
 __all__ = [
     "exit_status",
@@ -28,7 +29,7 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
         "manifest": job.manifest,
         "class_names": list(job.class_names) if job.class_names else None,
         "tile": dataclasses.asdict(job.tile),
-        "mix": dataclasses.asdict(job.mix),
+        "mix": job.mix.to_dict(),
         "output": dataclasses.asdict(job.output),
     }
     params["mix"]["grid"] = list(job.mix.grid)
@@ -49,7 +50,7 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
 
     from .output import software_versions
 
-    mix = dataclasses.asdict(job.mix)
+    mix = job.mix.to_dict()
     mix.pop("batch_size")
     mix["grid"] = list(job.mix.grid)
     output = dataclasses.asdict(job.output)
@@ -166,7 +167,6 @@ def exit_status(manifest: Mapping[str, Any]) -> int:
 # A failed or interrupted run leaves the old dataset untouched and its staging folder
 # as it is (the next run needs --overwrite to discard it).
 
-STAGING_DIR = ".softmix.tmp-staging"
 RUN_FILE = "run.json"  # in the staging folder: the run id of the lock that owns it
 
 

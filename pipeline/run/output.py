@@ -40,8 +40,10 @@ from ..config import OutputConfig
 from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from ..errors import OutputExistsError, PipelineError
 from ..io.names import recorded_name
-from .job import STAGING_DIR
 from .tile_record import REPORT_FILES, publish_report_files
+
+# The hidden folder inside OUT a run stages everything in (`job.prepare_output`).
+STAGING_DIR = ".softmix.tmp-staging"
 
 __all__ = [
     "DATASET_FORMAT",
@@ -393,25 +395,23 @@ def tfds_features(num_classes: int, image: Mapping[str, Any] | None = None) -> d
             yields decoded pixels (``record["image"]["encoded"]``: [H, W, C]); raw
             images stay encoded bytes (decode them with `pipeline.read_dataset`).
     """
-    def source() -> dict[str, Any]:
-        return _features_dict({"slide_id": _tensor("string"), "level": _tensor("int64"),
-                               "x": _tensor("int64"), "y": _tensor("int64"),
-                               "label": _tensor("int64")})
+    from ..dataset.schema import FIELDS, field_shape
 
-    encoded = _tensor("string")
+    tree: dict[str, Any] = {}
+    for key, (dtype, _) in FIELDS.items():
+        *groups, leaf = key.split("/")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = _tensor(dtype, field_shape(key, num_classes))
     if image is not None and image.get("format") == "png":
-        encoded = _image(image["shape"], image["dtype"])
-    return _features_dict({
-        "image": _features_dict({"encoded": encoded, "format": _tensor("string"),
-                                 "shape": _tensor("int64", [3]), "dtype": _tensor("string")}),
-        "label": _tensor("float32", [num_classes]),
-        "lam": _tensor("float32"),
-        "a": source(),
-        "b": source(),
-        "seed": _tensor("int64", [2]),
-        "example_id": _tensor("string"),
-        "mix_index": _tensor("int64"),
-    })
+        tree["image"]["encoded"] = _image(image["shape"], image["dtype"])
+
+    def nest(node: Mapping[str, Any]) -> dict[str, Any]:
+        return _features_dict({k: nest(v) if "pythonClassName" not in v else v
+                               for k, v in node.items()})
+
+    return nest(tree)
 
 
 def tfds_dataset_info(name: str, shards: Sequence[ShardInfo], description: str = ""

@@ -1,11 +1,12 @@
-"""Read the tiles of a group of example specs and mix them with the SoftMix op.
+"""The one mixer: `mix_batch` runs the SoftMix op on a batch with the run's settings.
 
-Where the offline job runs the op. `tasks.mix_bucket` (Beam's `MixBuckets`, Dask's
-bucket tasks, the stream) calls `mix_examples` with the bucket's tiles read from the tile
-packs; it takes each distinct tile once, groups the examples by tile shape and dtype,
-and runs `softmix_tf.softmix` in batches, as a `tf.function` traced once per process.
-The op is batch-invariant (SPEC section 2), so the output of an example does not depend
-on which other examples share its batch, and so not on the engine.
+Offline, `tasks.mix_bucket` (every engine's bucket step) calls `mix_examples` with the
+bucket's tiles read from the tile packs; it takes each distinct tile once, groups the
+examples by tile shape and dtype, and runs `mix_batch` in batches, as a `tf.function`
+traced once per process. The stream (`pipeline.engines.stream`) runs the same
+`mix_batch` inside its `tf.data` map. The op is batch-invariant (SPEC section 2), so the
+output of an example does not depend on which other examples share its batch, and so
+not on the engine.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-from ..config import MixConfig
+from ..config import MixConfig, OpConfig
 from ..records import ExampleSpec, MixedExample, TileKey, TileRecord
 
 __all__ = [
     "configure_tensorflow",
     "label_vector",
+    "mix_batch",
     "mix_examples",
 ]
 
@@ -117,33 +119,64 @@ def mix_examples(
     return [results[spec.example_id] for spec in specs]
 
 
-_COMPILED: dict[tuple, object] = {}
+def mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config: OpConfig):
+    """Mix a batch of at most `config.batch_size` pairs: TensorFlow in, TensorFlow out.
+
+    Args:
+        images_a, images_b: [B, H, W, C] tiles; labels_a, labels_b: float32 [B, K];
+            seeds: int64 [B, 2]; mix_index: int64 [B] (< 0: an original).
+        config: the op's settings (`MixConfig.op`).
+
+    The batch is padded to `config.batch_size` (repeating its last pair), so a traced
+    caller compiles one graph for every batch, and the padding is cut off again.
+    Originals (``mix_index < 0``) come back unmixed: source `a`'s image and label,
+    lam 0.
+
+    Returns:
+        `(images, labels, lam)` of the batch's length.
+    """
+    import tensorflow as tf
+
+    import softmix_tf
+
+    count = tf.shape(seeds)[0]
+    size = config.batch_size
+
+    def pad(x):
+        x = tf.convert_to_tensor(x)
+        x = tf.concat([x, tf.repeat(x[-1:], tf.maximum(size - count, 0), axis=0)], axis=0)
+        return tf.ensure_shape(x, [size, *x.shape[1:]])
+
+    out = softmix_tf.softmix(pad(images_a), pad(images_b), pad(labels_a), pad(labels_b),
+                             pad(seeds), grid=config.grid, alpha=config.alpha,
+                             softness=config.softness, ramp=config.ramp,
+                             mix_prob=config.mix_prob)
+    original = tf.convert_to_tensor(mix_index) < 0
+    images = tf.where(original[:, None, None, None], images_a, out.images[:count])
+    labels = tf.where(original[:, None], labels_a, out.labels[:count])
+    return images, labels, tf.where(original, tf.zeros_like(out.lam[:count]), out.lam[:count])
 
 
-def _compiled_softmix(config: MixConfig):
-    """`softmix_tf.softmix` as a `tf.function`, traced once per process and config.
+_COMPILED: dict[OpConfig, object] = {}
+
+
+def _compiled_softmix(config: OpConfig):
+    """`mix_batch` as a `tf.function`, traced once per process and config.
 
     Eager execution dispatches hundreds of small ops per batch (~85 ms for 32 tiles of
     256 px); the traced function runs the same op in ~9 ms, bit-identical (the op's
     masks and integer outputs do not depend on how it is executed, SPEC section 2).
     Batches are padded to `config.batch_size`, so one trace serves every batch.
     """
-    key = (config.grid, config.alpha, config.softness, config.ramp, config.mix_prob)
-    fn = _COMPILED.get(key)
+    fn = _COMPILED.get(config)
     if fn is None:
         import tensorflow as tf
 
-        import softmix_tf
-
-        def mix(images_a, images_b, labels_a, labels_b, seeds):
-            out = softmix_tf.softmix(images_a, images_b, labels_a, labels_b, seeds,
-                                     grid=config.grid, alpha=config.alpha,
-                                     softness=config.softness, ramp=config.ramp,
-                                     mix_prob=config.mix_prob)
-            return out.images, out.labels, out.lam
+        def mix(images_a, images_b, labels_a, labels_b, seeds, mix_index):
+            return mix_batch(images_a, images_b, labels_a, labels_b, seeds, mix_index, config)
 
         fn = tf.function(mix, autograph=False)
-        _COMPILED[key] = fn
+        _COMPILED[config] = fn
     return fn
 
 
@@ -161,12 +194,13 @@ def _mix_batch(
     configure_tensorflow()
     specs = [spec for spec, _, _ in batch]
     size = max(config.batch_size, len(batch))
-    images, labels, lams = _compiled_softmix(config)(
+    images, labels, lams = _compiled_softmix(config.op)(
         _pad(np.stack([a for _, a, _ in batch]), size),
         _pad(np.stack([b for _, _, b in batch]), size),
         _pad(np.stack([label_vector(s.a, num_classes) for s in specs]), size),
         _pad(np.stack([label_vector(s.b, num_classes) for s in specs]), size),
         _pad(np.asarray([s.seed for s in specs], dtype=np.int64), size),
+        _pad(np.asarray([s.mix_index for s in specs], dtype=np.int64), size),
     )
     images = np.asarray(images)
     labels = np.asarray(labels, dtype=np.float32)

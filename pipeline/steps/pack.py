@@ -470,5 +470,6 @@ def _read_range(path: str, offset: int, length: int) -> bytes:
             data = handle.read(length)
     if len(data) != length:
         raise OSError(f"tile pack {path} is truncated: wanted {length} bytes at {offset}, "
-                      f"got {len(data)}. Rerun with --overwrite.")
+                      f"got {len(data)}. Rerun with --overwrite (a stream: remove its "
+                      "cache_dir).")
     return data

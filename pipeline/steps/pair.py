@@ -69,13 +69,12 @@ Example ids are ``"<slide>/L<level>/x<x>/y<y>#m<mix_index>"`` for mixed examples
 from __future__ import annotations
 
 import bisect
-import collections
 import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..config import MixConfig
-from ..records import ExampleSpec, PairSpec, TileKey, TileRecord, stable_hash
+from ..records import PairSpec, TileKey, TileRecord, stable_hash
 
 __all__ = [
     "PairingTable",
@@ -83,7 +82,6 @@ __all__ = [
     "balanced_class_weights",
     "example_id",
     "op_seed",
-    "pair_tiles",
 ]
 
 _SEED_BITS_SHIFT = 2  # 64-bit hash >> 2 < 2**62: safe as a non-negative int64
@@ -346,21 +344,6 @@ class PairingTable:
             excluded[chosen], _draw_u64(seed, "tile", anchor.key, mix_index)
         )
 
-    def partner(self, anchor: TileRecord, anchor_index: int,
-                mix_index: int) -> tuple[str, int] | None:
-        """The partner (source `b`) of `anchor`'s mix `mix_index`.
-
-        Args:
-            anchor: the tile (source `a`).
-            anchor_index: its position among its slide's usable tiles, sorted by key.
-            mix_index: 0..num_mixes-1.
-
-        Returns:
-            `(slide_id, index within that slide)`, or None if no tile is eligible.
-        """
-        block = self._check_anchor(anchor, anchor_index)
-        return self._draw(anchor, mix_index, self._exclusions(block, anchor_index))
-
     def op_seed(self, anchor: TileRecord, mix_index: int) -> tuple[int, int]:
         """The stateless seed of an example: two ints in `[0, 2**62)` (see `op_seed`)."""
         return op_seed(self.config.seed, anchor.key, mix_index)
@@ -390,66 +373,3 @@ class PairingTable:
                                           op_seed(seed, key, mix_index)))
         specs.sort()
         return specs
-
-
-def pair_tiles(
-    tiles: Iterable[TileRecord], config: MixConfig, num_classes: int
-) -> list[ExampleSpec]:
-    """All examples of a run, sorted by example id (the eager reference of the engines).
-
-    Groups the tiles by slide, numbers each slide's tiles in key order, builds the
-    `PairingTable` from their counts and resolves each partner to its `TileRecord`.
-
-    Args:
-        tiles: every usable tile, in any order (identical duplicates are ignored).
-        config: the run's `MixConfig`.
-        num_classes: K.
-
-    Returns:
-        `ExampleSpec`s sorted by `example_id`.
-
-    Raises:
-        ValueError: two different records with the same key, a label outside
-            `[0, num_classes)`, tiles of one slide with different labels or groups,
-            or what `PairingTable` raises.
-
-    >>> from pipeline.config import MixConfig
-    >>> tiles = [TileRecord(TileKey("s", 0, x, 0), label=0) for x in (0, 256)]
-    >>> [(e.example_id, str(e.b.key)) for e in pair_tiles(tiles, MixConfig(), 1)]
-    [('s/L0/x0/y0#m0', 's/L0/x256/y0'), ('s/L0/x256/y0#m0', 's/L0/x0/y0')]
-    """
-    unique = sorted(set(tiles))
-    for previous, current in zip(unique, unique[1:], strict=False):
-        if previous.key == current.key:
-            raise ValueError(
-                "Each tile key must appear in one record only. Received two records "
-                f"for key={current.key}: {previous!r} and {current!r}."
-            )
-    by_slide: dict[str, list[TileRecord]] = collections.defaultdict(list)
-    for tile in unique:  # sorted by key, so each slide's list is in key order
-        if not 0 <= tile.label < num_classes:
-            raise ValueError(
-                f"Tile label must be a class index in [0, {num_classes}). "
-                f"Received: label={tile.label} for tile {tile.key}."
-            )
-        by_slide[tile.key.slide_id].append(tile)
-    counts = []
-    for slide_id, slide_tiles in by_slide.items():
-        first = slide_tiles[0]
-        for tile in slide_tiles:
-            if (tile.label, tile.group) != (first.label, first.group):
-                raise ValueError(
-                    f"Every tile of a slide must have the slide's label and group. Received "
-                    f"label={first.label}, group={first.group!r} for tile {first.key} but "
-                    f"label={tile.label}, group={tile.group!r} for tile {tile.key}."
-                )
-        counts.append(SlideCounts(slide_id, first.label, first.group, len(slide_tiles)))
-    table = PairingTable(counts, config, num_classes)
-    specs = []
-    for slide_tiles in by_slide.values():
-        for index, tile in enumerate(slide_tiles):
-            for spec in table.examples_for(tile, index):
-                b = tile if spec.is_original else by_slide[spec.b_slide][spec.b_index]
-                specs.append(ExampleSpec(spec.example_id, tile, b, spec.mix_index, spec.seed))
-    specs.sort()
-    return specs

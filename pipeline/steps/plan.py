@@ -20,7 +20,7 @@ import numpy as np
 
 from ..config import TileConfig
 from ..errors import SlideError
-from ..io.slides import Slide, SlideCache, open_slide
+from ..io.slides import Slide, open_slide
 from ..records import SlidePlan, SlideRecord, TileKey, TileRecord
 
 __all__ = [
@@ -348,7 +348,6 @@ def _soft_labels(
 def _plan(
     record: SlideRecord,
     config: TileConfig,
-    slide_cache: SlideCache | None,
     class_names: Sequence[str] | None,
 ) -> SlidePlan:
     if record.duplicate_of is not None:
@@ -360,10 +359,7 @@ def _plan(
             "point it at its own slide.",
         )
     axes = record.metadata_dict.get("axes") or None  # plain Zarr arrays: manifest column
-    if slide_cache is not None:
-        slide = slide_cache.get(record.path, record.slide_id, axes=axes)
-    else:
-        slide = open_slide(record.path, slide_id=record.slide_id, axes=axes)
+    slide = open_slide(record.path, slide_id=record.slide_id, axes=axes)
     level = slide.level_for_mpp(config.mpp) if config.mpp is not None else config.level
     height, width = slide.level_shape(level)
     size = config.tile_size
@@ -560,7 +556,6 @@ def plan_slide(
     record: SlideRecord,
     config: TileConfig,
     *,
-    slide_cache: SlideCache | None = None,
     on_error: str = "skip",
     class_names: Sequence[str] | None = None,
 ) -> SlidePlan:
@@ -583,7 +578,6 @@ def plan_slide(
     Args:
         record: the manifest row.
         config: tiling settings.
-        slide_cache: open slides to reuse (one per worker); None opens the slide afresh.
         on_error: ``"skip"`` returns ``SlidePlan(failure=reason, message=...)`` for a
             slide-level problem; ``"fail"`` raises the `SlideError`.
         class_names: the run's classes; required with ``config.label_image``.
@@ -600,7 +594,7 @@ def plan_slide(
     if on_error not in ("skip", "fail"):
         raise ValueError(f"`on_error` must be 'skip' or 'fail'. Received: on_error={on_error!r}")
     try:
-        return _plan(record, config, slide_cache, class_names)
+        return _plan(record, config, class_names)
     except SlideError as err:
         if on_error == "fail":
             raise

@@ -1,4 +1,5 @@
-"""Dask engine: same shards as Beam, 1 vs 2 workers, a killed worker, accounting, CLI.
+"""Dask engine: same shards as Beam and the local engine, 1 vs 2 workers, a killed
+worker, accounting, CLI.
 
 One 2-worker LocalCluster serves the module; the synthetic dataset (4 slides of
 512 px, 128 px tiles, 24 tiles of tissue) keeps every run to a few seconds.
@@ -106,6 +107,26 @@ def test_shards_are_byte_identical_to_beam(beam_run, dask_run):
     assert sorted(dask_shards) == [f"softmix-{i:05d}-of-{NUM_SHARDS:05d}.tfrecord"
                                    for i in range(NUM_SHARDS)]
     assert dask_shards == shard_bytes(beam_run)
+
+
+def test_local_engine_writes_the_same_shards(synthetic_dataset, beam_run, dask_run, tmp_path,
+                                             capsys):
+    # The framework-free engine is the reference: in process (API) and a 2-process pool
+    # (CLI) give Beam's and Dask's bytes.
+    from pipeline.cli import main
+    from pipeline.engines.local import run_local
+
+    job = make_job(synthetic_dataset.manifest_path, tmp_path / "api")
+    manifest = run_local(job, progress=False, examples_per_task=5)
+    assert shard_bytes(tmp_path / "api") == shard_bytes(beam_run) == shard_bytes(dask_run[0])
+    assert manifest["accounting"] == dask_run[1]["accounting"]
+    assert (manifest["params"]["engine"], manifest["params"]["workers"]) == ("local", 1)
+    status = main(["local", "--manifest", str(synthetic_dataset.manifest_path),
+                   "--out", str(tmp_path / "cli"), "--tile-size", "128", "--num-mixes", "2",
+                   "--keep-originals", "--seed", "7", "--batch-size", "8",
+                   "--num-shards", str(NUM_SHARDS), "--workers", "2", "--no-progress"])
+    assert status == 0 and f"{'examples written':<28}{EXAMPLES:>10}" in capsys.readouterr().out
+    assert shard_bytes(tmp_path / "cli") == shard_bytes(beam_run)
 
 
 def test_decoded_examples_equal_beam(beam_run, dask_run):

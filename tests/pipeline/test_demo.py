@@ -275,21 +275,6 @@ def test_refuses_a_manifest_it_did_not_write(tmp_path):
     assert not (tmp_path / "slides").exists()
 
 
-def test_overwrite_of_demo_data_written_before_the_record(tmp_path):
-    """A demo directory from an older softmix (no .softmix-demo.json) is still recognised."""
-    _demo(tmp_path)
-    (tmp_path / MARKER_NAME).unlink()
-    with pytest.raises(OutputExistsError, match="already holds demo data"):
-        _demo(tmp_path)
-    _demo(tmp_path, overwrite=True)
-    assert (tmp_path / MARKER_NAME).exists()
-    # Without our SOURCES.txt header, the same files are someone else's.
-    (tmp_path / MARKER_NAME).unlink()
-    (tmp_path / "SOURCES.txt").write_text("my notes\n")
-    with pytest.raises(OutputExistsError, match="did not write: SOURCES.txt, manifest.csv"):
-        _demo(tmp_path, overwrite=True)
-
-
 def test_a_tampered_record_never_removes_outside_the_directory(tmp_path):
     outside = tmp_path / "precious.txt"
     outside.write_text("keep")

@@ -19,8 +19,9 @@ from pipeline.steps.pair import (
     balanced_class_weights,
     example_id,
     op_seed,
-    pair_tiles,
 )
+
+from .reference import pair_tiles
 
 
 def make_tiles(n, num_classes=2, class_of=None, group_of=None, slides=5):
@@ -351,7 +352,6 @@ def test_no_partner_yields_no_mixes_but_keeps_original():
     (tile,) = make_tiles(1)
     counts = [SlideCounts("s0", tile.label, None, 1), SlideCounts("empty", 1, None, 0)]
     assert PairingTable(counts, MixConfig(), 2).examples_for(tile, 0) == []
-    assert PairingTable(counts, MixConfig(), 2).partner(tile, 0, 0) is None
     (original,) = PairingTable(counts, MixConfig(keep_originals=True), 2).examples_for(tile, 0)
     assert original.is_original
     assert pair_tiles([tile], MixConfig(), 2) == []
@@ -395,7 +395,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="anchor_index"):
         table.examples_for(TileRecord(TileKey("s", 0, 0, 0), 0, "p1"), 2)
     with pytest.raises(ValueError, match="slide's label and group"):
-        table.partner(TileRecord(TileKey("s", 0, 0, 0), 1, "p1"), 0, 0)
+        table.examples_for(TileRecord(TileKey("s", 0, 0, 0), 1, "p1"), 0)
 
 
 def test_table_size_depends_on_slides_not_tiles():

@@ -13,7 +13,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from pipeline.errors import PipelineError, SlideError, TileReadError
-from pipeline.io.slides import SlideCache, open_slide, read_tile, unit_to_micrometer
+from pipeline.io.slides import open_slide, read_tile, unit_to_micrometer
 from pipeline.records import TileKey
 
 from .conftest import synthetic_tissue, write_ome_zarr, write_raw_multiscales
@@ -104,7 +104,7 @@ def test_fsspec_memory_url(tmp_path, image, version):
     np.testing.assert_array_equal(slide.read_region(0, 64, 64, 64, 64), image[64:128, 64:128])
     key = TileKey("remote", 0, 128, 64)
     np.testing.assert_array_equal(
-        read_tile(SlideCache().get(url, "remote"), key, 64), image[64:128, 128:192]
+        read_tile(slide, key, 64), image[64:128, 128:192]
     )
     with pytest.raises(SlideError, match="does not exist") as info:
         open_slide("memory://bucket-none/absent.zarr", slide_id="r2")
@@ -189,24 +189,6 @@ def test_label_image(tmp_path, image):
         slide.label_image("nope")
     bare = open_slide(write_ome_zarr(tmp_path / "b.ome.zarr", image))
     assert bare.label_image() is None and bare.label_names() == ()
-
-
-def test_slide_cache_lru_and_pickle(synthetic_dataset):
-    paths = [
-        synthetic_dataset.root / "slides" / f"{s}.ome.zarr" for s in synthetic_dataset.slide_ids
-    ]
-    cache = SlideCache(max_open=2)
-    first = cache.get(str(paths[0]), "syn-0")
-    assert cache.get(str(paths[0]), "syn-0") is first
-    cache.get(str(paths[1]), "syn-1")
-    cache.get(str(paths[2]), "syn-2")  # evicts syn-0
-    assert len(cache) == 2
-    assert cache.get(str(paths[0]), "syn-0") is not first
-    clone = pickle.loads(pickle.dumps(cache))
-    assert len(clone) == 0 and clone.max_open == 2
-    assert clone.get(str(paths[3]), "syn-3").slide_id == "syn-3"
-    with pytest.raises(ValueError, match="max_open"):
-        SlideCache(max_open=0)
 
 
 # ---------------------------------------------------------------- bad input

@@ -1,6 +1,6 @@
 """The engine-independent steps, run in one process, against the plain definition.
 
-The reference here is deliberately naive: pair with `_pairing.pair_tiles` over all
+The reference here is deliberately naive: pair with `reference.pair_tiles` over all
 tiles at once, read each tile straight from its slide, mix with `mix_examples`. The
 staged path (packs, strips, buckets) must give exactly the same examples, and the
 engines (tests in test_beam.py / test_dask.py) exactly the staged path's bytes.
@@ -22,10 +22,11 @@ from pipeline.io.slides import open_slide, read_tile
 from pipeline.run import job as _job
 from pipeline.run import tasks as _stages
 from pipeline.run.output import Accounting
-from pipeline.steps import pair as _pairing
 from pipeline.steps.mix import mix_examples
 from pipeline.steps.pack import split_plan
 from pipeline.steps.pair import PairingTable
+
+from .reference import pair_tiles
 
 
 def run_in_process(job: JobConfig, examples_per_task: int = 7):
@@ -82,7 +83,7 @@ def test_staged_examples_equal_the_plain_definition(synthetic_dataset, tmp_path,
             got[record["example_id"]] = record
     # The naive reference: global pairing, tiles read straight from the slides.
     tiles = [t for p in plans for t in p.tiles]
-    specs = _pairing.pair_tiles(tiles, job.mix, len(names))
+    specs = pair_tiles(tiles, job.mix, len(names))
     slides = {}
 
     def read(key):

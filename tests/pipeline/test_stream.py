@@ -18,7 +18,6 @@ from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
 from pipeline.dataset.schema import decode_example
 from pipeline.engines.beam import run_beam
 from pipeline.errors import PipelineError, SlideError
-from pipeline.run.output import read_manifest
 
 MIX = dict(seed=5, num_mixes=2, keep_originals=True, grid=4, softness=0.5)
 PROVENANCE = ("seed", "mix_index", "a/slide_id", "a/level", "a/x", "a/y", "a/label",
@@ -213,14 +212,18 @@ def test_bad_options_are_refused(synthetic_dataset, tmp_path):
         pipeline.dataset_stats(tf.data.Dataset.range(3))
 
 
-def test_manifest_keys_match_the_reader(offline, epoch0):
-    # Every key the stream yields (besides the image) is a key of read_dataset's dicts.
+def test_keys_and_accounting_match_the_offline_job(offline, epoch0):
+    # Every key the stream yields (besides the image) is a key of read_dataset's dicts,
+    # and after epoch 0 its accounting is the offline manifest's.
     _, manifest = offline
-    got0, _, _ = epoch0
+    got0, stats, _ = epoch0
     record = next(iter(got0.values()))
     assert set(record) - {"image", "label", "lam", "example_id"} == set(PROVENANCE)
     assert manifest["num_examples"] == len(got0)
-    assert read_manifest  # the offline reader's manifest module stays importable
+    acc = stats.accounting.to_dict(len(manifest["class_names"]))
+    for key in ("tiles_total", "tiles_used", "tiles_skipped", "slides_failed",
+                "examples_written"):
+        assert acc[key] == manifest["accounting"][key], key
 
 
 @pytest.mark.parametrize("pack_threads", [0, 2])

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pipeline.config import TileConfig
 from pipeline.errors import SlideError
 from pipeline.io.manifest import load_slide_manifest
-from pipeline.io.slides import SlideCache, open_slide, read_tile
+from pipeline.io.slides import open_slide, read_tile
 from pipeline.records import SlideRecord, TileKey
 from pipeline.steps.plan import plan_slide, tile_grid, tissue_fraction, tissue_mask
 
@@ -155,11 +155,10 @@ def test_no_tiles_on_blank_glass_in_real_demo_tissue(demo_dataset):
 
     manifest = load_slide_manifest(demo_dataset)
     config = TileConfig(tile_size=256)
-    cache = SlideCache()
     total_kept = total_background = 0
     for record in manifest:
-        plan = plan_slide(record, config, slide_cache=cache, on_error="fail")
-        slide = cache.get(record.path, record.slide_id)
+        plan = plan_slide(record, config, on_error="fail")
+        slide = open_slide(record.path, slide_id=record.slide_id)
         kept = {t.key for t in plan.tiles}
         assert kept, record.slide_id
         total_kept += len(kept)
@@ -358,14 +357,12 @@ def test_plan_slide_corrupt_thumbnail(tmp_path):
     assert plan.failure == "read_error" and "level 2" in plan.message
 
 
-def test_plan_slide_plain_array_with_cache_axes(tmp_path):
+def test_plan_slide_plain_array_with_manifest_axes(tmp_path):
     image = synthetic_tissue(256, 256, [(0, 0, 256, 128)])
     zarr.create_array(tmp_path / "p.zarr", data=image, chunks=(64, 64, 3))
-    cache = SlideCache(axes="yxc")
     plan = plan_slide(
-        SlideRecord("p", str(tmp_path / "p.zarr"), "he", 0),
+        SlideRecord("p", str(tmp_path / "p.zarr"), "he", 0, metadata=(("axes", "yxc"),)),
         TileConfig(tile_size=64),
-        slide_cache=cache,
         on_error="fail",
     )
     assert sorted((t.key.y, t.key.x) for t in plan.tiles) == [
