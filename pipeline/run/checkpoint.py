@@ -90,8 +90,12 @@ def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int
     Besides the size and CRC32 it records the data file's modification time, so a
     later attempt can reuse an untouched file on a metadata read (`load_checked`).
     """
+    try:
+        mtime_ns = _stamp(data)[1]
+    except Exception:  # noqa: BLE001 - nothing written: gfile makes the file on first write
+        mtime_ns = None
     body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32,
-            "mtime_ns": _stamp(data)[1]}
+            "mtime_ns": mtime_ns}
     write_text_atomic(sidecar_path(data), json.dumps(body))
 
 

@@ -306,3 +306,9 @@ def test_checkpoint_reuse_costs_a_metadata_read_and_edits_are_still_redone(tmp_p
     # Made from other inputs: refused before any stat or read.
     data.write_bytes(b"x" * 1000)
     assert checkpoint.load_checked(str(data), {"step": 2}) is None
+    # A data file that was never created (an all-skipped strip's empty pack): the
+    # sidecar is still written, and nothing is reused from it.
+    empty = tmp_path / "empty.bin"
+    checkpoint.write_sidecar(str(empty), inputs={"step": 1}, records=0, size=0, crc32=0)
+    assert json.loads((tmp_path / "empty.json").read_text())["mtime_ns"] is None
+    assert checkpoint.load_checked(str(empty), {"step": 1}) is None
