@@ -1,7 +1,8 @@
 """The offline job at slide scale: Beam and Dask next to the no-framework floor, one run.
 
 Run: `.venv/bin/python benchmarks/bench_pipeline.py --slide-size 8192 --slides 4
-[--latency-ms 20] [--engines local,beam,dask] [--workers 1,2] [--memory]`.
+[--latency-ms 20] [--engines local,beam,dask] [--workers 1,2] [--memory]
+[--store local|s3|gcs]`.
 
 Slides come from `softmix demo-data --size N` (real H&E texture, OME-Zarr v0.5,
 1024-px chunks above 4096 px) and are cached under `.cache/bench/`. Every engine runs
@@ -11,6 +12,11 @@ run (`pipeline.run`: plan, pack chunk by chunk, pair, mix, PNG-encode, write, pu
 with no framework at all, in process for one worker, else a plain process pool of the
 same size. `--latency-ms` serves the slides through the `latency://` test filesystem
 (`pipeline.remote`), which adds that delay to every request, like a bucket.
+`--store s3|gcs` starts a real S3 (moto) or GCS (fake-gcs-server) API server on
+127.0.0.1 (`pipeline.tools.servers`), uploads the slides to a bucket and runs from
+bucket to bucket (slides, staging and output all on the server); with S3 the server
+counts every request it answers (HEAD included) and the bytes each way, by kind:
+slides (input), staging (tile packs, buckets, sidecars) and output (shards, manifest).
 
 Each run is a fresh process, like a user's command: examples/s counts its wall clock,
 Python and TensorFlow start-up included; `CPU s` is the CPU time of the run's whole
@@ -28,6 +34,7 @@ slides (Dask, 2 workers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import pathlib
@@ -100,12 +107,23 @@ def with_latency(manifest: pathlib.Path, out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def make_job(manifest: pathlib.Path, out: pathlib.Path, tile_size: int):
+def make_job(manifest: pathlib.Path | str, out: pathlib.Path | str, tile_size: int):
     from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
 
     return JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=tile_size),
                      mix=MixConfig(grid=(4, 4)),
                      output=OutputConfig(out_dir=str(out), overwrite=True))
+
+
+def upload_slides(manifest: pathlib.Path, server, protocol: str) -> str:  # noqa: ANN001
+    """Copy the slides and manifest to bucket ``softmix-bench``; the manifest's URL."""
+    from pipeline.io import storage
+
+    storage.configure({protocol: server.options})
+    fs, _ = storage.filesystem(f"{protocol}://softmix-bench")
+    fs.mkdir("softmix-bench")
+    fs.put(str(manifest.parent), "softmix-bench/slides", recursive=True)
+    return f"{protocol}://softmix-bench/slides/{manifest.name}"
 
 
 def run_engine(engine: str, job, workers: int) -> dict:
@@ -122,11 +140,14 @@ def run_engine(engine: str, job, workers: int) -> dict:
     return run_dask(job, workers=workers, progress=False)
 
 
-def measure(engine: str, job, workers: int) -> dict:
+def measure(engine: str, job, workers: int, server=None) -> dict:  # noqa: ANN001
     """Run one engine in a fresh process (imports and start-up included, as a user's
-    command would) and poll the peak RSS of its process tree."""
+    command would) and poll the peak RSS of its process tree; with an S3 `server`, the
+    requests it answered during the run."""
     import json
 
+    if server is not None and server.kind == "s3":
+        server.reset_requests()
     command = [sys.executable, __file__, "--run-one", engine, str(workers), job.manifest,
                job.output.out_dir, str(job.tile.tile_size)]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -141,7 +162,9 @@ def measure(engine: str, job, workers: int) -> dict:
     manifest = json.loads(done.stdout.strip().splitlines()[-1])
     acc = manifest["accounting"]
     examples = manifest["num_examples"]
+    seen = server.requests() if server is not None and server.kind == "s3" else {}
     return {
+        "server": seen,
         "engine": engine, "workers": workers, "examples": examples, "seconds": seconds,
         "rate": examples / seconds, "cpu": cpu, "chunks_read": acc["chunks_read"],
         "bytes_read": acc["bytes_read"], "amplification": acc["read_amplification"],
@@ -150,11 +173,34 @@ def measure(engine: str, job, workers: int) -> dict:
     }
 
 
+def server_table(rows: list[dict]) -> None:
+    """Requests and bytes per example that the S3 server saw, by kind."""
+    print("\n| engine | workers | requests/example (all) | slides: requests/example "
+          "| slides: HEAD | staging: GET / PUT per example | output: requests "
+          "| MB read/example | MB written/example |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        seen, n = r["server"], max(1, r["examples"])
+        if not seen:
+            continue
+        total = sum(v for k, v in seen.items() if ":" not in k)
+        inputs = sum(v for k, v in seen.items() if k.startswith("input:")
+                     and not k.endswith(("bytes_read", "bytes_written")))
+        output = sum(v for k, v in seen.items() if k.startswith("output:")
+                     and not k.endswith(("bytes_read", "bytes_written")))
+        read = sum(v for k, v in seen.items() if k.endswith(":bytes_read"))
+        written = sum(v for k, v in seen.items() if k.endswith(":bytes_written"))
+        print(f"| {r['engine']} | {r['workers']} | {total / n:.2f} | {inputs / n:.3f} "
+              f"| {seen.get('input:HEAD', 0)} | {seen.get('staging:GET', 0) / n:.2f} / "
+              f"{seen.get('staging:PUT', 0) / n:.2f} | {output} | {read / n / 1e6:.3f} "
+              f"| {written / n / 1e6:.3f} |")
+
+
 def run_one(engine: str, workers: int, manifest: str, out: str, tile_size: int) -> None:
     """`--run-one`: run one engine here and print its manifest's counts as JSON."""
     import json
 
-    job = make_job(pathlib.Path(manifest), pathlib.Path(out), tile_size)
+    job = make_job(manifest, out, tile_size)
     result = run_engine(engine, job, workers)
     print(json.dumps({"num_examples": result["num_examples"],
                       "accounting": result["accounting"]}))
@@ -177,6 +223,10 @@ def main() -> None:
                         help="also print the CPU time per example of each step")
     parser.add_argument("--no-startup", action="store_true",
                         help="skip the start-up rows (each engine on two 1024-px slides)")
+    parser.add_argument("--store", choices=["local", "s3", "gcs"], default="local",
+                        help="where slides, staging and output live: local disk, or a "
+                        "bucket on an S3 (moto) / GCS (fake-gcs-server) API server "
+                        "started here")
     parser.add_argument("--run-one", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
@@ -188,6 +238,18 @@ def main() -> None:
     else:
         manifest = demo_slides(args.slide_size, args.slides)
     root = pathlib.Path(tempfile.mkdtemp(prefix="softmix-bench-"))
+    server = None
+    stack = contextlib.ExitStack()
+    if args.store != "local":
+        from pipeline.tools import servers
+
+        server = stack.enter_context(servers.s3_server() if args.store == "s3"
+                                     else servers.gcs_server())
+        protocol = "s3" if args.store == "s3" else "gs"
+        manifest = upload_slides(manifest, server, protocol)
+        root_out = f"{protocol}://softmix-bench"
+    else:
+        root_out = str(root)
     if args.latency_ms > 0:
         os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)
         manifest = with_latency(manifest, root / "manifest-latency.csv")
@@ -195,8 +257,9 @@ def main() -> None:
     try:
         for workers in [int(w) for w in args.workers.split(",")]:
             for engine in args.engines.split(","):
-                job = make_job(manifest, root / f"out-{engine}-{workers}", args.tile_size)
-                row = measure(engine, job, workers)
+                job = make_job(manifest, f"{root_out}/out-{engine}-{workers}",
+                               args.tile_size)
+                row = measure(engine, job, workers, server)
                 rows.append(row)
                 print(f"{engine} x{workers}: {row['examples']} examples in "
                       f"{row['seconds']:.1f} s", flush=True)
@@ -209,7 +272,8 @@ def main() -> None:
                     startup.append(measure(engine, job, workers))
         floors = {r["workers"]: r["rate"] for r in rows if r["engine"] == "local"}
         print(f"\n{args.slides} slides of {args.slide_size} px, tile {args.tile_size}, "
-              f"latency {args.latency_ms:g} ms/request, {os.cpu_count()} CPUs\n")
+              f"latency {args.latency_ms:g} ms/request, store {args.store}, "
+              f"{os.cpu_count()} CPUs\n")
         print(f"load average {os.getloadavg()[0]:.1f} at the end (other users of the "
               "machine)\n")
         print("| engine | workers | examples | s | examples/s | vs local | vs 1 worker "
@@ -239,6 +303,8 @@ def main() -> None:
             subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_breakdown.py"),
                             str(manifest), "--tile-size", str(args.tile_size)],
                            check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
+        if server is not None and server.kind == "s3":
+            server_table(rows)
         packs = [r["pack_bytes"] for r in rows if r.get("pack_bytes")]
         if packs:
             print(f"\ntile packs (the shuffle through staging): {packs[0] / 1e6:.1f} MB "
@@ -252,6 +318,7 @@ def main() -> None:
                 print(f"| {count} | {row['examples']} | {row['peak_rss'] / 2**20:.0f} |",
                       flush=True)
     finally:
+        stack.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

@@ -63,6 +63,10 @@ class Accounting:
             (the denominator of `read_amplification`).
         requests: every request sent to the slide stores (metadata, chunks, misses).
         pack_bytes: bytes of the tile packs (the compressed tiles staged for mixing).
+        output_requests: requests the steps sent to a remote staging/output store
+            (tile packs, buckets, sidecars, shards: reads, writes, HEAD-like look-ups,
+            listings, deletes; 0 on a local disk), see `pipeline.io.storage`.
+        bytes_written: bytes the steps uploaded to a remote store (0 on a local disk).
         resumed: step -> work units an interrupted run had finished and verified and
             this run reused (``plans``, ``strips``, ``buckets``, ``shards``).
     """
@@ -82,6 +86,8 @@ class Accounting:
     requests: int = 0
     pack_bytes: int = 0
     resumed: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    output_requests: int = 0
+    bytes_written: int = 0
 
     @classmethod
     def from_plan(cls, plan: SlidePlan) -> Accounting:
@@ -128,6 +134,8 @@ class Accounting:
                 requests=out.requests + other.requests,
                 pack_bytes=out.pack_bytes + other.pack_bytes,
                 resumed=_add_counts(out.resumed, other.resumed),
+                output_requests=out.output_requests + other.output_requests,
+                bytes_written=out.bytes_written + other.bytes_written,
             )
         return out
 
@@ -176,6 +184,8 @@ class Accounting:
             "bytes_needed": self.bytes_needed,
             "read_amplification": self.read_amplification,
             "store_requests": self.requests,
+            "output_requests": self.output_requests,
+            "bytes_written": self.bytes_written,
             "pack_bytes": self.pack_bytes,
             "resumed": {key: self.resumed.get(key, 0)
                         for key in ("plans", "strips", "buckets", "shards",

@@ -105,6 +105,11 @@ def _add_job_arguments(parser: argparse.ArgumentParser) -> None:
                     "--resume; finished, verified plans, packs and shards are kept, the rest "
                     "is redone, and the output is byte-identical to an uninterrupted run "
                     "(refused when options, seed, software or manifest differ)")
+    io.add_argument("--storage-options", default=None, metavar="JSON",
+                    help="fsspec options for every URL the run opens (slides, manifest, "
+                    "--out), as a JSON object: flat ('{\"endpoint_url\": \"http://...\"}') or "
+                    "per protocol ('{\"s3\": {...}, \"gs\": {...}}'); default: fsspec's own "
+                    "configuration and environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS...)")
     io.add_argument("--on-error", choices=["skip", "fail"], default="skip",
                     help="bad slides/tiles: count them under a skip reason and go on "
                     "and report them in the summary and manifest, or fail the run with exit "
@@ -222,6 +227,7 @@ def job_config_from_args(args: argparse.Namespace) -> JobConfig:
             overwrite=args.overwrite,
             on_error=args.on_error,
             resume=args.resume,
+            storage_options=args.storage_options or None,
         ),
         class_names=class_names,
         read_cache_mb=args.read_cache_mb,
@@ -514,21 +520,18 @@ def _run_error_message(err: BaseException) -> str | None:
 def _print_failed_summary(job: JobConfig) -> None:
     """Print the summary of a run that failed after mixing (e.g. 0 examples written),
     when the staging folder is this process's."""
-    import json
     import posixpath
 
     try:
-        import tensorflow as tf
-
+        from .io import storage
         from .run.job import staging_dir, summary_table
         from .run.output import FAILED_RUN_NAME, read_output_lock
 
         lock = read_output_lock(job.output.out_dir)
         path = posixpath.join(staging_dir(job.output), FAILED_RUN_NAME)
-        if not lock or lock.get("pid") != os.getpid() or not tf.io.gfile.exists(path):
+        if not lock or lock.get("pid") != os.getpid():
             return
-        with tf.io.gfile.GFile(path, "r") as handle:
-            print(summary_table(json.load(handle)))
+        print(summary_table(storage.read_json(path)))
     except Exception:  # noqa: BLE001 - the summary is a courtesy; the error line follows
         return
 
@@ -798,11 +801,10 @@ def _write_run_report(out_dir: str, *, verbose: bool) -> None:
     means nothing was published (`--resume` of a finished run): it is left as it is.
     """
     try:
-        import fsspec
-
+        from .io import storage
         from .tools.report import write_report
 
-        fs, root = fsspec.core.url_to_fs(out_dir)
+        fs, root = storage.filesystem(out_dir)
         if fs.exists(f"{root.rstrip('/')}/report.html"):
             return
         print(f"report: {write_report(out_dir)}")

@@ -399,6 +399,10 @@ class OutputConfig:
         on_error: "skip" (count bad slides/tiles and go on) or "fail".
         resume: continue an interrupted run in `out_dir` (same options, seed, software
             and manifest), keeping its verified plans, packs and shards.
+        storage_options: fsspec options (JSON object text) for every filesystem the run
+            opens: slides, manifest and `out_dir`; flat, or one object per protocol
+            (``{"s3": {...}, "gs": {...}}``), see `pipeline.io.storage`. It travels to
+            the workers with the config; it is never written into the manifest.
     """
 
     out_dir: str
@@ -409,8 +413,18 @@ class OutputConfig:
     overwrite: bool = False
     on_error: str = "skip"
     resume: bool = False
+    storage_options: str | None = None
 
     def __post_init__(self) -> None:
+        if self.storage_options is not None and not isinstance(self.storage_options, str):
+            import json
+
+            object.__setattr__(self, "storage_options",
+                               json.dumps(self.storage_options, sort_keys=True))
+        if self.storage_options:
+            from .io.storage import parse_options
+
+            parse_options(self.storage_options)  # a JSON object, or a clear error
         if self.overwrite and self.resume:
             raise ValueError(
                 "`overwrite` and `resume` exclude each other: resume continues the "

@@ -56,13 +56,14 @@ def test_flex_template_entry_point_builds_the_job_config():
     main = _load_module(DEPLOY / "dataflow" / "main.py")
     argv = ["--manifest=gs://b/m.csv", "--out=gs://b/out", "--tile_size=128", "--grid=4x6",
             "--keep_originals=true", "--overwrite=false", "--pairing=cross-class",
-            "--temp_location=gs://b/tmp"]
+            '--storage_options={"s3": {"anon": true}}', "--temp_location=gs://b/tmp"]
     normalized = _normalize_flags(build_parser(), ["beam", *main._switches(argv)])
     args, extra = build_parser().parse_known_args(normalized)
     job = job_config_from_args(args)
     assert job.tile.tile_size == 128 and job.mix.grid == (4, 6)
     assert job.mix.keep_originals is True and job.output.overwrite is False
     assert job.mix.pairing == "cross-class"
+    assert json.loads(job.output.storage_options) == {"s3": {"anon": True}}
     assert extra == ["--temp_location=gs://b/tmp"]
 
 

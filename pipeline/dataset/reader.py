@@ -12,15 +12,18 @@ from __future__ import annotations
 import gzip
 import posixpath
 import struct
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
 from ..errors import PipelineError
+from ..io import storage
 from ..run.output import read_manifest
 from .schema import feature_spec, parse_and_decode
+from .tfrecord import iter_records
 
-__all__ = ["read_dataset"]
+__all__ = ["read_dataset", "records_dataset"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -30,7 +33,7 @@ def _compression(manifest: dict, files: list[str]) -> str:
     if "compression" in params:
         return params["compression"] or ""
     for path in files:  # older or hand-made manifests: sniff the first bytes
-        with tf.io.gfile.GFile(path, "rb") as handle:
+        with storage.open_read(path, block_size=1 << 16) as handle:
             head = handle.read(2)
         if head:
             return "GZIP" if head == _GZIP_MAGIC else ""
@@ -64,16 +67,17 @@ def verify_shards(out_dir: str, manifest: dict, compression: str) -> None:
     for shard in manifest["shards"]:
         path = posixpath.join(out_dir, shard["file"])
         expected = int(shard["num_examples"])
-        if not tf.io.gfile.exists(path):
-            raise PipelineError(f"shard {path!r} listed in manifest.json is missing. {fix}")
         try:
-            with tf.io.gfile.GFile(path, "rb") as raw:
+            with storage.open_read(path) as raw:
                 if compression == "GZIP":
                     with gzip.GzipFile(fileobj=raw, mode="rb") as handle:
                         count = _count_records(handle)
                 else:
                     count = _count_records(raw)
-        except (EOFError, OSError, gzip.BadGzipFile, tf.errors.OpError) as err:
+        except FileNotFoundError:
+            raise PipelineError(f"shard {path!r} listed in manifest.json is missing. {fix}"
+                                ) from None
+        except (EOFError, OSError, gzip.BadGzipFile) as err:
             raise PipelineError(
                 f"shard {path!r} is truncated or corrupt ({err}); manifest.json lists "
                 f"{expected} records in it. {fix}"
@@ -85,9 +89,56 @@ def verify_shards(out_dir: str, manifest: dict, compression: str) -> None:
             )
 
 
+def tf_reads(path: str) -> bool:
+    """Whether TensorFlow's own file system reads `path` with the storage options in
+    force: local paths, and ``gs://`` without custom options (TF has no ``s3://``,
+    ``az://`` or ``memory://``, and knows nothing of fsspec's options)."""
+    if not storage.is_url(path):
+        return True
+    return storage.protocol(path) == "gs" and not storage.options_for(path)
+
+
+def _fsspec_records(path: Any, compression: Any) -> Any:
+    """Generator of one shard's records read through fsspec (for `from_generator`)."""
+    path = path.decode() if isinstance(path, bytes) else str(path)
+    compression = compression.decode() if isinstance(compression, bytes) else compression
+    with storage.open_read(path) as handle:
+        yield from iter_records(handle, compression=compression or None)
+
+
+def records_dataset(files: list[str], compression: str = "", *,
+                    interleave_cycle: int = 1, num_parallel_calls: int = 1,
+                    deterministic: bool = True, shuffle_files: int | None = None,
+                    seed: int | None = None) -> tf.data.Dataset:
+    """Serialized records of the TFRecord `files`: TensorFlow's reader where it reads the
+    scheme (`tf_reads`), else through fsspec (`storage.open_read`), same records.
+
+    Args:
+        files: shard paths or URLs.
+        compression: "" or "GZIP".
+        interleave_cycle: files read concurrently (records interleave across them).
+        shuffle_files: shuffle the file order with this buffer (None: keep it).
+    """
+    native = all(tf_reads(f) for f in files)
+    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
+    if shuffle_files:
+        dataset = dataset.shuffle(shuffle_files, seed=seed, reshuffle_each_iteration=True)
+    if native:
+        def read(path):  # noqa: ANN001, ANN202
+            return tf.data.TFRecordDataset(path, compression_type=compression)
+    else:
+        def read(path):  # noqa: ANN001, ANN202
+            return tf.data.Dataset.from_generator(
+                _fsspec_records, args=(path, compression),
+                output_signature=tf.TensorSpec([], tf.string))
+    return dataset.interleave(read, cycle_length=interleave_cycle, block_length=1,
+                              num_parallel_calls=num_parallel_calls,
+                              deterministic=deterministic)
+
+
 def _peek_dtype(files: list[str], compression: str, num_classes: int) -> str:
     """The image dtype of the first record (a graph needs it statically)."""
-    records = tf.data.TFRecordDataset(files, compression_type=compression).take(1)
+    records = records_dataset(files[:1], compression).take(1)
     for serialized in records:
         parsed = tf.io.parse_single_example(
             serialized, {"image/dtype": feature_spec(num_classes)["image/dtype"]}
@@ -107,11 +158,14 @@ def read_dataset(
     as_dict: bool = False,
     num_parallel_calls: int = tf.data.AUTOTUNE,
     verify: bool = True,
+    storage_options: dict | str | None = None,
 ) -> tf.data.Dataset:
     """The examples of a finished SoftMix run, decoded.
 
     Args:
-        out_dir: the run's output directory (local path or `tf.io.gfile` URL).
+        out_dir: the run's output directory (local path or fsspec URL; where
+            TensorFlow cannot read the scheme, ``s3://`` say, the shards are read
+            through fsspec).
         split: None or ``"train"`` (a run writes one split, named as in TFDS).
         shuffle: shuffle the shard order and the records (buffer `shuffle_buffer`).
         shuffle_buffer: records held by the record shuffle.
@@ -122,6 +176,8 @@ def read_dataset(
         num_parallel_calls: parallelism of reading and decoding.
         verify: check each shard's record count against the manifest first (reads the
             record headers of every shard; GZIP shards are decompressed once).
+        storage_options: fsspec options for `out_dir` (a dict, or JSON text; flat or
+            per protocol, see `pipeline.io.storage`); None keeps those in force.
 
     Returns:
         A dataset of `(image, label)`: `image` [H, W, C] in the stored dtype, `label`
@@ -140,6 +196,8 @@ def read_dataset(
             "`interleave_cycle` and `shuffle_buffer` must be >= 1. Received: "
             f"interleave_cycle={interleave_cycle}, shuffle_buffer={shuffle_buffer}"
         )
+    if storage_options is not None:
+        storage.configure(storage_options)
     manifest = read_manifest(out_dir)
     num_classes = len(manifest["class_names"])
     files = [posixpath.join(out_dir, shard["file"]) for shard in manifest["shards"]
@@ -155,16 +213,11 @@ def read_dataset(
     static_shape = image_info.get("shape")
     deterministic = not shuffle or seed is not None
 
-    dataset = tf.data.Dataset.from_tensor_slices(tf.constant(files, dtype=tf.string))
-    if shuffle and files:
-        dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    dataset = dataset.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type=compression),
-        cycle_length=interleave_cycle,
-        block_length=1,
-        num_parallel_calls=num_parallel_calls,
-        deterministic=deterministic,
-    )
+    dataset = records_dataset(files, compression, interleave_cycle=interleave_cycle,
+                              num_parallel_calls=num_parallel_calls,
+                              deterministic=deterministic,
+                              shuffle_files=len(files) if shuffle and files else None,
+                              seed=seed)
     if shuffle:
         dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 

@@ -16,12 +16,11 @@ import dataclasses
 import math
 import posixpath
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 
-import tensorflow as tf
-
+from ..io import storage
 from ..records import stable_hash
+from .tfrecord import RecordWriter, iter_records
 
 __all__ = [
     "SHARD_PATTERN",
@@ -53,6 +52,10 @@ class ShardInfo:
     num_examples: int
     num_bytes: int
     reused: bool = dataclasses.field(default=False, compare=False)
+    crc32: int | None = dataclasses.field(default=None, compare=False)
+    # Requests and bytes sent to a remote store while writing it (accounting only).
+    requests: int = dataclasses.field(default=0, compare=False)
+    bytes_written: int = dataclasses.field(default=0, compare=False)
 
 
 def shard_for(example_id: str, num_shards: int) -> int:
@@ -110,12 +113,12 @@ def num_shards_for(num_examples: int, approx_bytes_per_example: float,
     return max(1, min(num_examples, wanted, MAX_NUM_SHARDS))
 
 
-def _options(compression: str | None) -> tf.io.TFRecordOptions | None:
+def _options(compression: str | None) -> str | None:
     if compression is None:
         return None
     if compression.upper() != "GZIP":
         raise ValueError(f"`compression` must be None or 'GZIP'. Received: {compression!r}")
-    return tf.io.TFRecordOptions(compression_type="GZIP")
+    return "GZIP"
 
 
 def write_shard(
@@ -129,12 +132,13 @@ def write_shard(
     an existing file there (from an earlier attempt) is replaced.
 
     Args:
-        path: final path (local, or any URL `tf.io.gfile` supports).
+        path: final path (local, or any fsspec URL).
         records: `(example_id, serialized tf.train.Example)` pairs.
         compression: None or ``"GZIP"``.
 
     Returns:
-        `ShardInfo` with the base name, the record count and the file size.
+        `ShardInfo` with the base name, the record count, the file size and its CRC32
+        (computed while writing).
 
     Raises:
         ValueError: the same example id with two different payloads.
@@ -152,18 +156,15 @@ def write_shard(
                 )
             continue
         unique.append((example_id, payload))
-    directory, base = posixpath.split(path)
-    temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+    base = posixpath.basename(path)
     try:
-        with tf.io.TFRecordWriter(temp, options=options) as writer:
+        with storage.writer(path) as handle, RecordWriter(handle, options) as writer:
             for _, payload in unique:
                 writer.write(payload)
-        tf.io.gfile.rename(temp, path, overwrite=True)
     except Exception as err:
-        if tf.io.gfile.exists(temp):
-            tf.io.gfile.remove(temp)
         raise RuntimeError(f"failed to write shard {path!r}") from err
-    return ShardInfo(file=base, num_examples=len(unique), num_bytes=tf.io.gfile.stat(path).length)
+    return ShardInfo(file=base, num_examples=len(unique), num_bytes=writer.size,
+                     crc32=writer.crc32)
 
 
 def merge_shards(path: str, parts: Sequence[tuple[str, Sequence[str]]], *,
@@ -186,23 +187,18 @@ def merge_shards(path: str, parts: Sequence[tuple[str, Sequence[str]]], *,
     import heapq
 
     options = _options(compression)
-    directory, base = posixpath.split(path)
-    temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+    base = posixpath.basename(path)
 
     def stream(file: str, ids: Sequence[str]):
-        records = tf.data.TFRecordDataset(file).as_numpy_iterator()
-        yield from zip(ids, records, strict=True)
+        with storage.open_read(file) as handle:
+            yield from zip(ids, iter_records(handle), strict=True)
 
-    count = 0
     try:
-        with tf.io.TFRecordWriter(temp, options=options) as writer:
+        with storage.writer(path) as handle, RecordWriter(handle, options) as writer:
             merged = heapq.merge(*(stream(f, ids) for f, ids in parts), key=lambda r: r[0])
             for _, record in merged:
                 writer.write(record)
-                count += 1
-        tf.io.gfile.rename(temp, path, overwrite=True)
     except Exception as err:
-        if tf.io.gfile.exists(temp):
-            tf.io.gfile.remove(temp)
         raise RuntimeError(f"failed to write shard {path!r}") from err
-    return ShardInfo(file=base, num_examples=count, num_bytes=tf.io.gfile.stat(path).length)
+    return ShardInfo(file=base, num_examples=writer.count, num_bytes=writer.size,
+                     crc32=writer.crc32)

@@ -45,17 +45,32 @@ __all__ = [
 ]
 
 _NAMESPACE = "softmix"
+# The job's storage options while `build_pipeline` builds the graph: every DoFn made
+# then keeps a copy (it is pickled to the workers) and configures them in `setup`.
+_BUILD_STORAGE_OPTIONS: str | None = None
 
 
-class _PlanSlide(beam.DoFn):
+class _StorageDoFn(beam.DoFn):
+    def __init__(self) -> None:
+        super().__init__()
+        self.storage_options = _BUILD_STORAGE_OPTIONS
+
+
+class _PlanSlide(_StorageDoFn):
     """Open one slide, tile it and filter background (pixels never leave the worker)."""
 
     def __init__(self, config: TileConfig, on_error: str, class_names: Sequence[str] | None,
                  staging: str | None):
+        super().__init__()
         self._config = config
         self._on_error = on_error
         self._class_names = class_names
         self._staging = staging
+
+    def setup(self) -> None:
+        from ..io import storage
+
+        storage.ensure(getattr(self, "storage_options", None))
 
     def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
         from ..run.tasks import plan_task
@@ -103,13 +118,19 @@ class SlidesToPlans(beam.PTransform):
         )
 
 
-class _PackStrip(beam.DoFn):
+class _PackStrip(_StorageDoFn):
     """Pack one strip: read its chunks once, cut and compress its tiles."""
 
     def __init__(self, staging: str, read_cache_mb: float, on_error: str):
+        super().__init__()
         self._staging = staging
         self._read_cache_mb = read_cache_mb
         self._on_error = on_error
+
+    def setup(self) -> None:
+        from ..io import storage
+
+        storage.ensure(getattr(self, "storage_options", None))
 
     def process(self, task, stain=None):
         from ..run.run import pack_stained
@@ -198,15 +219,18 @@ class PairStrips(beam.PTransform):
         return outputs.pairs, outputs[_ACCOUNTING]
 
 
-class _MixBucket(beam.DoFn):
+class _MixBucket(_StorageDoFn):
     def __init__(self, config: MixConfig, num_classes: int, progress_dir: str | None):
+        super().__init__()
         self._config = config
         self._num_classes = num_classes
         self._progress_dir = progress_dir
 
     def setup(self) -> None:
+        from ..io import storage
         from ..steps.mix import configure_tensorflow
 
+        storage.ensure(getattr(self, "storage_options", None))
         configure_tensorflow()
         import softmix_tf  # noqa: F401 - build TensorFlow state once per worker
 
@@ -300,6 +324,8 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     from ..run.run import stain_fit_of, strip_size
 
     job, staging = run.job, run.staging
+    global _BUILD_STORAGE_OPTIONS
+    _BUILD_STORAGE_OPTIONS = job.output.storage_options
     raw = (pipeline
            | "Slides" >> beam.Create(list(run.slides))
            | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=run.on_error,

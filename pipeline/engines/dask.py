@@ -128,9 +128,12 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     Longer than most functions here because it is the whole composition: five phases,
     each a few `client.map` calls and one decision of `run`, read top to bottom.
     """
+    from ..io import storage
     from ..run import tasks as _tasks
 
     job, slides, staging = run.job, list(run.slides), run.staging
+    if job.output.storage_options:  # workers of a cluster started elsewhere, too
+        client.run(storage.ensure, job.output.storage_options)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     params = run.params("dask", workers=len(workers), **dict(extra_params or {}))
     run_id = uuid.uuid4().hex[:8]

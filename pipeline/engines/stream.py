@@ -523,6 +523,7 @@ def stream_dataset(
     cache_dir: str | os.PathLike[str] | None = None,
     num_parallel_reads: int | None = None,
     pack_threads: int | None = None,
+    storage_options: dict[str, Any] | str | None = None,
 ) -> Any:
     """Stream SoftMix examples from the slides of `manifest` into a `tf.data.Dataset`.
 
@@ -563,6 +564,9 @@ def stream_dataset(
         num_parallel_reads: work units read concurrently (default min(8, CPUs)).
         pack_threads: background packing threads (default min(4, CPUs)); each holds
             up to `read_cache_mb` of decoded rows.
+        storage_options: fsspec options for the manifest, the slides and `cache_dir`
+            when they are URLs (a dict or JSON text; flat or per protocol, as
+            ``softmix beam --storage-options``); None keeps those in force.
 
     Returns:
         A `tf.data.Dataset` of `(image, label)` (image [tile_size, tile_size, C] in the
@@ -577,7 +581,10 @@ def stream_dataset(
     import tensorflow as tf
 
     from ..dataset.schema import FIELDS, PROVENANCE, field_shape
+    from ..io import storage
 
+    if storage_options is not None:
+        storage.configure(storage_options)
     tile = TileConfig(tile_size=tile_size, stride=stride, level=level, mpp=mpp,
                       min_tissue=min_tissue, tissue_level=tissue_level,
                       tissue_mode=tissue_mode, label_image=label_image,
@@ -672,15 +679,15 @@ def stream_dataset(
 
 def _check_cache_dir(root: str, staging: str) -> None:
     """Create the stream's folder in `root`, or say plainly why it cannot be."""
-    import tensorflow as tf
+    from ..io import storage
 
     try:
-        if tf.io.gfile.exists(root) and not tf.io.gfile.isdir(root):
+        if storage.exists(root) and not storage.isdir(root):
             raise PipelineError(
                 f"cache_dir={root!r} is a file, not a directory. Pass a directory (it is "
                 "created if missing), or None for a temporary one.")
-        tf.io.gfile.makedirs(staging)
-    except (OSError, tf.errors.OpError) as err:
+        storage.makedirs(staging)
+    except OSError as err:
         raise PipelineError(
             f"cannot use cache_dir={root!r} as a directory for plans and tile packs "
             f"({type(err).__name__}: {err}). Pass a writable directory, or None for a "

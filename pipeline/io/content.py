@@ -70,9 +70,9 @@ def _local_entries(path: str) -> list[tuple[Any, ...]]:
 
 
 def _remote_entries(path: str, options: dict[str, Any]) -> list[tuple[Any, ...]]:
-    import fsspec
+    from . import storage
 
-    fs, root = fsspec.core.url_to_fs(path, **options)
+    fs, root = storage.filesystem(path, options or None)
     root = root.rstrip("/")
     if fs.isfile(root):
         info = fs.info(root)

@@ -92,13 +92,13 @@ def _read_table(path: str, storage_options: dict[str, Any] | None) -> Any:
 
     is_parquet = path.lower().endswith((".parquet", ".pq"))
     if _is_url(path):
-        import fsspec
+        from . import storage
 
-        opener = fsspec.open(path, "rb", **(storage_options or {}))
+        fs, inner = storage.filesystem(path, storage_options)
+        data = fs.cat_file(inner)
     else:
-        opener = open(path, "rb")  # noqa: SIM115 - closed by the with below
-    with opener as handle:
-        data = handle.read()
+        with open(path, "rb") as handle:
+            data = handle.read()
     if is_parquet:
         try:
             return pq.read_table(pa.BufferReader(data))

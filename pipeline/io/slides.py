@@ -518,6 +518,16 @@ def _slide_from_group(group: Any, slide_id: str, path: str, axes: str | None) ->
     return Slide(slide_id, path, arrays, names, scales, attributes=ome, group=group)
 
 
+def _url_exists(path: str, options: Mapping[str, Any]) -> bool:
+    import fsspec
+
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path, **options)
+        return bool(fs.exists(fs_path))
+    except (OSError, ValueError, ImportError):
+        return False
+
+
 def open_slide(
     path: str | os.PathLike[str] | Any,
     *,
@@ -555,31 +565,36 @@ def open_slide(
     if not is_store:
         path_str = os.fspath(path)
     slide_id = slide_id if slide_id is not None else path_str
+    if storage_options is None and not is_store and _is_url(path_str):
+        from . import storage
+
+        storage_options = storage.options_for(path_str)
     options = dict(storage_options or {})
     if not is_store:
         if _is_url(path_str):
-            import fsspec
-
+            # No existence check here (a HEAD and a LIST per open, and every strip
+            # opens its slide): opening reads zarr.json anyway, and a failure is
+            # looked at below.
             try:
-                fs, fs_path = fsspec.core.url_to_fs(path_str, **options)
-                exists = fs.exists(fs_path)
+                import fsspec
+
+                fsspec.core.url_to_fs(path_str, **options)
             except (OSError, ValueError, ImportError) as err:
                 raise SlideError(
                     slide_id,
                     "missing",
                     f"cannot reach {path_str}: {err}. Check the URL and "
-                    "storage_options (credentials, endpoint).",
+                    "storage_options (credentials, endpoint; --storage-options).",
                 ) from err
         else:
             path_str = os.path.expanduser(path_str)
-            exists = os.path.exists(path_str)
-        if not exists:
-            raise SlideError(
-                slide_id,
-                "missing",
-                f"{path_str} does not exist. Check the path in the manifest "
-                "(relative paths are resolved against the manifest's directory).",
-            )
+            if not os.path.exists(path_str):
+                raise SlideError(
+                    slide_id,
+                    "missing",
+                    f"{path_str} does not exist. Check the path in the manifest "
+                    "(relative paths are resolved against the manifest's directory).",
+                )
     from .tiff import is_tiff_path, open_tiff_slide
 
     if not is_store and is_tiff_path(path_str):
@@ -595,8 +610,18 @@ def open_slide(
         else:
             store = zarr.storage.LocalStore(path_str, read_only=True)
         counting = CountingStore(store)
-        node = zarr.open(store=counting, mode="r")
+        try:  # Zarr v3 first: one zarr.json GET instead of probing v2 and v3 keys
+            node = zarr.open(store=counting, mode="r", zarr_format=3)
+        except FileNotFoundError:  # GroupNotFoundError too: a Zarr v2 store
+            node = zarr.open(store=counting, mode="r", zarr_format=2)
     except (FileNotFoundError, KeyError, zarr.errors.NodeTypeValidationError) as err:
+        if not is_store and _is_url(path_str) and not _url_exists(path_str, options):
+            raise SlideError(
+                slide_id,
+                "missing",
+                f"{path_str} does not exist. Check the path in the manifest "
+                "(relative paths are resolved against the manifest's directory).",
+            ) from err
         raise SlideError(
             slide_id,
             "not_zarr",

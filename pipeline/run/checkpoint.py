@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import zlib
 from typing import Any
+
+from ..io import storage
 
 __all__ = ["CrcWriter", "file_crc32", "load_checked", "sidecar_path", "write_checked",
            "write_sidecar", "write_text_atomic"]
@@ -36,22 +37,15 @@ def sidecar_path(data: str) -> str:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(posixpath.dirname(path))
-    temp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temp, path, overwrite=True)
+    """Write `path` whole: a temporary file and a rename on a disk, one upload on an
+    object store (`storage.write_text`)."""
+    storage.write_text(path, text)
 
 
 def file_crc32(path: str) -> tuple[int, int]:
     """`(size, crc32)` of a file, read in 4 MiB blocks."""
-    import tensorflow as tf
-
     crc, size = 0, 0
-    with tf.io.gfile.GFile(path, "rb") as handle:
+    with storage.open_read(path) as handle:
         while block := handle.read(4 << 20):
             crc = zlib.crc32(block, crc)
             size += len(block)
@@ -72,15 +66,13 @@ class CrcWriter:
         self.size += len(data)
 
 
-def _stamp(path: str) -> tuple[int, int]:
-    """`(size, modification time in ns)` of `path`: one metadata read, no data."""
-    if "://" not in path or path.startswith("file://"):  # gfile's local mtime is whole seconds
+def _stamp(path: str) -> tuple[int, int | None]:
+    """`(size, modification time in ns or None)` of `path`: metadata reads, no data."""
+    if not storage.is_url(path):
         stat = os.stat(path.removeprefix("file://"))
         return stat.st_size, stat.st_mtime_ns
-    import tensorflow as tf
-
-    stat = tf.io.gfile.stat(path)
-    return int(stat.length), int(stat.mtime_nsec)
+    modified = storage.modified(path)
+    return storage.size(path), None if modified is None else round(modified * 1e9)
 
 
 def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int,
@@ -92,7 +84,7 @@ def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int
     """
     try:
         mtime_ns = _stamp(data)[1]
-    except Exception:  # noqa: BLE001 - nothing written: gfile makes the file on first write
+    except Exception:  # noqa: BLE001 - nothing written (an empty pack is never created)
         mtime_ns = None
     body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32,
             "mtime_ns": mtime_ns}
@@ -102,13 +94,7 @@ def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int
 def write_checked(data: str, payload: bytes, *, inputs: Any, records: int,
                   **extra: Any) -> None:
     """Write `payload` to `data` atomically, then its sidecar (CRC of the bytes in hand)."""
-    import tensorflow as tf
-
-    tf.io.gfile.makedirs(posixpath.dirname(data))
-    temp = f"{data}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(temp, "wb") as handle:
-        handle.write(payload)
-    tf.io.gfile.rename(temp, data, overwrite=True)
+    storage.write_bytes(data, payload)
     write_sidecar(data, inputs=inputs, records=records, size=len(payload),
                   crc32=zlib.crc32(payload), **extra)
 
@@ -125,28 +111,22 @@ def load_checked(data: str, inputs: Any, *, read: bool = False
     of every byte); any other file is read and its CRC32 compared. A same-size edit
     that also restores the modification time is the one change this does not see.
     """
-    import tensorflow as tf
-
-    try:
-        side = sidecar_path(data)
-        if not (tf.io.gfile.exists(side) and tf.io.gfile.exists(data)):
-            return None
-        with tf.io.gfile.GFile(side, "r") as handle:
-            sidecar = json.loads(handle.read())
+    try:  # the sidecar is written after the data: one GET, no existence checks
+        sidecar = storage.read_json(sidecar_path(data))
         if not isinstance(sidecar, dict) or sidecar.get("inputs") != _plain(inputs):
             return None
         if read:
-            with tf.io.gfile.GFile(data, "rb") as handle:
-                payload = handle.read()
+            payload = storage.read_bytes(data)
             found = (len(payload), zlib.crc32(payload))
-        elif _stamp(data) == (sidecar["size"], sidecar.get("mtime_ns")):
+        elif (sidecar.get("mtime_ns") is not None
+              and _stamp(data) == (sidecar["size"], sidecar["mtime_ns"])):
             return sidecar, None
         else:
             payload = None
             found = file_crc32(data)
         if found != (sidecar["size"], sidecar["crc32"]):
             return None
-    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+    except (ValueError, KeyError, TypeError, OSError):
         return None
     return sidecar, payload
 

@@ -32,6 +32,7 @@ def job_params(job: JobConfig, engine: str, **extra: Any) -> dict[str, Any]:
         "mix": job.mix.to_dict(),
         "output": dataclasses.asdict(job.output),
     }
+    params["output"].pop("storage_options", None)  # may hold credentials
     params["mix"]["grid"] = list(job.mix.grid)
     params.update(extra)
     return params  # `output.finalize_output` adds the software versions
@@ -54,8 +55,8 @@ def run_fingerprint(job: JobConfig, slides: Sequence[Any], *,
     mix.pop("batch_size")
     mix["grid"] = list(job.mix.grid)
     output = dataclasses.asdict(job.output)
-    for key in ("out_dir", "overwrite", "resume"):
-        output.pop(key)
+    for key in ("out_dir", "overwrite", "resume", "storage_options"):
+        output.pop(key, None)
     options = {"tile": dataclasses.asdict(job.tile), "mix": mix, "output": output,
                "class_names": list(job.class_names) if job.class_names else None}
     if stain is not None and stain.kind == "path":
@@ -230,9 +231,8 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
     import json
     import posixpath
 
-    import tensorflow as tf
-
     from ..errors import OutputExistsError
+    from ..io import storage
     from .output import (
         acquire_output_lock,
         ensure_output_dir,
@@ -249,8 +249,9 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
     try:
         staging = staging_dir(config)
         resumed = False
-        if resume and tf.io.gfile.exists(staging):
-            old = _read_run_file(config) or {}
+        run_file = _read_run_file(config) if resume else None
+        if resume and (run_file is not None or storage.isdir(staging)):
+            old = run_file or {}
             diff = fingerprint_diff(old.get("fingerprint") or {}, fingerprint or {})
             if "fingerprint" not in old or diff:
                 shown = _shown(diff)
@@ -278,12 +279,11 @@ def prepare_output(config: Any, fingerprint: Mapping[str, Any] | None = None, *,
                     "--overwrite to replace it, or choose another --out.")
         prepare_output_dir(config)  # now that no other run can change OUT
         if not resumed:
-            if tf.io.gfile.exists(staging):
-                tf.io.gfile.rmtree(staging)
-            tf.io.gfile.makedirs(staging)
-        with tf.io.gfile.GFile(posixpath.join(staging, RUN_FILE), "w") as handle:
-            handle.write(json.dumps({**lock, "fingerprint": fingerprint,
-                                     "fingerprint_digest": digest}, default=str) + "\n")
+            storage.rmtree(staging)
+            storage.makedirs(staging)
+        storage.write_text(posixpath.join(staging, RUN_FILE),
+                           json.dumps({**lock, "fingerprint": fingerprint,
+                                       "fingerprint_digest": digest}, default=str) + "\n")
         return resumed
     except BaseException:
         release_output_lock(config.out_dir, run_id=lock["run_id"])
@@ -300,18 +300,14 @@ class RunFinished(Exception):  # noqa: N818 - a signal, not an error
 
 
 def _read_run_file(config: Any) -> dict[str, Any] | None:
-    import json
     import posixpath
 
-    import tensorflow as tf
+    from ..io import storage
 
     path = posixpath.join(staging_dir(config), RUN_FILE)
-    if not tf.io.gfile.exists(path):
-        return None
     try:
-        with tf.io.gfile.GFile(path, "r") as handle:
-            return json.load(handle)
-    except ValueError:
+        return storage.read_json(path)
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -331,16 +327,8 @@ def write_staged_shard(config: Any, index: int, num_shards: int,
 
 
 def _run_id(config: Any) -> str | None:
-    import json
-    import posixpath
-
-    import tensorflow as tf
-
-    path = posixpath.join(staging_dir(config), RUN_FILE)
-    if not tf.io.gfile.exists(path):
-        return None
-    with tf.io.gfile.GFile(path, "r") as handle:
-        return json.load(handle).get("run_id")
+    run = _read_run_file(config)
+    return run.get("run_id") if isinstance(run, dict) else None
 
 
 def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounting: Any,
@@ -356,10 +344,9 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
     """
     import dataclasses
 
-    import tensorflow as tf
-
     from ..dataset.shards import shard_filename
     from ..errors import PipelineError
+    from ..io import storage
     from .output import finalize_output, read_output_lock, release_output_lock
 
     by_index = {}
@@ -382,6 +369,11 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
         if index not in by_index:
             by_index[index] = write_staged_shard(config, index, num_shards, [])
     staging = staging_dir(config)
+    from ..accounting import Accounting
+
+    accounting = accounting + Accounting(
+        output_requests=sum(getattr(s, "requests", 0) for s in by_index.values()),
+        bytes_written=sum(getattr(s, "bytes_written", 0) for s in by_index.values()))
     config_with_count = dataclasses.replace(config, num_shards=num_shards)
     run_file = _read_run_file(config) or {}
     if isinstance(run_file.get("fingerprint"), Mapping):
@@ -389,7 +381,7 @@ def publish_output(config: Any, shards: Sequence[Any], num_shards: int, accounti
         params = {**params, "fingerprint": run_file["fingerprint"]}
     manifest = finalize_output(config_with_count, list(by_index.values()), accounting,
                                class_names, params, staged_dir=staging, stain=stain)
-    tf.io.gfile.rmtree(staging)
+    storage.rmtree(staging)
     release_output_lock(config.out_dir, run_id=run_id)
     return manifest
 

@@ -29,16 +29,17 @@ import os
 import platform
 import posixpath
 import socket
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-
-import tensorflow as tf
 
 from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting  # noqa: F401 - re-exported
 from ..config import OutputConfig
 from ..dataset.shards import TEMP_MARKER, ShardInfo, filepath_template, shard_filename
 from ..errors import OutputExistsError, PipelineError
+from ..io import storage
 from ..io.names import recorded_name
 from .tile_record import REPORT_FILES, publish_report_files
 
@@ -130,9 +131,8 @@ def dataset_files(manifest: Mapping[str, Any], out_dir: str = ".") -> list[str]:
 
 def _load_json(path: str) -> Any:
     try:
-        with tf.io.gfile.GFile(path, "r") as handle:
-            return json.load(handle)
-    except (ValueError, tf.errors.OpError, OSError):
+        return storage.read_json(path)
+    except (ValueError, OSError):
         return None
 
 
@@ -160,22 +160,43 @@ def ensure_output_dir(out_dir: str) -> bool:
         PipelineError: the path cannot be created (parent is a file, not writable).
         OutputExistsError: the path exists and is not a directory.
     """
-    if not tf.io.gfile.exists(out_dir):
+    if storage.is_url(out_dir):  # object stores have no directories: a prefix
+        try:
+            if storage.listdir(out_dir):
+                return False
+            is_object = storage.exists(out_dir.rstrip("/"))
+        except PipelineError:
+            raise
+        except OSError as err:
+            raise PipelineError(
+                f"Cannot reach output location {out_dir!r}: {err}. Check the bucket name, "
+                "the credentials and --storage-options (endpoint_url...).") from None
+        if is_object:
+            raise OutputExistsError(f"Output path {out_dir!r} exists and is an object, not "
+                                    "a prefix. Choose a directory path for --out.")
+        bucket = out_dir.split("://", 1)[0] + "://" + out_dir.split("://", 1)[1].split("/")[0]
+        if not storage.exists(bucket):
+            raise PipelineError(
+                f"Cannot write to {out_dir!r}: the bucket {bucket!r} does not exist or is "
+                "not reachable with these credentials. Create it first, or check "
+                "--storage-options (endpoint_url, credentials).")
+        return True
+    if not os.path.exists(out_dir):
         parent = posixpath.dirname(out_dir.rstrip("/"))
-        if parent and tf.io.gfile.exists(parent) and not tf.io.gfile.isdir(parent):
+        if parent and os.path.exists(parent) and not os.path.isdir(parent):
             raise PipelineError(
                 f"Cannot create output directory {out_dir!r}: its parent {parent!r} is a "
                 "file, not a directory. Choose another --out."
             )
         try:
-            tf.io.gfile.makedirs(out_dir)
-        except (tf.errors.OpError, OSError) as err:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as err:
             raise PipelineError(
                 f"Cannot create output directory {out_dir!r}: "
-                f"{getattr(err, 'message', None) or err}. Choose a writable --out."
+                f"{err.strerror or err}. Choose a writable --out."
             ) from None
         return True
-    if not tf.io.gfile.isdir(out_dir):
+    if not os.path.isdir(out_dir):
         raise OutputExistsError(f"Output path {out_dir!r} exists and is not a directory. "
                                 "Choose a directory path for --out.")
     return False
@@ -199,7 +220,7 @@ def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
     out_dir = config.out_dir
     if ensure_output_dir(out_dir):
         return None
-    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(out_dir))
+    names = storage.listdir(out_dir)  # one listing, whatever OUT holds
     manifest = existing_dataset(out_dir)
     ours = {LOCK_NAME, STAGING_DIR}
     if manifest is not None:
@@ -249,53 +270,91 @@ def _pid_alive(pid: int) -> bool:
 
 
 def read_output_lock(out_dir: str) -> dict[str, Any] | None:
-    """The lock of the run writing into `out_dir` ({"pid", "host", "since", "run_id"})."""
+    """The lock of the run writing into `out_dir` ({"pid", "host", "since", "run_id",
+    "heartbeat", "lease_s"}); None when there is none, {} when it cannot be read."""
     path = posixpath.join(out_dir, LOCK_NAME)
-    if not tf.io.gfile.exists(path):
+    try:
+        lock = storage.read_json(path)
+    except FileNotFoundError:
         return None
-    lock = _load_json(path)
+    except (ValueError, OSError):
+        return {}
     return lock if isinstance(lock, dict) else {}
 
 
+def lock_lease_s() -> float:
+    """Seconds after its last heartbeat when a lock of another host counts as dead
+    (``SOFTMIX_LOCK_LEASE_S``, default 120); the holder renews it every third of that."""
+    try:
+        return max(1.0, float(os.environ.get("SOFTMIX_LOCK_LEASE_S", "120")))
+    except ValueError:
+        return 120.0
+
+
 def _lock_is_stale(lock: Mapping[str, Any]) -> bool:
-    if lock.get("host") != socket.gethostname():
-        return False  # cannot tell whether a process on another machine lives
-    pid = lock.get("pid")
-    return not isinstance(pid, int) or pid == os.getpid() or not _pid_alive(pid)
+    """A dead run's lock: its process is gone (this host), or its lease ran out."""
+    if lock.get("host") == socket.gethostname():
+        pid = lock.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid() or not _pid_alive(pid):
+            return True
+    beat = lock.get("heartbeat")
+    if isinstance(beat, int | float):
+        lease = float(lock.get("lease_s") or lock_lease_s())
+        return time.time() - beat > lease
+    return False  # an old lock without a heartbeat on another host: cannot tell
+
+
+_heartbeats: dict[tuple[str, str], threading.Event] = {}
+
+
+def _heartbeat(out_dir: str, lock: dict[str, Any], stop: threading.Event) -> None:
+    """Renew `lock` every third of its lease until stopped or taken over."""
+    path = posixpath.join(out_dir, LOCK_NAME)
+    while not stop.wait(float(lock["lease_s"]) / 3):
+        try:
+            held = read_output_lock(out_dir)
+            if not held or held.get("run_id") != lock["run_id"]:
+                return  # released, or taken over after our lease ran out
+            lock["heartbeat"] = time.time()
+            storage.write_text(path, json.dumps(lock) + "\n")
+        except Exception:  # noqa: BLE001 - a missed beat is retried; the lease allows two
+            continue
 
 
 def acquire_output_lock(out_dir: str) -> dict[str, Any]:
     """Take the lock file ``OUT/.softmix.lock`` for this process.
 
-    A lock of a dead process on this host (or of this very process, from an earlier
-    run that failed) is taken over.
+    The lock is created only if absent, atomically: ``O_EXCL`` on a disk, the store's
+    precondition on a bucket (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``),
+    so of two runs racing for one OUT exactly one wins. The holder renews a heartbeat
+    in it every third of the lease (`lock_lease_s`); the lock of a dead run (its
+    process is gone, on this host; or its heartbeat is older than the lease) is
+    taken over.
 
     Returns:
         The lock's content, with a fresh ``run_id``.
 
     Raises:
-        OutputExistsError: another live run holds the lock.
+        OutputExistsError: another live run holds the lock (named: pid, host, since).
         PipelineError: the directory is not writable.
     """
+    lease = lock_lease_s()
     lock = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "since": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "run_id": uuid.uuid4().hex,
+        "heartbeat": time.time(),
+        "lease_s": lease,
     }
-    payload = json.dumps(lock) + "\n"
     path = posixpath.join(out_dir, LOCK_NAME)
     for _ in range(3):
         try:
-            if "://" in out_dir:  # object stores have no exclusive create: best effort
-                if tf.io.gfile.exists(path):
-                    raise FileExistsError(path)
-                with tf.io.gfile.GFile(path, "w") as handle:
-                    handle.write(payload)
-            else:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                with os.fdopen(fd, "w") as handle:
-                    handle.write(payload)
+            storage.create_exclusive(path, (json.dumps(lock) + "\n").encode())
+            stop = threading.Event()
+            _heartbeats[(out_dir, lock["run_id"])] = stop
+            threading.Thread(target=_heartbeat, args=(out_dir, dict(lock), stop),
+                             daemon=True, name="softmix-lock-heartbeat").start()
             return lock
         except FileExistsError:
             held = read_output_lock(out_dir)
@@ -303,17 +362,25 @@ def acquire_output_lock(out_dir: str) -> dict[str, Any]:
                 continue  # released meanwhile
             if not held:  # unreadable: a writer died between create and write
                 age = _lock_age(path)
-                if age is not None and age < 60:
-                    continue
+                if age is not None and age < lease:
+                    raise OutputExistsError(
+                        f"Another run is starting here: {out_dir!r} holds a lock being "
+                        f"written ({path!r}). Wait for it or choose another --out; if no "
+                        f"run is writing there, delete {path!r}.") from None
             elif not _lock_is_stale(held):
                 raise OutputExistsError(
                     f"Another run is writing here: {out_dir!r} is locked by pid "
                     f"{held.get('pid')} on host {held.get('host')!r} since "
-                    f"{held.get('since')}. Wait for it to finish or choose another --out; "
-                    f"if no such run exists, delete {path!r}."
+                    f"{held.get('since')} (run {held.get('run_id')}). Wait for it to "
+                    "finish or choose another --out; if no such run exists, delete "
+                    f"{path!r} (or wait {lease:.0f} s for its lease to run out)."
                 ) from None
-            tf.io.gfile.remove(path)
-        except (PermissionError, tf.errors.PermissionDeniedError) as err:
+            # Take a dead run's lock over: remove it only if it is still the one we
+            # judged (another taker may have replaced it meanwhile), then create ours.
+            again = read_output_lock(out_dir)
+            if again is not None and again.get("run_id") == held.get("run_id"):
+                storage.remove(path)
+        except PermissionError as err:
             raise PipelineError(
                 f"Output directory {out_dir!r} is not writable ({err}). "
                 "Choose a writable --out."
@@ -323,12 +390,8 @@ def acquire_output_lock(out_dir: str) -> dict[str, Any]:
 
 
 def _lock_age(path: str) -> float | None:
-    try:
-        import time
-
-        return time.time() - tf.io.gfile.stat(path).mtime_nsec / 1e9
-    except tf.errors.OpError:
-        return None
+    mtime = storage.modified(path)
+    return None if mtime is None else time.time() - mtime
 
 
 def release_output_lock(out_dir: str, *, run_id: str | None = None,
@@ -342,24 +405,21 @@ def release_output_lock(out_dir: str, *, run_id: str | None = None,
         return False
     if pid is not None and (held.get("pid") != pid or held.get("host") != socket.gethostname()):
         return False
-    try:
-        tf.io.gfile.remove(posixpath.join(out_dir, LOCK_NAME))
-    except tf.errors.NotFoundError:
-        return False
-    return True
+    stop = _heartbeats.pop((out_dir, held.get("run_id")), None)
+    if stop is not None:
+        stop.set()
+    return storage.remove(posixpath.join(out_dir, LOCK_NAME))
 
 
 # --- Manifest and TFDS metadata -----------------------------------------------------------
 
 
 def _write_json_atomic(path: str, payload: Any) -> None:
-    directory, base = posixpath.split(path)
-    temp = posixpath.join(directory, f".{base}{TEMP_MARKER}{uuid.uuid4().hex}")
+    """Local: temporary name + rename; store: one upload (see `storage.write_bytes`)."""
     # allow_nan=False: NaN / Infinity are not JSON; a value like that is a bug upstream.
+    # Serialised before anything is opened, so an error leaves no temporary behind.
     text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    with tf.io.gfile.GFile(temp, "w") as handle:
-        handle.write(text)
-    tf.io.gfile.rename(temp, path, overwrite=True)
+    storage.write_text(path, text)
 
 
 def _tensor(dtype: str, dims: Sequence[int] = ()) -> dict[str, Any]:
@@ -438,9 +498,15 @@ def _first_image(directory: str, shards: Sequence[ShardInfo], compression: str |
     for info in shards:
         if info.num_examples <= 0:
             continue
+        import tensorflow as tf
+
+        from ..dataset.tfrecord import iter_records
+
         path = posixpath.join(directory, info.file)
-        for raw in tf.data.TFRecordDataset(path, compression_type=compression or "").take(1):
-            feats = tf.train.Example.FromString(raw.numpy()).features.feature
+        with storage.open_read(path, block_size=1 << 20) as handle:
+            raw = next(iter_records(handle, compression=compression), None)
+        if raw is not None:
+            feats = tf.train.Example.FromString(raw).features.feature
             return {
                 "shape": [int(d) for d in feats["image/shape"].int64_list.value],
                 "dtype": feats["image/dtype"].bytes_list.value[0].decode(),
@@ -570,11 +636,11 @@ def finalize_output(
             f"in {out_dir!r}; fix the inputs or options (see the summary) and rerun."
         )
     if old is not None:  # first, so that OUT reads as unfinished while files move
-        tf.io.gfile.remove(posixpath.join(out_dir, MANIFEST_NAME))
-    if staged_dir is not None:
+        storage.remove(posixpath.join(out_dir, MANIFEST_NAME))
+    if staged_dir is not None:  # a rename on a disk, a server-side copy on a store
         for info in ordered:
-            tf.io.gfile.rename(posixpath.join(staged_dir, info.file),
-                               posixpath.join(out_dir, info.file), overwrite=True)
+            storage.move(posixpath.join(staged_dir, info.file),
+                         posixpath.join(out_dir, info.file))
     if tfds_files:
         _write_json_atomic(posixpath.join(out_dir, "features.json"),
                            tfds_features(len(class_names), manifest["image"]))
@@ -584,8 +650,8 @@ def finalize_output(
         keep = set(expected) | set(tfds_files) | set(REPORT_FILES)
         for name in old_files:
             path = posixpath.join(out_dir, name)
-            if name not in keep and name != MANIFEST_NAME and tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
+            if name not in keep and name != MANIFEST_NAME:
+                storage.remove(path)
     publish_report_files(out_dir, staged_dir)
     _write_json_atomic(posixpath.join(out_dir, MANIFEST_NAME), manifest)
     return manifest
@@ -599,14 +665,14 @@ def read_manifest(out_dir: str) -> dict[str, Any]:
         RecordedNameError: it lists a shard or file that is not a plain name in OUT.
     """
     path = posixpath.join(out_dir, MANIFEST_NAME)
-    if not tf.io.gfile.exists(path):
+    try:
+        manifest = storage.read_json(path)
+    except FileNotFoundError:
         raise PipelineError(
             f"No {MANIFEST_NAME} in {out_dir!r}: the run that writes it has not finished "
             "(the manifest is written last), or this is not a SoftMix output directory. "
             "Rerun the job with --overwrite, or point at a finished output directory."
-        )
-    with tf.io.gfile.GFile(path, "r") as handle:
-        manifest = json.load(handle)
+        ) from None
     if isinstance(manifest, dict):
         dataset_files(manifest, out_dir)  # shards are read by name: plain names only
     return manifest

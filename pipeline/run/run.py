@@ -168,9 +168,11 @@ def load_run(job: JobConfig, *, staging: str | None = None) -> Run:
         ManifestError: a bad manifest.
         PipelineError: a bad stain target.
     """
+    from ..io import storage
     from ..io.manifest import load_slide_manifest
     from ..steps.stain import resolve_stain
 
+    storage.ensure(job.output.storage_options)  # before any worker process starts
     manifest = load_slide_manifest(job.manifest, class_names=job.class_names,
                                    group_column=job.mix.group_column)
     stain = resolve_stain(job.tile.stain_norm, job.tile.stain_target,

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..accounting import Accounting
 from ..config import JobConfig, MixConfig, OutputConfig, TileConfig
+from ..io import storage
 from ..records import ExampleSpec, SlidePlan, SlideRecord, TileRecord, stable_hash
 from ..steps.pack import StripResult, StripTask, pack_path
 
@@ -152,14 +153,11 @@ def _load_plan(path: str, record: SlideRecord, content: str | None
 
 def _sidecar_content(path: str) -> str | None:
     """The content fingerprint a kept plan's sidecar records (None if unreadable)."""
-    import tensorflow as tf
-
     from .checkpoint import sidecar_path
 
     try:
-        with tf.io.gfile.GFile(sidecar_path(path), "r") as handle:
-            return json.loads(handle.read())["inputs"]["content"]
-    except (ValueError, KeyError, TypeError, OSError, tf.errors.OpError):
+        return storage.read_json(sidecar_path(path))["inputs"]["content"]
+    except (ValueError, KeyError, TypeError, OSError):
         return None
 
 
@@ -198,8 +196,11 @@ def pack_task(task: StripTask, staging: str, read_cache_mb: float, on_error: str
     """Pack one strip (see `pack.pack_strip`)."""
     from ..steps.pack import pack_strip
 
-    return pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
-                      on_error=on_error)
+    with storage.counting() as sent:
+        result = pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
+                            on_error=on_error)
+    return dataclasses.replace(result, output_requests=sent["requests"],
+                               bytes_written=sent["bytes_written"])
 
 
 def strip_accounting(result: StripResult) -> Accounting:
@@ -208,7 +209,9 @@ def strip_accounting(result: StripResult) -> Accounting:
     return Accounting(tiles_skipped=skipped, tiles_pending=-sum(skipped.values()),
                       chunks_read=result.chunks_read, bytes_read=result.bytes_read,
                       bytes_needed=result.bytes_needed, requests=result.requests,
-                      pack_bytes=result.pack_bytes, resumed={"strips": int(result.reused)})
+                      pack_bytes=result.pack_bytes, resumed={"strips": int(result.reused)},
+                      output_requests=result.output_requests,
+                      bytes_written=result.bytes_written)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,13 +356,22 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
                config: MixConfig, num_classes: int, *, progress_dir: str | None = None
                ) -> BucketResult:
     """Read a bucket's tiles from the packs, mix, encode and write its part file."""
-    import tensorflow as tf
+    with storage.counting() as sent:
+        result = _mix_bucket(bucket, specs, layout, config, num_classes,
+                             progress_dir=progress_dir)
+    counted = Accounting(output_requests=sent["requests"],
+                         bytes_written=sent["bytes_written"])
+    return dataclasses.replace(result, accounting=result.accounting + counted)
 
+
+def _mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
+                config: MixConfig, num_classes: int, *, progress_dir: str | None = None
+                ) -> BucketResult:
     from ..dataset.schema import encode_example
     from ..dataset.shards import write_shard
     from ..steps.mix import configure_tensorflow, mix_examples
     from ..steps.pack import PackReader
-    from .checkpoint import file_crc32, load_checked, write_sidecar
+    from .checkpoint import load_checked, write_sidecar
     from .job import report_progress
 
     specs = sorted(specs)
@@ -392,11 +404,10 @@ def mix_bucket(bucket: tuple[int, int], specs: Iterable[Any], layout: RunLayout,
     pixels = dict(zip(keys, reader.read_many([locations[k] for k in keys]), strict=True))
     results = mix_examples(resolved, pixels.__getitem__, config, num_classes)
     records = [(r.spec.example_id, encode_example(r)) for r in results]
-    tf.io.gfile.makedirs(posixpath.dirname(path))
-    write_shard(path, records)
+    written = write_shard(path, records)  # size and CRC computed while writing
     report_progress(progress_dir, len(results))
     accounting = Accounting.from_written(results)
-    size, crc = file_crc32(path)  # TFRecordWriter writes it: read back once
+    size, crc = written.num_bytes, written.crc32  # computed while writing
     write_sidecar(path, inputs=inputs, records=len(results), size=size, crc32=crc,
                   class_mass=list(accounting.class_mass),
                   ids=sorted(r.spec.example_id for r in results))
@@ -421,16 +432,22 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     The shard's bytes depend only on which examples it holds, never on how they
     were bucketed (`examples_per_task`) or which engine mixed them.
     """
-    import tensorflow as tf
+    with storage.counting() as sent:
+        info = _finalize_shard(shard, buckets, num_shards, config)
+    return dataclasses.replace(info, requests=sent["requests"],
+                               bytes_written=sent["bytes_written"])
 
+
+def _finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
+                    config: OutputConfig) -> Any:
     from ..dataset.shards import ShardInfo, merge_shards, shard_filename
-    from .checkpoint import file_crc32, load_checked, write_sidecar
+    from .checkpoint import load_checked, write_sidecar
     from .job import staging_dir
 
+    storage.ensure(config.storage_options)
     parts = []
     for bucket in sorted(buckets, key=lambda b: b.bucket):
-        with tf.io.gfile.GFile(bucket.path + ".json", "r") as handle:
-            side = json.loads(handle.read())
+        side = storage.read_json(bucket.path + ".json")
         parts.append((bucket.path, side["ids"], side["crc32"]))
     name = shard_filename(config.name, shard, num_shards)
     path = posixpath.join(staging_dir(config), name)
@@ -442,8 +459,9 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
     if kept is not None:
         return ShardInfo(name, kept[0]["records"], kept[0]["size"], reused=True)
     info = merge_shards(path, [(p, i) for p, i, _ in parts], compression=config.compression)
-    size, crc = file_crc32(path)  # TFRecordWriter writes it: read back once
-    write_sidecar(path, inputs=inputs, records=info.num_examples, size=size, crc32=crc)
+    # size and CRC computed while writing (no read-back)
+    write_sidecar(path, inputs=inputs, records=info.num_examples, size=info.num_bytes,
+                  crc32=info.crc32)
     return info
 
 

@@ -54,9 +54,9 @@ _log = logging.getLogger(__name__)
 
 
 def _fs(path: str) -> tuple[Any, str]:
-    import fsspec
+    from ..io import storage
 
-    return fsspec.core.url_to_fs(path)
+    return storage.filesystem(path)  # with the run's storage options
 
 
 def _mtime(info: Mapping[str, Any]) -> float | None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import posixpath
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SlideError, TileReadError
+from ..io import storage
 from ..records import SlidePlan, SlideRecord, TileKey, TileRecord, stable_hash
 
 __all__ = [
@@ -121,6 +121,8 @@ class StripResult:
     bytes_needed: int = 0
     pack_bytes: int = 0
     reused: bool = False
+    output_requests: int = 0
+    bytes_written: int = 0
     content: str | None = None
 
 
@@ -252,7 +254,6 @@ def pack_strip(task: StripTask, staging: str, *,
         TileReadError: with ``on_error="fail"``, the first unusable tile.
     """
     import numcodecs
-    import tensorflow as tf
 
     from ..io.slides import open_slide
 
@@ -290,10 +291,9 @@ def pack_strip(task: StripTask, staging: str, *,
     if kept is not None:
         return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
-    tf.io.gfile.makedirs(posixpath.dirname(path))
     from ..run.checkpoint import CrcWriter, write_sidecar
 
-    with tf.io.gfile.GFile(path + ".bin", "wb") as handle:
+    with storage.writer(path + ".bin") as handle:
         out = CrcWriter(handle)
         for tile in in_read_order:
             x, y = tile.key.x, tile.key.y
@@ -412,12 +412,9 @@ class PackReader:
 
     def index(self, pack: str) -> dict[str, Any]:
         """The JSON index of `pack`."""
-        import tensorflow as tf
-
         found = self._indexes.get(pack)
         if found is None:
-            with tf.io.gfile.GFile(pack + ".json", "r") as handle:
-                found = json.loads(handle.read())
+            found = storage.read_json(pack + ".json")
             self._indexes[pack] = found
             while len(self._indexes) > self._max:
                 self._indexes.popitem(last=False)
@@ -434,42 +431,36 @@ class PackReader:
 
     def read_many(self, locations: Sequence[tuple[str, int]], *, threads: int = 8
                   ) -> list[np.ndarray]:
-        """Pixels of tiles ``(pack, local index)``, fetched concurrently."""
+        """Pixels of tiles ``(pack, local index)``.
+
+        The tiles of one pack are fetched together: neighbouring byte ranges coalesce
+        into one request (`storage.read_ranges`); packs are fetched concurrently.
+        """
         from concurrent.futures import ThreadPoolExecutor
 
         import numcodecs
 
         codec = numcodecs.Zstd()
-        indexes = [self.index(pack) for pack, _ in locations]
+        by_pack: dict[str, list[int]] = collections.defaultdict(list)
+        for position, (pack, _) in enumerate(locations):
+            by_pack[pack].append(position)
+        out: list[np.ndarray | None] = [None] * len(locations)
 
-        def fetch(item: tuple[tuple[str, int], dict[str, Any]]) -> np.ndarray:
-            (pack, local), index = item
-            _, _, offset, length, _ = index["tiles"][local]
-            raw = _read_range(pack + ".bin", offset, length)
+        def fetch(pack: str) -> None:
+            index = self.index(pack)
+            positions = by_pack[pack]
+            entries = [index["tiles"][locations[p][1]] for p in positions]
+            blobs = storage.read_ranges(pack + ".bin", [(e[2], e[3]) for e in entries])
             size, channels = index["tile_size"], index["num_channels"]
-            data = np.frombuffer(codec.decode(raw), dtype=np.dtype(index["dtype"]))
-            return data.reshape(size, size, channels)
+            for position, raw in zip(positions, blobs, strict=True):
+                data = np.frombuffer(codec.decode(raw), dtype=np.dtype(index["dtype"]))
+                out[position] = data.reshape(size, size, channels)
 
-        items = list(zip(locations, indexes, strict=True))
-        if len(items) <= 1 or threads <= 1:
-            return [fetch(item) for item in items]
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(fetch, items))
-
-
-def _read_range(path: str, offset: int, length: int) -> bytes:
-    if "://" not in path:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(length)
-    else:
-        import tensorflow as tf
-
-        with tf.io.gfile.GFile(path, "rb") as handle:
-            handle.seek(offset)
-            data = handle.read(length)
-    if len(data) != length:
-        raise OSError(f"tile pack {path} is truncated: wanted {length} bytes at {offset}, "
-                      f"got {len(data)}. Rerun with --overwrite (a stream: remove its "
-                      "cache_dir).")
-    return data
+        packs = list(by_pack)
+        if len(packs) <= 1 or threads <= 1:
+            for pack in packs:
+                fetch(pack)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(fetch, packs))
+        return out  # type: ignore[return-value]

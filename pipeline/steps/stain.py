@@ -107,19 +107,18 @@ def resolve_stain(stain_norm: str, stain_target: str,
                          _dumps(stain.builtin_reference(stain_norm).to_dict()))
     if stain_target in set(slide_ids):
         return StainSpec(stain_norm, "slide", stain_target)
-    import tensorflow as tf
+    from ..io import storage
 
-    if not tf.io.gfile.exists(stain_target) or tf.io.gfile.isdir(stain_target):
+    if not storage.exists(stain_target) or storage.isdir(stain_target):
         shown = ", ".join(repr(s) for s in list(slide_ids)[:3])
         raise PipelineError(
             f"--stain-target {stain_target!r} is neither 'builtin', a slide_id of the "
             f"manifest ({len(slide_ids)} slides, e.g. {shown}) nor an existing fit JSON "
             f"file. {_FIX}")
     try:
-        with tf.io.gfile.GFile(stain_target, "r") as handle:
-            data = json.loads(handle.read())
+        data = storage.read_json(stain_target)
         fit = stain.fit_from_dict(data)
-    except (ValueError, TypeError, tf.errors.OpError) as err:
+    except (ValueError, TypeError, OSError) as err:
         raise PipelineError(
             f"--stain-target {stain_target!r} is not a valid stain fit JSON "
             f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else err!r}). "

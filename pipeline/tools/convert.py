@@ -372,9 +372,9 @@ def _run_dask(tasks: Sequence[BlockTask], client: Any, tick: Callable[[int], Non
 
 
 def _fs(path: str) -> tuple[Any, str]:
-    import fsspec
+    from ..io import storage
 
-    return fsspec.core.url_to_fs(path)
+    return storage.filesystem(path)  # with the run's storage options
 
 
 def _read_marker(out_dir: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ an empty mask).
 from __future__ import annotations
 
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -87,11 +88,11 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     Raises:
         PipelineError: an unfinished run, a run with no example, or `num_examples` < 1.
     """
-    import tensorflow as tf
     from PIL import Image, ImageDraw
 
     import softmix_tf
 
+    from ..dataset.reader import records_dataset
     from ..dataset.schema import decode_example
     from ..errors import PipelineError
     from ..run.output import read_manifest
@@ -101,8 +102,8 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     mix = params["mix"]
     class_names = manifest["class_names"]
     compression = params.get("compression")
-    files = [os.path.join(out_dir, shard["file"]) for shard in manifest["shards"]]
-    dataset = tf.data.TFRecordDataset(files, compression_type=compression or "")
+    files = [posixpath.join(out_dir, shard["file"]) for shard in manifest["shards"]]
+    dataset = records_dataset(files, compression or "")
     # A fixed-seed shuffle shows a spread of anchors, not only the first slide's tiles.
     dataset = dataset.shuffle(1024, seed=0)
     if num_examples < 1:
@@ -150,6 +151,13 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
             tile = Image.fromarray(part).resize((tile_px, tile_px), Image.NEAREST)
             sheet.paste(tile, (x0 + j * (tile_px + 4), y0))
         draw.text((x0, y0 + tile_px + 2), caption, fill="black")
-    path = output or os.path.join(out_dir, "preview.png")
-    sheet.save(path)
+    import io
+
+    from ..io import storage
+
+    path = output or posixpath.join(out_dir, "preview.png")
+    buffer = io.BytesIO()
+    ext = os.path.splitext(path)[1].lower()
+    sheet.save(buffer, format=Image.registered_extensions().get(ext, "PNG"))
+    storage.write_bytes(path, buffer.getvalue())
     return path

@@ -93,9 +93,9 @@ def slide_png_name(slide_id: str) -> str:
 
 
 def _fs(path: str) -> tuple[Any, str]:
-    import fsspec
+    from ..io import storage
 
-    return fsspec.core.url_to_fs(path)
+    return storage.filesystem(path)  # with the run's storage options
 
 
 def _read_manifest(fs: Any, root: str, out_dir: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytest
@@ -268,3 +268,61 @@ def demo_dataset(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     from pipeline.tools.demo import write_demo_data
 
     return write_demo_data(tmp_path_factory.mktemp("demo"), num_slides=4, slide_size=1024, log=None)
+
+
+# --- Object stores: real S3 and GCS API servers on 127.0.0.1 (tests/pipeline/test_buckets.py)
+
+
+@dataclasses.dataclass
+class BucketStore:
+    """A bucket on a running API server: ``root`` (``s3://softmix-test``), the fsspec
+    ``options`` that reach it, its `fs`, and the `server` (`pipeline.tools.servers`)."""
+
+    protocol: str
+    root: str
+    options: dict
+    fs: object
+    server: object
+
+    @property
+    def options_json(self) -> str:
+        import json
+
+        return json.dumps({self.protocol: self.options})
+
+    def upload(self, local: pathlib.Path, prefix: str) -> str:
+        """Copy the directory `local` to ``root/prefix``; returns its URL."""
+        target = f"{self.root}/{prefix}"
+        self.fs.put(str(local), target.split("://", 1)[1], recursive=True)
+        return target
+
+
+def _bucket_store(protocol: str, server_factory) -> Iterator[BucketStore]:  # noqa: ANN001
+    from pipeline.io import storage
+
+    with server_factory() as server:
+        previous = storage.current_options()
+        storage.configure({**previous, protocol: server.options})
+        fs, _ = storage.filesystem(f"{protocol}://softmix-test")
+        fs.mkdir("softmix-test")
+        try:
+            yield BucketStore(protocol, f"{protocol}://softmix-test", dict(server.options),
+                              fs, server)
+        finally:
+            storage.configure(previous)
+
+
+@pytest.fixture(scope="session")
+def s3_store() -> Iterator[BucketStore]:
+    """A moto S3 server (session) with bucket ``softmix-test``; its options in force."""
+    from pipeline.tools.servers import s3_server
+
+    yield from _bucket_store("s3", s3_server)
+
+
+@pytest.fixture(scope="session")
+def gcs_store() -> Iterator[BucketStore]:
+    """A fake-gcs-server (session) with bucket ``softmix-test``; its options in force."""
+    from pipeline.tools.servers import gcs_server
+
+    yield from _bucket_store("gs", gcs_server)

@@ -100,14 +100,14 @@ def test_failure_leaves_no_file(tmp_path):
 def test_write_is_temp_then_rename(tmp_path, monkeypatch):
     path = str(tmp_path / "x-00000-of-00001.tfrecord")
     seen = []
-    real_rename = tf.io.gfile.rename
+    real_replace = os.replace
 
-    def spy(src, dst, overwrite=False):
+    def spy(src, dst):
         seen.append((os.path.basename(src), sorted(os.listdir(tmp_path))))
         assert not os.path.exists(dst)  # nothing under the final name before the rename
-        return real_rename(src, dst, overwrite=overwrite)
+        return real_replace(src, dst)
 
-    monkeypatch.setattr(tf.io.gfile, "rename", spy)
+    monkeypatch.setattr(os, "replace", spy)
     write_shard(path, make_records(3))
     ((temp, listing),) = seen
     assert temp.startswith(".x-00000-of-00001.tfrecord.tmp-") and listing == [temp]
@@ -119,7 +119,7 @@ def test_write_failure_is_wrapped(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(tf.io.gfile, "rename", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(RuntimeError, match="failed to write shard"):
         write_shard(str(tmp_path / "x.tfrecord"), make_records(2))
     assert os.listdir(tmp_path) == []
