@@ -19,7 +19,12 @@ counts every request it answers (HEAD included) and the bytes each way, by kind:
 slides (input), staging (tile packs, buckets, sidecars) and output (shards, manifest).
 
 Each run is a fresh process, like a user's command: examples/s counts its wall clock,
-Python and TensorFlow start-up included. Reported per run: examples/s, the accounting's
+Python and TensorFlow start-up included; `CPU s` is the CPU time of the run's whole
+process tree (driver, scheduler, workers: `RUSAGE_CHILDREN`), the honest figure on a
+shared machine. The *start-up* rows run each engine on two 1024-px slides (a few dozen
+examples): the fixed cost of a run (imports in every process, runner or cluster start,
+planning, publishing). `--breakdown` adds the CPU time per example of each step
+(`benchmarks/profile_breakdown.py`, one process). Reported per run: examples/s, the accounting's
 `chunks_read`, `bytes_read`, `read_amplification`, slide-store requests per example,
 the tile-pack ("shuffle") bytes, and the peak RSS of the busiest process of the run
 (driver and workers polled every 0.1 s). `--memory` compares the peak with 4 vs 16
@@ -33,6 +38,7 @@ import contextlib
 import csv
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -144,10 +150,13 @@ def measure(engine: str, job, workers: int, server=None) -> dict:  # noqa: ANN00
         server.reset_requests()
     command = [sys.executable, __file__, "--run-one", engine, str(workers), job.manifest,
                job.output.out_dir, str(job.tile.tile_size)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with PeakRss() as rss:
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} x{workers} failed: {done.stderr[-3000:]}")
     manifest = json.loads(done.stdout.strip().splitlines()[-1])
@@ -157,7 +166,7 @@ def measure(engine: str, job, workers: int, server=None) -> dict:  # noqa: ANN00
     return {
         "server": seen,
         "engine": engine, "workers": workers, "examples": examples, "seconds": seconds,
-        "rate": examples / seconds, "chunks_read": acc["chunks_read"],
+        "rate": examples / seconds, "cpu": cpu, "chunks_read": acc["chunks_read"],
         "bytes_read": acc["bytes_read"], "amplification": acc["read_amplification"],
         "requests_per_example": acc.get("store_requests", 0) / max(1, examples),
         "pack_bytes": acc.get("pack_bytes"), "peak_rss": rss.peak,
@@ -210,6 +219,10 @@ def main() -> None:
                         help="also compare peak RSS with 4 vs 16 slides (Dask, 2 workers)")
     parser.add_argument("--manifest", default=None,
                         help="use these slides instead of `softmix demo-data` ones")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also print the CPU time per example of each step")
+    parser.add_argument("--no-startup", action="store_true",
+                        help="skip the start-up rows (each engine on two 1024-px slides)")
     parser.add_argument("--store", choices=["local", "s3", "gcs"], default="local",
                         help="where slides, staging and output live: local disk, or a "
                         "bucket on an S3 (moto) / GCS (fake-gcs-server) API server "
@@ -250,23 +263,46 @@ def main() -> None:
                 rows.append(row)
                 print(f"{engine} x{workers}: {row['examples']} examples in "
                       f"{row['seconds']:.1f} s", flush=True)
+        startup = []
+        if not args.no_startup:
+            small = demo_slides(1024, 2)
+            for workers in [int(w) for w in args.workers.split(",")]:
+                for engine in args.engines.split(","):
+                    job = make_job(small, root / f"start-{engine}-{workers}", args.tile_size)
+                    startup.append(measure(engine, job, workers))
         floors = {r["workers"]: r["rate"] for r in rows if r["engine"] == "local"}
         print(f"\n{args.slides} slides of {args.slide_size} px, tile {args.tile_size}, "
               f"latency {args.latency_ms:g} ms/request, store {args.store}, "
               f"{os.cpu_count()} CPUs\n")
+        print(f"load average {os.getloadavg()[0]:.1f} at the end (other users of the "
+              "machine)\n")
         print("| engine | workers | examples | s | examples/s | vs local | vs 1 worker "
-              "| chunks_read | bytes_read (MB) | read_amplification | requests/example "
-              "| peak RSS (MiB) |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| CPU s | CPU ms/example | chunks_read | bytes_read (MB) | read_amplification "
+              "| requests/example | peak RSS (MiB) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         single = {r["engine"]: r["rate"] for r in rows if r["workers"] == 1}
         for r in rows:
             floor = floors.get(r["workers"])
             vs_floor = f"{r['rate'] / floor:.2f}x" if floor else ""
             vs_one = f"{r['rate'] / single[r['engine']]:.2f}x" if r["engine"] in single else ""
             print(f"| {r['engine']} | {r['workers']} | {r['examples']} | {r['seconds']:.1f} "
-                  f"| {r['rate']:.1f} | {vs_floor} | {vs_one} | {r['chunks_read']} "
+                  f"| {r['rate']:.1f} | {vs_floor} | {vs_one} | {r['cpu']:.1f} "
+                  f"| {r['cpu'] / r['examples'] * 1000:.1f} | {r['chunks_read']} "
                   f"| {r['bytes_read'] / 1e6:.1f} | {r['amplification']} "
                   f"| {r['requests_per_example']:.2f} | {r['peak_rss'] / 2**20:.0f} |")
+        if startup:
+            print("\nstart-up: each engine on two 1024-px slides (the fixed cost of a run)\n")
+            print("| engine | workers | examples | s | CPU s |")
+            print("|---|---|---|---|---|")
+            for r in startup:
+                print(f"| {r['engine']} | {r['workers']} | {r['examples']} "
+                      f"| {r['seconds']:.1f} | {r['cpu']:.1f} |")
+        if args.breakdown:
+            print("\nCPU per example by step (`benchmarks/profile_breakdown.py`, one "
+                  "process):\n", flush=True)
+            subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_breakdown.py"),
+                            str(manifest), "--tile-size", str(args.tile_size)],
+                           check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
         if server is not None and server.kind == "s3":
             server_table(rows)
         packs = [r["pack_bytes"] for r in rows if r.get("pack_bytes")]

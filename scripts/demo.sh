@@ -7,4 +7,4 @@ bash scripts/setup.sh
 .venv/bin/softmix beam --manifest demo_data/manifest.csv --out demo_out --overwrite \
   "$@"
 .venv/bin/softmix preview demo_out
-echo "demo: shards and manifest in demo_out/, contact sheet in demo_out/preview.png"
+echo "demo: shards and manifest in demo_out/, run report in demo_out/report.html, contact sheet in demo_out/preview.png"

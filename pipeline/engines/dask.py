@@ -2,8 +2,9 @@
 
     manifest rows -> plan tasks (one per slide) -> strip tasks (pack each chunk column)
                   -> run layout + pairing table on the client (one entry per slide)
-                  -> pair tasks (one per strip) -> bag shuffle of specs by bucket
-                  -> mix tasks (one per bucket) -> concat tasks (one per shard)
+                  -> pair tasks (one per strip, specs keyed by bucket)
+                  -> mix tasks (one per bucket, fed by the strips' pair results)
+                  -> concat tasks (one per shard, as soon as its buckets are written)
                   -> accounting + manifest.json on the client
 
 Like the Beam engine, this module only decides *where* the steps of `pipeline.run.tasks`
@@ -12,7 +13,10 @@ itself. Futures carry the data-dependent phases (how many strips a
 slide has is known only after planning); the client only ever gathers small results:
 `(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
 shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
-(coordinates only) regrouped by bucket, is a `dask.bag` task shuffle. Pixels never
+(coordinates only) regrouped by bucket, is direct: each bucket's mix task depends on
+the pair results of the strips that feed it and picks its own specs out of them (a
+`dask.bag` shuffle here cost a barrier, shuffle tasks and a few coarse mix partitions
+that left a worker idle at the end; `benchmarks/profile_dask.py`). Pixels never
 enter the graph: they go from the slides into the tile packs and from the packs into
 the bucket files in the run's staging area (see `pipeline.steps.pack` for why).
 """
@@ -51,25 +55,38 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _specs_of(*paired: tuple[list, Any]) -> list:
-    return [item for specs, _ in paired for item in specs]
-
-
 def _second(pair: tuple[Any, Any]) -> Any:
     return pair[1]
 
 
-def _mix_group(group: tuple[Any, list], layout: Any, config: MixConfig, num_classes: int,
-               progress_dir: str | None) -> Any:
+def _pair_by_bucket(result: Any, layout: Any, table: Any) -> tuple[dict, Any]:
+    """`tasks.pair_strip`'s specs grouped by bucket: `({bucket: [spec]}, accounting)`."""
+    from ..run.tasks import pair_strip
+
+    pairs, accounting = pair_strip(result, layout, table)
+    by_bucket: dict[tuple[int, int], list] = collections.defaultdict(list)
+    for bucket, spec in pairs:
+        by_bucket[bucket].append(spec)
+    return dict(by_bucket), accounting
+
+
+def _bucket_keys(paired: tuple[dict, Any]) -> list[tuple[int, int]]:
+    return sorted(paired[0])
+
+
+def _mix_bucket_of(bucket: tuple[int, int], layout: Any, config: MixConfig, num_classes: int,
+                   progress_dir: str | None, *paired: tuple[dict, Any]) -> Any:
+    """Mix one bucket from the specs the strips feeding it paired into it."""
     from ..run.tasks import mix_bucket
 
-    bucket, items = group
-    return mix_bucket(bucket, [spec for _, spec in items], layout, config, num_classes,
-                      progress_dir=progress_dir)
+    specs = [spec for by_bucket, _ in paired for spec in by_bucket.get(bucket, ())]
+    return mix_bucket(bucket, specs, layout, config, num_classes, progress_dir=progress_dir)
 
 
-def _bucket_key(item: tuple[Any, Any]) -> Any:
-    return item[0]
+def _finalize(shard: int, num_shards: int, config: Any, *buckets: Any) -> Any:
+    from ..run.tasks import finalize_shard
+
+    return finalize_shard(shard, buckets, num_shards, config)
 
 
 def _without_tiles(plan: Any) -> Any:
@@ -111,9 +128,6 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     Longer than most functions here because it is the whole composition: five phases,
     each a few `client.map` calls and one decision of `run`, read top to bottom.
     """
-    import dask
-    import dask.bag as db
-
     from ..io import storage
     from ..run import tasks as _tasks
 
@@ -161,30 +175,36 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         layout_f = client.submit(_identity, layout, key=f"softmix-layout-{run_id}")
         table_f = client.submit(_identity, table, key=f"softmix-table-{run_id}")
         held += [layout_f, table_f]
-        # 4. Pair per strip, shuffle the (small) specs by bucket, mix each bucket.
-        paired = client.map(_tasks.pair_strip, results, layout=layout_f, table=table_f)
+        # 4. Pair per strip, keyed by bucket; only each strip's bucket keys come back.
+        paired = client.map(_pair_by_bucket, results, layout=layout_f, table=table_f)
         held += paired
         pair_acc = client.gather(client.map(_second, paired))
-        num_buckets = layout.num_shards * layout.buckets_per_shard
-        # A task shuffle costs ~n log n tasks for n input partitions: coalesce the
-        # strips' specs (coordinates only) into a few partitions per worker thread.
-        num_threads = sum(w.get("nthreads", 1) for w in workers.values())
-        parts = max(1, min(len(paired), 2 * num_threads))
-        bag = db.from_delayed([dask.delayed(_specs_of)(*paired[i::parts])
-                               for i in range(parts)])
-        grouped = bag.groupby(_bucket_key, shuffle="tasks",
-                              npartitions=max(1, min(num_buckets, 4 * num_threads)))
-        mixed = grouped.map(_mix_group, layout_f, job.mix, run.num_classes, staging)
+        feeds: dict[tuple[int, int], list] = collections.defaultdict(list)
+        for future, keys in zip(paired, client.gather(client.map(_bucket_keys, paired)),
+                                strict=True):
+            for key in keys:
+                feeds[key].append(future)
+        # 5. One mix task per bucket, reading its specs straight from the strips that
+        # feed it (no shuffle: no barrier, no shuffle tasks, every bucket its own
+        # task so workers stay evenly busy); each shard is concatenated as soon as its
+        # own buckets are written.
+        mixed = {key: client.submit(_mix_bucket_of, key, layout_f, job.mix, run.num_classes,
+                                    staging, *feeds[key], pure=False,
+                                    key=f"softmix-mix-{run_id}-{key[0]}-{key[1]}")
+                 for key in sorted(feeds)}
+        held += list(mixed.values())
+        by_shard: dict[int, list] = collections.defaultdict(list)
+        for key, future in mixed.items():
+            by_shard[key[0]].append(future)
+        finals = [client.submit(_finalize, shard, layout.num_shards, job.output,
+                                *by_shard[shard], pure=False,
+                                key=f"softmix-shard-{run_id}-{shard}")
+                  for shard in sorted(by_shard)]
+        held += finals
         with _job.progress_reporter(job.output, enabled=progress,
                                     total=run.num_examples(sizes)):
-            buckets = client.gather(client.compute(mixed))
-        # 5. Concatenate each shard's buckets.
-        by_shard: dict[int, list] = collections.defaultdict(list)
-        for bucket in buckets:
-            by_shard[bucket.shard].append(bucket)
-        infos = client.gather(client.map(
-            _tasks.finalize_shard, sorted(by_shard), [by_shard[s] for s in sorted(by_shard)],
-            num_shards=layout.num_shards, config=job.output, pure=False))
+            infos = client.gather(finals)
+        buckets = client.gather(list(mixed.values()))
     except PipelineError:
         raise
     except Exception as err:

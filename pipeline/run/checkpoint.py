@@ -14,12 +14,14 @@ Plans, tile packs, mixed buckets and staged shards are all kept the same way:
    `load_checked(data, inputs)`: the sidecar must exist and parse, its ``inputs``
    must equal what this attempt would make the data from, and the data file must
    have the recorded size and CRC32. Anything else (missing, truncated, edited,
-   made from other inputs) is redone.
+   made from other inputs) is redone. A data file whose size and modification time
+   are those the sidecar recorded is not read again (a metadata read per artifact).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from typing import Any
 
@@ -64,10 +66,28 @@ class CrcWriter:
         self.size += len(data)
 
 
+def _stamp(path: str) -> tuple[int, int | None]:
+    """`(size, modification time in ns or None)` of `path`: metadata reads, no data."""
+    if not storage.is_url(path):
+        stat = os.stat(path.removeprefix("file://"))
+        return stat.st_size, stat.st_mtime_ns
+    modified = storage.modified(path)
+    return storage.size(path), None if modified is None else round(modified * 1e9)
+
+
 def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int,
                   **extra: Any) -> None:
-    """Write `data`'s sidecar (after `data` itself is complete)."""
-    body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32}
+    """Write `data`'s sidecar (after `data` itself is complete).
+
+    Besides the size and CRC32 it records the data file's modification time, so a
+    later attempt can reuse an untouched file on a metadata read (`load_checked`).
+    """
+    try:
+        mtime_ns = _stamp(data)[1]
+    except Exception:  # noqa: BLE001 - nothing written (an empty pack is never created)
+        mtime_ns = None
+    body = {**extra, "inputs": inputs, "records": records, "size": size, "crc32": crc32,
+            "mtime_ns": mtime_ns}
     write_text_atomic(sidecar_path(data), json.dumps(body))
 
 
@@ -85,7 +105,11 @@ def load_checked(data: str, inputs: Any, *, read: bool = False
 
     Reusable means: the sidecar exists and parses, was written for the same `inputs`,
     and the data file has the recorded size and CRC32 (with `read`, the bytes checked
-    are returned, so a small file is read once).
+    are returned, so a small file is read once). Without `read`, a file whose size and
+    modification time are still those recorded right after it was written is taken as
+    untouched without reading it (a resumed run pays metadata reads, not a second read
+    of every byte); any other file is read and its CRC32 compared. A same-size edit
+    that also restores the modification time is the one change this does not see.
     """
     try:  # the sidecar is written after the data: one GET, no existence checks
         sidecar = storage.read_json(sidecar_path(data))
@@ -94,6 +118,9 @@ def load_checked(data: str, inputs: Any, *, read: bool = False
         if read:
             payload = storage.read_bytes(data)
             found = (len(payload), zlib.crc32(payload))
+        elif (sidecar.get("mtime_ns") is not None
+              and _stamp(data) == (sidecar["size"], sidecar["mtime_ns"])):
+            return sidecar, None
         else:
             payload = None
             found = file_crc32(data)

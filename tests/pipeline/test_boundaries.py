@@ -199,9 +199,9 @@ def test_a_refused_resume_exits_with_its_status_and_one_line(synthetic_dataset, 
             assert proc.returncode == 1, proc.stderr
             assert proc.stderr.splitlines() == [
                 f"softmix: error: Another run is writing here: '{out}' is locked by pid "
-                f"{live.pid} on host {socket.gethostname()!r} since 2026-01-01T00:00:00. "
-                "Wait for it to finish or choose another --out; if no such run exists, "
-                f"delete '{out / LOCK_NAME}'."]
+                f"{live.pid} on host {socket.gethostname()!r} since 2026-01-01T00:00:00 "
+                "(run x). Wait for it to finish or choose another --out; if no such run "
+                f"exists, delete '{out / LOCK_NAME}' (or wait 120 s for its lease to run out)."]
             assert proc.stdout == ""
     finally:
         live.kill()

@@ -268,3 +268,47 @@ def test_plan_task_reuses_a_plan_only_while_slide_and_file_verify(synthetic_data
     changed = _stages.plan_task(record, config, "skip", names, staging)
     assert not changed.reused and changed.changed and changed.content != first.content
     assert _stages.plan_task(record, config, "skip", names, staging).reused
+
+
+def test_checkpoint_reuse_costs_a_metadata_read_and_edits_are_still_redone(tmp_path,
+                                                                           monkeypatch):
+    from pipeline.run import checkpoint
+
+    data = tmp_path / "part.bin"
+    with data.open("wb") as handle:
+        out = checkpoint.CrcWriter(handle)
+        out.write(b"x" * 1000)
+    checkpoint.write_sidecar(str(data), inputs={"step": 1}, records=1, size=out.size,
+                             crc32=out.crc32)
+    written_ns = json.loads((tmp_path / "part.json").read_text())["mtime_ns"]
+    assert written_ns == data.stat().st_mtime_ns
+    reads = []
+    real_crc = checkpoint.file_crc32
+    monkeypatch.setattr(checkpoint, "file_crc32", lambda path: reads.append(path)
+                        or real_crc(path))
+    # Untouched since written: reused on its size and time, its bytes are not read.
+    assert checkpoint.load_checked(str(data), {"step": 1}) is not None
+    assert reads == []
+    # Edited in place, same size, later time: read, the CRC differs, redone.
+    data.write_bytes(b"y" * 1000)
+    os.utime(data, ns=(written_ns + 10**9, written_ns + 10**9))
+    assert checkpoint.load_checked(str(data), {"step": 1}) is None
+    assert reads == [str(data)]
+    # Same bytes under a new time (copied without times): read once, the CRC matches.
+    data.write_bytes(b"x" * 1000)
+    os.utime(data, ns=(written_ns + 2 * 10**9, written_ns + 2 * 10**9))
+    assert checkpoint.load_checked(str(data), {"step": 1}) is not None
+    assert len(reads) == 2
+    # Truncated with its recorded time put back: the size differs, refused.
+    data.write_bytes(b"x" * 999)
+    os.utime(data, ns=(written_ns, written_ns))
+    assert checkpoint.load_checked(str(data), {"step": 1}) is None
+    # Made from other inputs: refused before any stat or read.
+    data.write_bytes(b"x" * 1000)
+    assert checkpoint.load_checked(str(data), {"step": 2}) is None
+    # A data file that was never created (an all-skipped strip's empty pack): the
+    # sidecar is still written, and nothing is reused from it.
+    empty = tmp_path / "empty.bin"
+    checkpoint.write_sidecar(str(empty), inputs={"step": 1}, records=0, size=0, crc32=0)
+    assert json.loads((tmp_path / "empty.json").read_text())["mtime_ns"] is None
+    assert checkpoint.load_checked(str(empty), {"step": 1}) is None

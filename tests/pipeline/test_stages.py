@@ -144,3 +144,38 @@ def test_reconcile_fails_the_minority_kind_and_keeps_counts():
     assert out[:2] == plans[:2]
     assert out[2].failure == "incompatible_pixels" and out[2].tiles == ()
     assert Accounting.from_plan(out[2]).tiles_total == 5
+
+
+_PLAN_PACK_PAIR = """
+import sys
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.run import tasks
+from pipeline.run.run import pack_stained, prepare_run, strip_size, strip_tasks
+job = JobConfig(manifest=sys.argv[1], tile=TileConfig(tile_size=128),
+                mix=MixConfig(num_mixes=2), output=OutputConfig(out_dir=sys.argv[2]))
+run = prepare_run(job)
+raw = [tasks.plan_task(r, job.tile, run.on_error, run.class_names, run.staging)
+       for r in run.slides]
+kind = run.kind_of(raw)
+plans = [tasks.reconcile_plan(p, kind) for p in raw]
+strips = [pack_stained(t, run.stain_for(raw), staging=run.staging,
+                       read_cache_mb=job.read_cache_mb, on_error=run.on_error)
+          for t in strip_tasks(run, plans)]
+layout = run.layout([strip_size(r) for r in strips], kind)
+table = run.pairing_table(layout)
+specs = sum(len(tasks.pair_strip(r, layout, table)[0]) for r in strips)
+print(specs, "tensorflow" in sys.modules)
+"""
+
+
+def test_plan_pack_and_pair_never_import_tensorflow(synthetic_dataset, tmp_path):
+    # A worker that only plans, packs or pairs does not pay TensorFlow's start-up.
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PLAN_PACK_PAIR, str(synthetic_dataset.manifest_path),
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300, check=True)
+    specs, tensorflow = done.stdout.split()
+    assert int(specs) == 2 * synthetic_dataset.total_tiles
+    assert tensorflow == "False"
