@@ -168,7 +168,7 @@ def pack_path(staging: str, slide_id: str, strip: int) -> str:
     return posixpath.join(staging, "packs", f"{stable_hash('pack', slide_id):016x}-{strip:05d}")
 
 
-def _block_keys(slide: Any, level: int, block: tuple[int, int]) -> list[str]:
+def _block_keys(slide: Slide, level: int, block: tuple[int, int]) -> list[str]:
     """Store keys of the chunks of `block` (all channels) on `level`."""
     array = slide.level_array(level)
     chunks = getattr(array, "shards", None) or array.chunks
@@ -201,7 +201,7 @@ def _check_pixels(tile: np.ndarray) -> str | None:
 class _Band:
     """Decoded rows ``[y0, y1)`` x columns ``[x0, x1)`` of a level, read chunk rows at a time."""
 
-    def __init__(self, slide: Any, level: int, x0: int, x1: int, chunk_h: int,
+    def __init__(self, slide: Slide, level: int, x0: int, x1: int, chunk_h: int,
                  height: int, rows_per_read: int, needed_rows: set[int]):
         self.slide, self.level, self.x0, self.x1 = slide, level, x0, x1
         self.chunk_h, self.height, self.rows_per_read = chunk_h, height, rows_per_read
@@ -238,7 +238,8 @@ class _Band:
 
 def pack_strip(task: StripTask, staging: str, *,
                read_cache_mb: float = DEFAULT_READ_CACHE_MB,
-               transform: Any = None, on_error: str = "skip") -> StripResult:
+               transform: Callable[[np.ndarray], np.ndarray] | None = None,
+               on_error: str = "skip") -> StripResult:
     """Read the strip's tiles chunk by chunk and write them into its pack.
 
     Opens the slide afresh (its `ReadStats` then count exactly this task's reads).
