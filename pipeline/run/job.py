@@ -166,15 +166,15 @@ def exit_status(manifest: Mapping[str, Any]) -> int:
     return 0 if manifest.get("num_examples", 0) > 0 else 1
 
 
-# --- Output life cycle shared by both engines -------------------------------------------
+# --- Output life cycle shared by every offline engine ----------------------------------
 #
 # A run locks OUT (`OUT/.softmix.lock`: pid, host, start time), writes everything into a
 # hidden staging folder inside OUT, and publishes by swap only after every shard exists:
 # new shards move in, the old dataset's other files go, manifest.json is written last.
 # A failed or interrupted run leaves the old dataset untouched and its staging folder
-# as it is (the next run needs --overwrite to discard it).
+# as it is (the next run needs --resume to continue it or --overwrite to discard it).
 
-RUN_FILE = "run.json"  # in the staging folder: the run id of the lock that owns it
+RUN_FILE = "run.json"  # in the staging folder: the owning lock (run id) and fingerprint
 
 
 def staging_dir(config: OutputConfig) -> str:
