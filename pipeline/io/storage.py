@@ -487,19 +487,8 @@ def write_bytes(path: str, data: bytes) -> None:
     its upload completed).
     """
     if not is_url(path):
-        local = _local(path)
-        directory, base = os.path.split(local)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{base}.tmp-{uuid.uuid4().hex}")
-        try:
-            with open(temp, "wb") as handle:
-                handle.write(data)
-            os.replace(temp, local)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(temp)
-            raise
+        with writer(path) as handle:  # the same temp + os.replace as every local write
+            handle.write(data)
         return
     fs, inner = filesystem(path)
     fs.pipe_file(inner, bytes(data))
