@@ -1,19 +1,27 @@
-"""Resume after a kill: wall time of the resumed run next to an uninterrupted run.
+"""Resume after a kill: wall and CPU time of the resumed run next to an uninterrupted run.
 
 Run: `.venv/bin/python benchmarks/bench_resume.py [--slide-size 8192] [--slides 4]
-[--engine beam] [--workers 2] [--kill-at 0.5]`.
+[--engine beam|dask|both] [--workers 2] [--kill-at 0.5] [--kill-after-buckets F]`.
 
-1. An uninterrupted `softmix <engine>` run on slide-scale demo slides (timed).
-2. The same command again into a new directory, killed with SIGKILL (driver and workers)
-   once `--kill-at` of its mix buckets are finished in staging.
+1. An uninterrupted `softmix <engine>` run on slide-scale demo slides (timed: T).
+2. The same command again into a new directory, killed with SIGKILL (driver and workers,
+   like a lost machine) `--kill-at` x T after it started (or, with
+   `--kill-after-buckets F`, once a fraction F of its mix buckets are in staging).
+   What it had committed (verified sidecars of plans, packs, buckets, shards) is counted.
 3. The same command with `--resume` (timed); its shards must equal run 1's byte for byte.
-Prints the times, the ratio resumed / full (target <= 0.6 at a kill at 50%) and what the
-resumed run reused (`accounting.resumed`).
+
+Prints per engine the times (wall, and CPU seconds of the process tree), the ratio
+resumed / uninterrupted (target <= 0.6 at a kill at 0.5 T), what the killed run had
+committed and what the resumed run reused (`accounting.resumed`).
+
+Slides: `.cache/bench/slides-<size>-<count>`; when only a larger cached set exists, its
+first `--slides` slides are used (the cache is never regenerated for a subset).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
@@ -30,67 +38,171 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_pipeline import demo_slides  # noqa: E402
 
+STAGING = ".softmix.tmp-staging"
+
+
+def slide_manifest(size: int, count: int, scratch: pathlib.Path) -> pathlib.Path:
+    """The manifest of `count` cached demo slides of `size` px (a subset of a larger
+    cached set when that is all there is)."""
+    cache = ROOT / ".cache" / "bench"
+    own = cache / f"slides-{size}-{count}" / "manifest.csv"
+    if own.exists():
+        return own
+    larger = sorted((p for p in cache.glob(f"slides-{size}-*/manifest.csv")
+                     if int(p.parent.name.rsplit("-", 1)[1]) > count),
+                    key=lambda p: int(p.parent.name.rsplit("-", 1)[1]))
+    if not larger:
+        return demo_slides(size, count)
+    rows = list(csv.DictReader(larger[0].open()))[:count]
+    for row in rows:
+        row["path"] = str((larger[0].parent / row["path"]).resolve())
+    subset = scratch / "manifest.csv"
+    with subset.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return subset
+
 
 def softmix(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
-                            start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    """A `softmix` process in its own session (its stderr kept in a temporary file, so
+    a chatty run never blocks on a full pipe)."""
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=ROOT,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=log)
+    proc.log = log  # type: ignore[attr-defined]
+    return proc
 
 
-def timed(*args: str) -> float:
+def reap(proc: subprocess.Popen) -> float:
+    """Wait for `proc`; returns the CPU seconds of it and the children it waited for."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(*args: str, watch: pathlib.Path | None = None,
+          timeline: dict[str, list[float]] | None = None) -> tuple[float, float]:
+    """`(wall s, CPU s)` of one whole `softmix` run. With `watch` (its OUT), `timeline`
+    gets, per kind of artifact, the seconds after the start when the first and the last
+    one was committed in staging."""
     start = time.perf_counter()
     proc = softmix(*args)
-    _, err = proc.communicate()
+    if watch is not None and timeline is not None:
+        seen: dict[str, int] = {}
+        while proc.poll() is None:
+            now = time.perf_counter() - start
+            for kind, count in committed(watch).items():
+                if count > seen.get(kind, 0):
+                    seen[kind] = count
+                    timeline.setdefault(kind, [now, now])[1] = now
+            time.sleep(0.05)
+    cpu = reap(proc)
     if proc.returncode != 0:
-        raise RuntimeError(err.decode()[-2000:])
-    return time.perf_counter() - start
+        proc.log.seek(0)
+        raise RuntimeError(proc.log.read().decode()[-2000:])
+    return time.perf_counter() - start, cpu
+
+
+def committed(out: pathlib.Path) -> dict[str, int]:
+    """Verified artifacts in `out`'s staging folder: sidecars are written last."""
+    staging = out / STAGING
+    return {"plans": len(list(staging.glob("plans/*.plan.json"))),
+            "packs": len(list(staging.glob("packs/*.json"))),
+            "buckets": len(list(staging.glob("buckets/*.tfrecord.json"))),
+            "shards": len(list(staging.glob("*.tfrecord.json")))}
+
+
+def killed_run(args: list[str], out: pathlib.Path, *, after_s: float | None,
+               buckets: int | None) -> float:
+    """Start the run and SIGKILL its whole process group `after_s` seconds in (or once
+    `buckets` mix buckets are committed); returns when it was killed."""
+    start = time.perf_counter()
+    proc = softmix(*args, "--out", str(out))
+    done = out / STAGING / "buckets"
+    while proc.poll() is None:
+        elapsed = time.perf_counter() - start
+        if after_s is not None and elapsed >= after_s:
+            break
+        if buckets is not None and len(list(done.glob("*.tfrecord.json"))) >= buckets:
+            break
+        time.sleep(0.02)
+    killed_after = time.perf_counter() - start
+    if proc.poll() is not None:
+        raise RuntimeError(f"the run finished before the kill ({killed_after:.1f} s)")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return killed_after
+
+
+def bench(engine: str, manifest: pathlib.Path, root: pathlib.Path, args) -> dict:
+    common = ["--manifest", str(manifest), "--no-progress", "--workers", str(args.workers)]
+    full_out = root / f"{engine}-full"
+    timeline: dict[str, list[float]] = {}
+    full, full_cpu = timed(engine, *common, "--out", str(full_out), watch=full_out,
+                           timeline=timeline)
+    result = json.loads((full_out / "manifest.json").read_text())
+    shards = len(result["shards"])
+    buckets = shards * math.ceil(result["num_examples"] / shards / 128)
+    out = root / f"{engine}-resumed"
+    if args.kill_after_buckets is not None:
+        killed = killed_run([engine, *common], out, after_s=None,
+                            buckets=math.ceil(args.kill_after_buckets * buckets))
+    else:
+        killed = killed_run([engine, *common], out, after_s=args.kill_at * full, buckets=None)
+    kept = committed(out)
+    resumed, resumed_cpu = timed(engine, *common, "--out", str(out), "--resume")
+    for shard in result["shards"]:
+        if (full_out / shard["file"]).read_bytes() != (out / shard["file"]).read_bytes():
+            raise RuntimeError(f"{engine}: {shard['file']} differs after resume")
+    reused = json.loads((out / "manifest.json").read_text())["accounting"]["resumed"]
+    return {"engine": engine, "full": full, "full_cpu": full_cpu, "killed": killed,
+            "kept": kept, "resumed": resumed, "resumed_cpu": resumed_cpu,
+            "reused": reused, "examples": result["num_examples"], "buckets": buckets,
+            "shards": shards, "timeline": timeline}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--slide-size", type=int, default=8192)
     parser.add_argument("--slides", type=int, default=4)
-    parser.add_argument("--engine", default="beam", choices=["beam", "dask"])
+    parser.add_argument("--engine", default="both", choices=["beam", "dask", "both"])
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--kill-at", type=float, default=0.5)
+    parser.add_argument("--kill-at", type=float, default=0.5,
+                        help="kill at this fraction of the uninterrupted run's wall time")
+    parser.add_argument("--kill-after-buckets", type=float, default=None,
+                        help="instead: kill once this fraction of the mix buckets is done")
     args = parser.parse_args()
-    manifest = demo_slides(args.slide_size, args.slides)
     root = pathlib.Path(tempfile.mkdtemp(prefix="softmix-resume-"))
-    common = ["--manifest", str(manifest), "--no-progress", "--workers", str(args.workers)]
+    engines = ["beam", "dask"] if args.engine == "both" else [args.engine]
     try:
-        full_out = root / "full"
-        full = timed(args.engine, *common, "--out", str(full_out))
-        result = json.loads((full_out / "manifest.json").read_text())
-        shards = len(result["shards"])
-        buckets = shards * math.ceil(result["num_examples"] / shards / 128)
-        out = root / "resumed"
-        staging = out / ".softmix.tmp-staging" / "buckets"
-        proc = softmix(args.engine, *common, "--out", str(out))
-        start = time.perf_counter()
-        while proc.poll() is None:
-            if len(list(staging.glob("*.json"))) >= args.kill_at * buckets:
-                break
-            time.sleep(0.05)
-        killed_after = time.perf_counter() - start
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        done = len(list(staging.glob("*.json")))
-        resumed = timed(args.engine, *common, "--out", str(out), "--resume")
-        for shard in result["shards"]:
-            same = (full_out / shard["file"]).read_bytes() == (out / shard["file"]).read_bytes()
-            if not same:
-                raise RuntimeError(f"{shard['file']} differs after resume")
-        reused = json.loads((out / "manifest.json").read_text())["accounting"]["resumed"]
-        print(f"\n{args.slides} slides of {args.slide_size} px, {args.engine} x{args.workers}, "
-              f"{result['num_examples']} examples, {buckets} buckets\n")
-        print("| run | wall s | vs full |")
-        print("|---|---:|---:|")
-        print(f"| uninterrupted | {full:.1f} | 1.00x |")
-        print(f"| killed after {done}/{buckets} buckets | {killed_after:.1f} | |")
-        print(f"| resumed | {resumed:.1f} | {resumed / full:.2f}x |")
-        print(f"\nreused: {reused}; shards byte-identical to the uninterrupted run")
+        manifest = slide_manifest(args.slide_size, args.slides, root)
+        rows = [bench(engine, manifest, root, args) for engine in engines]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    first = rows[0]
+    trigger = (f"{args.kill_after_buckets:.0%} of the buckets done"
+               if args.kill_after_buckets is not None else f"{args.kill_at:g} T")
+    print(f"\n{args.slides} slides of {args.slide_size} px, {args.workers} workers, "
+          f"{first['examples']} examples, {first['buckets']} buckets, {first['shards']} "
+          f"shards; SIGKILL at {trigger}\n")
+    print("| engine | uninterrupted s (CPU s) | killed at s | committed when killed: "
+          "plans / packs / buckets / shards | resumed s (CPU s) | resumed / full (CPU) "
+          "| reused: plans / strips / buckets / shards |")
+    print("|---|---:|---:|---|---:|---:|---|")
+    for r in rows:
+        k, u = r["kept"], r["reused"]
+        print(f"| {r['engine']} | {r['full']:.1f} ({r['full_cpu']:.1f}) | {r['killed']:.1f} "
+              f"| {k['plans']} / {k['packs']} / {k['buckets']} / {k['shards']} "
+              f"| {r['resumed']:.1f} ({r['resumed_cpu']:.1f}) "
+              f"| {r['resumed'] / r['full']:.2f}x ({r['resumed_cpu'] / r['full_cpu']:.2f}x) "
+              f"| {u.get('plans', 0)} / {u.get('strips', 0)} / {u.get('buckets', 0)} / "
+              f"{u.get('shards', 0)} |")
+    print("\nshards of every resumed run byte-identical to its uninterrupted run")
+    print("\nwhen the uninterrupted runs committed (s after start, first - last):")
+    for r in rows:
+        spans = ", ".join(f"{kind} {a:.1f}-{b:.1f}" for kind, (a, b) in r["timeline"].items())
+        print(f"- {r['engine']}: {spans}; done {r['full']:.1f}")
 
 
 if __name__ == "__main__":

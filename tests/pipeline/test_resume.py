@@ -312,3 +312,52 @@ def test_checkpoint_reuse_costs_a_metadata_read_and_edits_are_still_redone(tmp_p
     checkpoint.write_sidecar(str(empty), inputs={"step": 1}, records=0, size=0, crc32=0)
     assert json.loads((tmp_path / "empty.json").read_text())["mtime_ns"] is None
     assert checkpoint.load_checked(str(empty), {"step": 1}) is None
+
+
+def _resume_job(manifest: pathlib.Path, out: pathlib.Path, *, resume: bool = False
+                ) -> JobConfig:
+    return JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=128),
+                     mix=MixConfig(num_mixes=3, seed=11),
+                     output=OutputConfig(out_dir=str(out), num_shards=4, resume=resume))
+
+
+def _run_engine(engine: str, job: JobConfig) -> dict:
+    """Beam in-process, Dask on an in-process (threads) cluster: a test's patch of
+    `pipeline.run.tasks` reaches every task."""
+    if engine == "beam":
+        from pipeline.engines.beam import run_beam
+
+        return run_beam(job, progress=False)
+    import distributed
+
+    from pipeline.engines.dask import run_job
+
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2,
+                            dashboard_address=":0") as client:
+        return run_job(client, job, progress=False)
+
+
+@pytest.mark.parametrize("engine", ["beam", "dask"])
+def test_a_run_stopped_after_packing_reuses_every_plan_and_pack(engine, synthetic_dataset,
+                                                                tmp_path, monkeypatch):
+    from pipeline.run import tasks as _tasks
+    from pipeline.run.output import release_output_lock
+
+    out = tmp_path / "out"
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped after packing (test)")
+
+    with monkeypatch.context() as patch:  # every plan and pack done, no bucket mixed
+        patch.setattr(_tasks, "mix_bucket", stop)
+        with pytest.raises(Exception, match="stopped after packing"):
+            _run_engine(engine, _resume_job(synthetic_dataset.manifest_path, out))
+    release_output_lock(str(out))  # as a killed run leaves it
+    staging = out / _job.STAGING_DIR
+    packs = sorted((staging / "packs").glob("*.json"))  # committed: sidecar written last
+    assert len(packs) >= 4 and not list(staging.glob("buckets/*.json"))
+    manifest = _run_engine(engine, _resume_job(synthetic_dataset.manifest_path, out,
+                                               resume=True))
+    assert manifest["accounting"]["resumed"] == {
+        "plans": 4, "strips": len(packs), "buckets": 0, "shards": 0, "slides_changed": 0}
+    assert manifest["num_examples"] == 3 * synthetic_dataset.total_tiles
