@@ -74,11 +74,17 @@ def softmix(*args: str) -> subprocess.Popen:
     return proc
 
 
-def reap(proc: subprocess.Popen) -> float:
-    """Wait for `proc`; returns the CPU seconds of it and the children it waited for."""
-    _, status, usage = os.wait4(proc.pid, 0)
+def running(proc: subprocess.Popen, *, block: bool = False) -> bool:
+    """Whether `proc` still runs; once it ended, `proc.cpu` holds the CPU seconds of it
+    and of the children it waited for (`os.wait4`, which `Popen.poll` would lose)."""
+    if proc.returncode is not None:
+        return False
+    pid, status, usage = os.wait4(proc.pid, 0 if block else os.WNOHANG)
+    if pid == 0:
+        return True
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_utime + usage.ru_stime
+    proc.cpu = usage.ru_utime + usage.ru_stime  # type: ignore[attr-defined]
+    return False
 
 
 def timed(*args: str, watch: pathlib.Path | None = None,
@@ -89,19 +95,15 @@ def timed(*args: str, watch: pathlib.Path | None = None,
     start = time.perf_counter()
     proc = softmix(*args)
     if watch is not None and timeline is not None:
-        seen: dict[str, int] = {}
-        while proc.poll() is None:
-            now = time.perf_counter() - start
-            for kind, count in committed(watch).items():
-                if count > seen.get(kind, 0):
-                    seen[kind] = count
-                    timeline.setdefault(kind, [now, now])[1] = now
+        seen = committed(watch)  # what a resumed run starts from
+        while running(proc):
+            note(timeline, seen, watch, time.perf_counter() - start)
             time.sleep(0.05)
-    cpu = reap(proc)
+    running(proc, block=True)
     if proc.returncode != 0:
         proc.log.seek(0)
         raise RuntimeError(proc.log.read().decode()[-2000:])
-    return time.perf_counter() - start, cpu
+    return time.perf_counter() - start, proc.cpu
 
 
 def committed(out: pathlib.Path) -> dict[str, int]:
@@ -113,25 +115,36 @@ def committed(out: pathlib.Path) -> dict[str, int]:
             "shards": len(list(staging.glob("*.tfrecord.json")))}
 
 
+def note(timeline: dict[str, list[float]], seen: dict[str, int], out: pathlib.Path,
+         now: float) -> None:
+    """Record in `timeline` when artifacts beyond `seen` got committed (first, last)."""
+    for kind, count in committed(out).items():
+        if count > seen.get(kind, 0):
+            seen[kind] = count
+            timeline.setdefault(kind, [now, now])[1] = now
+
+
 def killed_run(args: list[str], out: pathlib.Path, *, after_s: float | None,
-               buckets: int | None) -> float:
+               buckets: int | None, timeline: dict[str, list[float]]) -> float:
     """Start the run and SIGKILL its whole process group `after_s` seconds in (or once
     `buckets` mix buckets are committed); returns when it was killed."""
     start = time.perf_counter()
     proc = softmix(*args, "--out", str(out))
     done = out / STAGING / "buckets"
-    while proc.poll() is None:
+    seen: dict[str, int] = {}
+    while running(proc):
         elapsed = time.perf_counter() - start
+        note(timeline, seen, out, elapsed)
         if after_s is not None and elapsed >= after_s:
             break
         if buckets is not None and len(list(done.glob("*.tfrecord.json"))) >= buckets:
             break
         time.sleep(0.02)
     killed_after = time.perf_counter() - start
-    if proc.poll() is not None:
+    if not running(proc):
         raise RuntimeError(f"the run finished before the kill ({killed_after:.1f} s)")
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    running(proc, block=True)
     return killed_after
 
 
@@ -145,13 +158,17 @@ def bench(engine: str, manifest: pathlib.Path, root: pathlib.Path, args) -> dict
     shards = len(result["shards"])
     buckets = shards * math.ceil(result["num_examples"] / shards / 128)
     out = root / f"{engine}-resumed"
+    killed_timeline: dict[str, list[float]] = {}
     if args.kill_after_buckets is not None:
-        killed = killed_run([engine, *common], out, after_s=None,
+        killed = killed_run([engine, *common], out, after_s=None, timeline=killed_timeline,
                             buckets=math.ceil(args.kill_after_buckets * buckets))
     else:
-        killed = killed_run([engine, *common], out, after_s=args.kill_at * full, buckets=None)
+        killed = killed_run([engine, *common], out, after_s=args.kill_at * full, buckets=None,
+                            timeline=killed_timeline)
     kept = committed(out)
-    resumed, resumed_cpu = timed(engine, *common, "--out", str(out), "--resume")
+    resumed_timeline: dict[str, list[float]] = {}
+    resumed, resumed_cpu = timed(engine, *common, "--out", str(out), "--resume", watch=out,
+                                 timeline=resumed_timeline)
     for shard in result["shards"]:
         if (full_out / shard["file"]).read_bytes() != (out / shard["file"]).read_bytes():
             raise RuntimeError(f"{engine}: {shard['file']} differs after resume")
@@ -159,7 +176,9 @@ def bench(engine: str, manifest: pathlib.Path, root: pathlib.Path, args) -> dict
     return {"engine": engine, "full": full, "full_cpu": full_cpu, "killed": killed,
             "kept": kept, "resumed": resumed, "resumed_cpu": resumed_cpu,
             "reused": reused, "examples": result["num_examples"], "buckets": buckets,
-            "shards": shards, "timeline": timeline}
+            "shards": shards,
+            "timelines": {"uninterrupted": (timeline, full), "killed": (killed_timeline, killed),
+                          "resumed (new work only)": (resumed_timeline, resumed)}}
 
 
 def main() -> None:
@@ -199,10 +218,11 @@ def main() -> None:
               f"| {u.get('plans', 0)} / {u.get('strips', 0)} / {u.get('buckets', 0)} / "
               f"{u.get('shards', 0)} |")
     print("\nshards of every resumed run byte-identical to its uninterrupted run")
-    print("\nwhen the uninterrupted runs committed (s after start, first - last):")
+    print("\nwhen each run committed its artifacts (s after its start, first - last):")
     for r in rows:
-        spans = ", ".join(f"{kind} {a:.1f}-{b:.1f}" for kind, (a, b) in r["timeline"].items())
-        print(f"- {r['engine']}: {spans}; done {r['full']:.1f}")
+        for name, (timeline, end) in r["timelines"].items():
+            spans = ", ".join(f"{kind} {a:.1f}-{b:.1f}" for kind, (a, b) in timeline.items())
+            print(f"- {r['engine']}, {name}: {spans or 'nothing'}; ended {end:.1f}")
 
 
 if __name__ == "__main__":

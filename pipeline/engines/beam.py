@@ -48,12 +48,25 @@ _NAMESPACE = "softmix"
 # The job's storage options while `build_pipeline` builds the graph: every DoFn made
 # then keeps a copy (it is pickled to the workers) and configures them in `setup`.
 _BUILD_STORAGE_OPTIONS: str | None = None
+# Whether that run resumes an interrupted one: its planning and packing workers then
+# import TensorFlow in the background (`tasks.prewarm_mixing`), mixing comes soon.
+_BUILD_RESUMED = False
 
 
 class _StorageDoFn(beam.DoFn):
     def __init__(self) -> None:
         super().__init__()
         self.storage_options = _BUILD_STORAGE_OPTIONS
+        self.prewarm = _BUILD_RESUMED
+
+    def setup(self) -> None:
+        from ..io import storage
+
+        storage.ensure(getattr(self, "storage_options", None))
+        if getattr(self, "prewarm", False):
+            from ..run.tasks import prewarm_mixing
+
+            prewarm_mixing()
 
 
 class _PlanSlide(_StorageDoFn):
@@ -66,11 +79,6 @@ class _PlanSlide(_StorageDoFn):
         self._on_error = on_error
         self._class_names = class_names
         self._staging = staging
-
-    def setup(self) -> None:
-        from ..io import storage
-
-        storage.ensure(getattr(self, "storage_options", None))
 
     def process(self, record: SlideRecord) -> Iterable[SlidePlan]:
         from ..run.tasks import plan_task
@@ -126,11 +134,6 @@ class _PackStrip(_StorageDoFn):
         self._staging = staging
         self._read_cache_mb = read_cache_mb
         self._on_error = on_error
-
-    def setup(self) -> None:
-        from ..io import storage
-
-        storage.ensure(getattr(self, "storage_options", None))
 
     def process(self, task, stain=None):
         from ..run.run import pack_stained
@@ -324,8 +327,9 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     from ..run.run import stain_fit_of, strip_size
 
     job, staging = run.job, run.staging
-    global _BUILD_STORAGE_OPTIONS
+    global _BUILD_STORAGE_OPTIONS, _BUILD_RESUMED
     _BUILD_STORAGE_OPTIONS = job.output.storage_options
+    _BUILD_RESUMED = run.resumed
     raw = (pipeline
            | "Slides" >> beam.Create(list(run.slides))
            | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=run.on_error,

@@ -134,6 +134,8 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     job, slides, staging = run.job, list(run.slides), run.staging
     if job.output.storage_options:  # workers of a cluster started elsewhere, too
         client.run(storage.ensure, job.output.storage_options)
+    if run.resumed:  # mixing comes soon: TensorFlow imports while kept work is checked
+        client.run(_tasks.prewarm_mixing)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     params = run.params("dask", workers=len(workers), **dict(extra_params or {}))
     run_id = uuid.uuid4().hex[:8]

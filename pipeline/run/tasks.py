@@ -48,12 +48,43 @@ __all__ = [
     "pack_task",
     "pair_strip",
     "plan_task",
+    "prewarm_mixing",
     "strip_accounting",
 ]
 
 DEFAULT_EXAMPLES_PER_TASK = 128
 
 logger = logging.getLogger(__name__)
+
+
+_PREWARM: list[Any] = []  # the one background import thread of this process, once started
+
+
+def prewarm_mixing() -> None:
+    """Start importing TensorFlow and the mixing op in a background thread (once per
+    process); the first `mix_bucket` then finds them loaded.
+
+    For the workers of a *resumed* run only: such a run goes from checks that cost
+    metadata reads (kept plans, packs) straight to mixing, so the seconds TensorFlow
+    takes to import overlap those checks instead of delaying the first new bucket. A
+    fresh run never calls it: its planning, packing and pairing keep TensorFlow out.
+    """
+    if _PREWARM:
+        return
+    import threading
+
+    def load() -> None:
+        try:
+            from ..steps.mix import configure_tensorflow
+
+            configure_tensorflow()
+            import softmix_tf  # noqa: F401 - loads the op library once
+        except Exception:  # noqa: BLE001 - the first bucket imports (and reports) it again
+            logger.debug("prewarming TensorFlow failed", exc_info=True)
+
+    thread = threading.Thread(target=load, name="softmix-prewarm", daemon=True)
+    _PREWARM.append(thread)
+    thread.start()
 
 
 def plan_task(record: SlideRecord, config: TileConfig, on_error: str,

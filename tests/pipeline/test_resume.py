@@ -361,3 +361,45 @@ def test_a_run_stopped_after_packing_reuses_every_plan_and_pack(engine, syntheti
     assert manifest["accounting"]["resumed"] == {
         "plans": 4, "strips": len(packs), "buckets": 0, "shards": 0, "slides_changed": 0}
     assert manifest["num_examples"] == 3 * synthetic_dataset.total_tiles
+
+
+def test_checkpoint_reuse_on_an_object_store_is_metadata_only(monkeypatch):
+    # memory:// goes through the same fsspec path as S3/GCS (size + modified time).
+    import uuid
+
+    from pipeline.io import storage
+    from pipeline.run import checkpoint
+
+    data = f"memory://softmix-test-{uuid.uuid4().hex}/buckets/part.tfrecord"
+    checkpoint.write_checked(data, b"z" * 4096, inputs={"step": 1}, records=2)
+    assert storage.read_json(checkpoint.sidecar_path(data))["mtime_ns"] is not None
+    reads = []
+    monkeypatch.setattr(checkpoint, "file_crc32", lambda path: reads.append(path) or (0, 0))
+    with storage.counting() as sent:
+        kept = checkpoint.load_checked(data, {"step": 1})
+    assert kept is not None and kept[0]["records"] == 2 and kept[1] is None
+    # The sidecar's GET, then the data's size and modification time: never its bytes.
+    assert reads == [] and sent["requests"] == 3
+    storage.write_bytes(data, b"y" * 4096)  # rewritten: a new time, so read and refused
+    monkeypatch.undo()
+    assert checkpoint.load_checked(data, {"step": 1}) is None
+
+
+_PREWARM = """
+import sys
+from pipeline.run import tasks
+before = "tensorflow" in sys.modules
+tasks.prewarm_mixing()
+tasks.prewarm_mixing()  # once per process
+assert len(tasks._PREWARM) == 1
+tasks._PREWARM[0].join(timeout=120)
+print(before, "tensorflow" in sys.modules, "softmix_tf" in sys.modules)
+"""
+
+
+def test_a_resumed_runs_workers_import_tensorflow_in_the_background():
+    # Called by the engines for a resumed run only; a fresh run's planning, packing and
+    # pairing keep TensorFlow out (test_stages).
+    done = subprocess.run([sys.executable, "-c", _PREWARM], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.split() == ["False", "True", "True"]
