@@ -153,6 +153,15 @@ def _temp_of(name: str, targets: Iterable[str]) -> bool:
     return name.startswith(".") and any(name.startswith(f".{t}{TEMP_MARKER}") for t in targets)
 
 
+def _published_before_manifest(name: str, dataset_name: str) -> bool:
+    """`name` is a file a run moves or writes into OUT before its manifest: a shard of
+    dataset `dataset_name`, the TFDS metadata or the tile record's folder."""
+    import re
+
+    shard = rf"{re.escape(dataset_name)}-\d{{5}}-of-\d{{5}}\.tfrecord"
+    return name in TFDS_FILES or name in REPORT_FILES or re.fullmatch(shard, name) is not None
+
+
 def ensure_output_dir(out_dir: str) -> bool:
     """Create `out_dir` if missing; returns True when it was created.
 
@@ -226,6 +235,10 @@ def prepare_output_dir(config: OutputConfig) -> dict[str, Any] | None:
     if manifest is not None:
         ours.update(dataset_files(manifest, out_dir))  # refuses names outside OUT
         ours.add(MANIFEST_NAME)
+    if STAGING_DIR in names and config.resume and manifest is None:
+        # A run killed while publishing: its shards, TFDS metadata and tile record may
+        # be in OUT already, its manifest not yet. --resume publishes them again.
+        ours.update(n for n in names if _published_before_manifest(n, config.name))
     json_targets = (MANIFEST_NAME, PREVIEW_NAME, *TFDS_FILES)
     foreign = [n for n in names if n not in ours and not _temp_of(n, json_targets)]
     if foreign:

@@ -403,3 +403,30 @@ def test_a_resumed_runs_workers_import_tensorflow_in_the_background():
     done = subprocess.run([sys.executable, "-c", _PREWARM], capture_output=True, text=True,
                           timeout=300, check=True)
     assert done.stdout.split() == ["False", "True", "True"]
+
+
+def test_a_run_killed_while_publishing_is_resumed(synthetic_dataset, tmp_path, monkeypatch):
+    from pipeline.run import output as _output
+    from pipeline.run.output import release_output_lock
+
+    out = tmp_path / "out"
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("killed while publishing (test)")
+
+    with monkeypatch.context() as patch:  # shards and TFDS files moved in, no manifest
+        patch.setattr(_output, "publish_report_files", stop)
+        with pytest.raises(Exception, match="killed while publishing"):
+            _run_engine("beam", _resume_job(synthetic_dataset.manifest_path, out))
+    release_output_lock(str(out))
+    moved = _files(out)
+    assert len(moved) == 4 and (out / "features.json").exists()
+    assert not (out / "manifest.json").exists() and (out / _job.STAGING_DIR).is_dir()
+    assert cli_main(_argv("beam", synthetic_dataset.manifest_path, out, "--num-mixes",
+                          "3")) == 1  # without --resume: refused, nothing touched
+    assert _files(out) == moved
+    manifest = _run_engine("beam", _resume_job(synthetic_dataset.manifest_path, out,
+                                               resume=True))
+    assert _files(out) == moved and (out / "manifest.json").exists()
+    resumed = manifest["accounting"]["resumed"]
+    assert resumed["plans"] == 4 and resumed["buckets"] >= 4 and resumed["shards"] == 0
