@@ -3,8 +3,8 @@
 Plans, tile packs, mixed buckets and staged shards are all kept the same way:
 
 1. the data file is written (atomically where the store allows), its size and CRC32
-   computed while writing (`CrcWriter`) or, for files another library writes
-   (TFRecords), read back once right after;
+   computed while writing (`CrcWriter`; the TFRecord writer of
+   `pipeline.dataset.shards` for buckets and shards): nothing is read back;
 2. then a small JSON *sidecar* ``<data>.json`` (``<pack>.json`` for a pack's
    ``<pack>.bin``) is written atomically: ``{"inputs", "records", "size", "crc32",
    ...}``, where ``inputs`` names everything the data was made from (the step's
