@@ -262,11 +262,14 @@ def pack_strip(task: StripTask, staging: str, *,
     from ..io.slides import open_slide
 
     record = task.record
+    path = pack_path(staging, record.slide_id, task.strip)
+    kept = load_pack_result(task, path)  # a resumed run: metadata reads, slide unopened
+    if kept is not None:
+        return kept
     slide = open_slide(record.path, slide_id=record.slide_id,
                        axes=record.metadata_dict.get("axes") or None)
     band = _strip_band(slide, task, read_cache_mb)
     codec = numcodecs.Zstd(level=_ZSTD_LEVEL)
-    path = pack_path(staging, record.slide_id, task.strip)
     skipped: collections.Counter[str] = collections.Counter()
     messages: list[str] = []
     skipped_at: list[list[Any]] = []  # [x, y, reason] of each unusable tile (run report)
@@ -281,9 +284,6 @@ def pack_strip(task: StripTask, staging: str, *,
         if len(messages) < 5:
             messages.append(f"{tile.key}: {reason}: {message}")
 
-    kept = load_pack_result(task, path)
-    if kept is not None:
-        return kept
     in_read_order = sorted(task.tiles, key=lambda t: (t.key.y, t.key.x))
     from ..run.checkpoint import CrcWriter
 

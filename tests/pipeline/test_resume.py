@@ -430,3 +430,27 @@ def test_a_run_killed_while_publishing_is_resumed(synthetic_dataset, tmp_path, m
     assert _files(out) == moved and (out / "manifest.json").exists()
     resumed = manifest["accounting"]["resumed"]
     assert resumed["plans"] == 4 and resumed["buckets"] >= 4 and resumed["shards"] == 0
+
+
+def test_a_kept_pack_is_reused_without_opening_its_slide(synthetic_dataset, tmp_path,
+                                                         monkeypatch):
+    from pipeline.io import slides as _slides
+    from pipeline.run import tasks as _tasks
+    from pipeline.steps.pack import split_plan
+
+    record = load_slide_manifest(str(synthetic_dataset.manifest_path)).slides[0]
+    staging = str(tmp_path / "staging")
+    plan = _tasks.plan_task(record, TileConfig(tile_size=128), "skip", ("he", "ihc"), staging)
+    task = split_plan(record, plan, 128)[0]
+    first = _tasks.pack_task(task, staging, 64.0)
+    assert not first.reused and first.tiles
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the slide was opened to reuse a kept pack")
+
+    monkeypatch.setattr(_slides, "open_slide", refuse)
+    again = _tasks.pack_task(task, staging, 64.0)
+    assert again.reused and again.tiles == first.tiles
+    pathlib.Path(first.pack + ".bin").write_bytes(b"")  # damaged: packed again, slide opened
+    with pytest.raises(AssertionError, match="the slide was opened"):
+        _tasks.pack_task(task, staging, 64.0)
