@@ -42,6 +42,7 @@ records (tile coordinates: about 100 bytes per tile, like the offline job's plan
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -58,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
+from ..accounting import Accounting
 from ..config import (
     MAX_READ_CACHE_MB,
     MAX_WORKERS,
@@ -73,7 +74,7 @@ from ..errors import PipelineError, SlideError
 from ..records import PairSpec, TileKey, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
-from ..steps.pack import PackReader, StripResult, StripTask
+from ..steps.pack import PackReader, StripResult, StripTask, pack_path
 
 MAX_SHUFFLE_BUFFER = 1_000_000  # examples; the buffer holds decoded images
 
@@ -103,12 +104,14 @@ class StreamStats:
 
     Attributes:
         accounting: an `Accounting` as the offline job's manifest reports it: slides
-            failed, tiles total / used / skipped by reason (each strip's tiles resolved
-            when the strip is first consumed), and the reads this stream made (zero for
-            plans and packs reused from the cache directory). After one full epoch,
-            ``accounting.check()`` holds.
+            failed, tiles total / used / skipped by reason (each tile resolved when the
+            work unit holding it is consumed in the first epoch this stream starts),
+            and the reads this stream made (zero for plans and packs reused from the
+            cache directory). After one full epoch, ``accounting.check()`` holds.
         slides_planned, plans_reused: slides tiled now / plans loaded from the cache.
         strips_packed, strips_reused: packs written now / reused verified packs.
+        strips_at_first_example: strips packed or reused when the first example was
+            yielded (None before): how little of the cohort the first batch waited for.
         examples: examples yielded (all epochs).
         epochs_started: epochs whose first work unit started.
         plan_seconds: time spent planning (before the dataset could be built).
@@ -121,6 +124,7 @@ class StreamStats:
         self.strips_packed = self.strips_reused = 0
         self.examples = self.epochs_started = 0
         self.plan_seconds = 0.0
+        self.strips_at_first_example: int | None = None
 
     @property
     def accounting(self) -> Accounting:
@@ -133,6 +137,8 @@ class StreamStats:
                 self._accounting = self._accounting.merge(accounting)
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+            if counts.get("examples") and self.strips_at_first_example is None:
+                self.strips_at_first_example = self.strips_packed + self.strips_reused
 
     def __repr__(self) -> str:
         acc = self.accounting
@@ -254,35 +260,32 @@ class _SharedPackReader(PackReader):
     def __init__(self, max_indexes: int) -> None:
         super().__init__(max_indexes)
         self._lock = threading.RLock()
-        self._locals: dict[str, dict[tuple[int, int], int]] = {}
 
     def index(self, pack: str) -> dict[str, Any]:
         with self._lock:
             return super().index(pack)
 
-    def local(self, pack: str, key: TileKey) -> int | None:
-        """Index of tile `key` in `pack`, None if the pack skipped it."""
-        with self._lock:
-            found = self._locals.get(pack)
-            if found is None:
-                found = {(x, y): i for i, (x, y, *_) in enumerate(self.index(pack)["tiles"])}
-                if len(self._locals) >= self._max:
-                    self._locals.pop(next(iter(self._locals)))
-                self._locals[pack] = found
-        return found.get((key.x, key.y))
-
 
 # --- Epochs ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class _Epoch:
-    number: int
-    units: tuple[_StripId, ...]
-    layout: Any  # RunLayout
-    table: Any  # PairingTable
-    tiles: dict[_StripId, tuple[TileRecord, ...]]  # the tiles the layout counts
-    packs: dict[str, _StripId]  # pack path -> strip
+    """One epoch: its pairing table and its stages (module docstring, "Ready first").
+
+    Stage ``k`` holds the anchors ``(strip, index in the strip's plan)`` whose own strip
+    and whose partners' strips (first draws) all lie in the first ``k + 1`` strips of
+    `order`, with one of them at ``k``: it is ready once those strips are packed.
+    Strips are staged in order, on demand, under `lock`; a stage's anchors are handed
+    out once (`_Stream.stage`) and only this pipeline's stages are kept.
+    """
+
+    def __init__(self, number: int, order: Sequence[_StripId], units: Sequence[int],
+                 table: Any):
+        self.number, self.order, self.units, self.table = number, tuple(order), tuple(units), table
+        self.rank = {sid: k for k, sid in enumerate(self.order)}
+        self.lock = threading.Lock()
+        self.staged = 0  # strips of `order` staged so far
+        self.stages: dict[int, list[tuple[_StripId, int]]] = collections.defaultdict(list)
 
 
 class _Stream:
@@ -325,13 +328,17 @@ class _Stream:
                 f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
                 "`min_tissue`.")
         self.strips = sorted(self.tasks)
+        # Pairing counts planned tiles (`steps.pair`), so the layout needs no pack.
+        self.layout = run.layout([(*sid, len(task.tiles), task.content)
+                                  for sid, task in self.tasks.items()], majority)
         self.stain = run.stain_for(raw)  # a slide target: that slide's fit
         self.packer = _Packer(self.tasks, run.staging, job.read_cache_mb, on_error, stats,
                               self.stain)
         self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
         self._epoch_lock = threading.Lock()
-        self._consumed: set[_StripId] = set()
+        self._accounted: int | None = None  # the epoch whose anchors the stats resolve
+        self._failed: dict[_StripId, tuple[int, ...]] = {}
 
     # Units and epochs.
 
@@ -340,94 +347,111 @@ class _Stream:
         return sorted(self.strips,
                       key=lambda s: (stable_hash("softmix.stream.order", seed, epoch, *s), s))
 
-    def own_units(self, epoch: int) -> tuple[_StripId, ...]:
-        return tuple(self.order(epoch)[self.pipeline_id::self.num_pipelines])
+    def own_stages(self) -> range:
+        return range(self.pipeline_id, len(self.strips), self.num_pipelines)
 
     def epoch(self, number: int) -> _Epoch:
         with self._epoch_lock:
             found = self._epochs.get(number)
             if found is not None:
                 return found
-            # Pair on the packed counts, as the offline job does (module docstring).
-            results = self.packer.ensure_all(self.order(0))
-            tiles = {sid: results[sid].tiles for sid in self.tasks}
-            from ..steps.pack import pack_path
-
-            layout = self.run.layout([(*sid, len(t)) for sid, t in tiles.items()], self.kind)
-            table = self.run.pairing_table(layout,
+            table = self.run.pairing_table(self.layout,
                                            seed=epoch_seed(self.job.mix.seed, number))
-            found = _Epoch(number, self.own_units(number), layout, table, tiles,
-                           {pack_path(self.staging, *sid): sid for sid in tiles})
+            found = _Epoch(number, self.order(number), self.own_stages(), table)
             self._epochs[number] = found
+            if self._accounted is None:
+                self._accounted = number
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
         self.stats.add(epochs_started=1)
         return found
 
+    def stage(self, ep: _Epoch, k: int) -> list[tuple[_StripId, int]]:
+        """Stage `k`'s anchors, staging the strips of ``ep.order`` up to `k` first:
+        plans only (first draws, no pack needed), a few microseconds per tile."""
+        with ep.lock:
+            while ep.staged <= k:
+                rank = ep.staged
+                sid = ep.order[rank]
+                offset = self.layout.strip_offset(*sid)
+                for local, tile in enumerate(self.tasks[sid].tiles):
+                    last = rank
+                    for spec in ep.table.examples_for(tile, offset + local):
+                        if not spec.is_original:
+                            b_sid = (spec.b_slide,
+                                     self.layout.slides[spec.b_slide].position(spec.b_index)[0])
+                            last = max(last, ep.rank[b_sid])
+                    if last % self.num_pipelines == self.pipeline_id:
+                        ep.stages[last].append((sid, local))
+                ep.staged += 1
+            return ep.stages.pop(k, [])
+
     # Reading.
 
-    def _from_pack(self, result: StripResult, key: TileKey) -> tuple[str, int] | None:
-        local = self.reader.local(result.pack, key)
-        return None if local is None else (result.pack, local)
+    def failed(self, sid: _StripId) -> tuple[int, ...]:
+        """The strip's unusable tiles (indices in its plan), packing it if need be."""
+        found = self._failed.get(sid)
+        if found is None:
+            found = self._failed[sid] = self.packer.ensure(sid).failed
+        return found
 
-    def pixels(self, wanted: dict[TileKey, _StripId]) -> dict[TileKey, np.ndarray | None]:
-        """Pixels of tiles from their packs (None: the pack skipped the tile)."""
-        out: dict[TileKey, np.ndarray | None] = {}
-        from_packs: list[tuple[TileKey, tuple[str, int]]] = []
-        for key, sid in wanted.items():
-            location = self._from_pack(self.packer.ensure(sid), key)
-            if location is None:
-                out[key] = None
-            else:
-                from_packs.append((key, location))
-        if from_packs:
-            images = self.reader.read_many([loc for _, loc in from_packs])
-            out.update((key, image) for (key, _), image in zip(from_packs, images, strict=True))
-        return out
+    def locate(self, sid: _StripId, local: int) -> tuple[str, int] | None:
+        """`(pack, index in pack)` of planned tile `local` of strip `sid`, None if
+        packing found it unusable."""
+        failed = self.failed(sid)
+        pos = bisect.bisect_left(failed, local)
+        if pos < len(failed) and failed[pos] == local:
+            return None
+        return pack_path(self.staging, *sid), local - pos
+
+    def usable(self, slide_id: str, index: int) -> bool:
+        """`tasks.pair_anchors`'s ``usable``: planned tile `index` of the slide was packed."""
+        strip, local, _ = self.layout.slides[slide_id].position(index)
+        return self.locate((slide_id, strip), local) is not None
 
     def examples(self, number: Any, unit: Any) -> Iterator[dict[str, np.ndarray]]:
-        """One work unit: the examples whose source `a` lies in one strip, in batches."""
+        """One work unit (a stage): its anchors' examples, in batches."""
         from ..steps.mix import label_vector
 
         ep = self.epoch(int(number))
-        sid = ep.units[int(unit)]
-        result = self.packer.ensure(sid)
-        tiles = ep.tiles[sid]
-        if not tiles:
-            return
-        pairs, accounting = _stages.pair_strip(dataclasses.replace(result, tiles=tiles),
-                                               ep.layout, ep.table)
-        specs: list[PairSpec] = sorted(spec for _, spec in pairs)
-        readable = {t.key for t in result.tiles}
-        outcome: dict[TileKey, list[int]] = {}  # anchor -> [written, partner failures]
+        k = ep.units[int(unit)]
+        self.packer.ensure(ep.order[k])  # packs it here if no one has started
+        by_strip: dict[_StripId, list[int]] = collections.defaultdict(list)
+        for sid, local in self.stage(ep, k):
+            by_strip[sid].append(local)
+        specs: list[PairSpec] = []
+        accounting = Accounting()
+        for sid in sorted(by_strip):
+            failed = set(self.failed(sid))
+            tiles = self.tasks[sid].tiles
+            anchors = [(i, tiles[i]) for i in sorted(by_strip[sid]) if i not in failed]
+            got, counted = _stages.pair_anchors(anchors, sid[0],
+                                                self.layout.strip_offset(*sid), ep.table,
+                                                self.usable)
+            specs.extend(got)
+            accounting += counted
         num_classes = len(self.class_names)
         for start in range(0, len(specs), _CHUNK):
-            chunk = [s for s in specs[start:start + _CHUNK] if s.a.key in readable]
-            resolved = []
-            wanted: dict[TileKey, _StripId] = {}
-            for spec in chunk:
-                wanted[spec.a.key] = sid
+            rows = []
+            wanted: dict[TileKey, tuple[str, int]] = {}
+            for spec in specs[start:start + _CHUNK]:
+                a_strip, a_local, _ = self.layout.slides[spec.a.key.slide_id].position(
+                    spec.a_index)
+                wanted[spec.a.key] = self.locate((spec.a.key.slide_id, a_strip), a_local)
                 if spec.is_original:
                     b = spec.a
                 else:
-                    pack, local = ep.layout.locate(spec.b_slide, spec.b_index)
-                    b_sid = ep.packs[pack]
-                    b = ep.tiles[b_sid][local]
-                    wanted[b.key] = b_sid
-                resolved.append((spec, b))
-            pixels = self.pixels(wanted)
-            rows = []
-            for spec, b in resolved:
-                counts = outcome.setdefault(spec.a.key, [0, 0])
-                if pixels[spec.a.key] is None or pixels[b.key] is None:
-                    counts[1] += 1
-                    continue
-                counts[0] += 1
+                    strip, local, _ = self.layout.slides[spec.b_slide].position(spec.b_index)
+                    b = self.tasks[(spec.b_slide, strip)].tiles[local]
+                    wanted[b.key] = self.locate((spec.b_slide, strip), local)
                 rows.append((spec, b))
-            if rows:
-                self.stats.add(examples=len(rows))
-                yield self._batch(rows, pixels, num_classes, label_vector)
-        self._account(sid, result, accounting, outcome)
+            keys = list(wanted)
+            pixels = dict(zip(keys, self.reader.read_many([wanted[k] for k in keys]),
+                              strict=True))
+            self.stats.add(examples=len(rows))
+            yield self._batch(rows, pixels, num_classes, label_vector)
+        if ep.number == self._accounted:
+            self.stats.add(accounting + Accounting(examples_written=len(specs)))
 
     def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
@@ -445,33 +469,6 @@ class _Stream:
             out[key] = (np.asarray([c.encode() for c in column], dtype=object)
                         if FIELDS[key][0] == "string" else np.asarray(column, FIELDS[key][0]))
         return out
-
-    def _account(self, sid: _StripId, result: StripResult, accounting: Accounting,
-                 outcome: dict[TileKey, list[int]]) -> None:
-        """Resolve the strip's tiles (used / no_partner ...) once, on first consumption."""
-        with self._epoch_lock:
-            if sid in self._consumed:
-                return
-            self._consumed.add(sid)
-        dropped = sum(n for _, n in outcome.values())
-        if not dropped:
-            self.stats.add(accounting.merge(Accounting(examples_written=sum(
-                w for w, _ in outcome.values()))))
-            return
-        readable = [t for t in result.tiles]
-        skipped: collections.Counter[str] = collections.Counter()
-        used = written = 0
-        for tile in readable:
-            got, failed = outcome.get(tile.key, (0, 0))
-            if got:
-                used += 1
-                written += got
-            else:
-                skipped[PARTNER_FAILED if failed else NO_PARTNER] += 1
-        self.stats.add(Accounting(
-            tiles_used=used, tiles_pending=-len(readable), tiles_skipped=dict(skipped),
-            examples_written=written,
-            examples_dropped={PARTNER_FAILED: dropped} if dropped else {}))
 
 
 # --- The dataset ----------------------------------------------------------------------
@@ -640,9 +637,8 @@ def stream_dataset(
     stream = _Stream(run, pipeline=pipeline, plan_threads=min(16, 2 * cpus), stats=stats)
     if temporary:
         _remove_at_exit(root, weakref.ref(stream))
-    first = stream.own_units(epoch or 0)
-    stream.packer.start(list(first) + [s for s in stream.order(epoch or 0)
-                                       if s not in set(first)], packers)
+    # Every pipeline packs in the epoch's order: its stages need the strips before them.
+    stream.packer.start(stream.order(epoch or 0), packers)
 
     channels, dtype = stream.kind or DEFAULT_KIND
     size, num_classes = tile.tile_size, run.num_classes
@@ -652,7 +648,7 @@ def stream_dataset(
                  **{key: tf.TensorSpec([None, *field_shape(key, num_classes)],
                                        tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}}
 
-    num_units = len(first)
+    num_units = len(stream.own_stages())
     if epoch is None:
         epochs = tf.data.Dataset.counter() if num_units else tf.data.Dataset.range(0)
     else:
