@@ -71,7 +71,7 @@ from ..config import (
     check_count,
 )
 from ..errors import PipelineError, SlideError
-from ..records import PairSpec, TileKey, TileRecord, stable_hash
+from ..records import PairSpec, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
 from ..steps.pack import PackReader, StripResult, StripTask, pack_path
@@ -260,10 +260,45 @@ class _SharedPackReader(PackReader):
     def __init__(self, max_indexes: int) -> None:
         super().__init__(max_indexes)
         self._lock = threading.RLock()
+        self._pool: cf.ThreadPoolExecutor | None = None
 
     def index(self, pack: str) -> dict[str, Any]:
         with self._lock:
             return super().index(pack)
+
+    def read_into(self, locations: Sequence[tuple[str, int]], out: np.ndarray) -> None:
+        """Decode tiles ``(pack, index in pack)`` into ``out[i]`` (no copy after decoding).
+
+        Local packs are read range by range in this thread (the work units are the
+        parallelism; zstd releases the GIL); packs in a bucket are fetched concurrently,
+        neighbouring ranges coalesced (`storage.read_ranges`), as `read_many` does.
+        """
+        import numcodecs
+
+        from ..io import storage
+
+        codec = numcodecs.Zstd()
+        by_pack: dict[str, list[int]] = collections.defaultdict(list)
+        for position, (pack, _) in enumerate(locations):
+            by_pack[pack].append(position)
+
+        def fetch(pack: str) -> None:
+            tiles = self.index(pack)["tiles"]
+            positions = by_pack[pack]
+            ranges = [(tiles[locations[p][1]][2], tiles[locations[p][1]][3]) for p in positions]
+            remote = storage.is_url(pack)
+            blobs = storage.read_ranges(pack + ".bin", ranges, **({} if remote else {"gap": 0}))
+            for position, raw in zip(positions, blobs, strict=True):
+                codec.decode(raw, out=out[position])
+
+        if not by_pack or not storage.is_url(next(iter(by_pack))):
+            for pack in by_pack:
+                fetch(pack)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(8, thread_name_prefix="softmix-read")
+        list(self._pool.map(fetch, by_pack))
 
 
 # --- Epochs ---------------------------------------------------------------------------
@@ -339,6 +374,7 @@ class _Stream:
         self._epoch_lock = threading.Lock()
         self._accounted: int | None = None  # the epoch whose anchors the stats resolve
         self._failed: dict[_StripId, tuple[int, ...]] = {}
+        self.emit: Any = None  # an `_Emitter`, set by `stream_dataset`
 
     # Units and epochs.
 
@@ -431,35 +467,37 @@ class _Stream:
             specs.extend(got)
             accounting += counted
         num_classes = len(self.class_names)
-        for start in range(0, len(specs), _CHUNK):
+        chunk = self.emit.chunk()
+        for start in range(0, len(specs), chunk):
             rows = []
-            wanted: dict[TileKey, tuple[str, int]] = {}
-            for spec in specs[start:start + _CHUNK]:
+            a_at, b_at = [], []
+            for spec in specs[start:start + chunk]:
                 a_strip, a_local, _ = self.layout.slides[spec.a.key.slide_id].position(
                     spec.a_index)
-                wanted[spec.a.key] = self.locate((spec.a.key.slide_id, a_strip), a_local)
+                a_at.append(self.locate((spec.a.key.slide_id, a_strip), a_local))
                 if spec.is_original:
                     b = spec.a
+                    b_at.append(a_at[-1])
                 else:
                     strip, local, _ = self.layout.slides[spec.b_slide].position(spec.b_index)
                     b = self.tasks[(spec.b_slide, strip)].tiles[local]
-                    wanted[b.key] = self.locate((spec.b_slide, strip), local)
+                    b_at.append(self.locate((spec.b_slide, strip), local))
                 rows.append((spec, b))
-            keys = list(wanted)
-            pixels = dict(zip(keys, self.reader.read_many([wanted[k] for k in keys]),
-                              strict=True))
+            images = np.empty((2, len(rows), *self.emit.shape), self.emit.dtype)
+            self.reader.read_into(a_at + b_at, images.reshape(-1, *self.emit.shape))
+            batches = self.emit(self._batch(rows, images, num_classes, label_vector))
             self.stats.add(examples=len(rows))
-            yield self._batch(rows, pixels, num_classes, label_vector)
+            yield from batches
         if ep.number == self._accounted:
             self.stats.add(accounting + Accounting(examples_written=len(specs)))
 
-    def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
+    def _batch(self, rows: list[tuple[PairSpec, TileRecord]], images: np.ndarray,
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
         from ..dataset.schema import FIELDS, PROVENANCE, provenance
 
         out: dict[str, np.ndarray] = {
-            "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
-            "image_b": np.stack([pixels[b.key] for _, b in rows]),
+            "image_a": images[0],
+            "image_b": images[1],
             "label_a": np.stack([label_vector(s.a, num_classes) for s, _ in rows]),
             "label_b": np.stack([label_vector(b, num_classes) for _, b in rows]),
         }
@@ -644,9 +682,21 @@ def stream_dataset(
     size, num_classes = tile.tile_size, run.num_classes
     image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
     label = tf.TensorSpec([None, num_classes], tf.float32)
-    signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
-                 **{key: tf.TensorSpec([None, *field_shape(key, num_classes)],
-                                       tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}}
+    fields = {key: tf.TensorSpec([None, *field_shape(key, num_classes)],
+                                 tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}
+    stream.emit = _Emitter(mix_config.op, mix, as_dict, np.dtype(dtype), num_classes,
+                           (size, size, channels))
+    if mix:
+        stream.emit.warm_up()  # compiled while the packing threads start on the strips
+    signature: Any
+    if not mix:
+        signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
+                     **{k: fields[k] for k in stream.emit.keys if k in fields}}
+    elif as_dict:
+        signature = {"image": image, "label": label,
+                     "lam": tf.TensorSpec([None], tf.float32), **fields}
+    else:
+        signature = (image, label)
 
     num_units = len(stream.own_stages())
     if epoch is None:
@@ -656,20 +706,13 @@ def stream_dataset(
     units = epochs.flat_map(
         lambda e: tf.data.Dataset.range(num_units).map(lambda u: (e, u)))
     deterministic = buffer == 0
+    # Work units yield finished batches (mixed in their own thread, `_Emitter`): tf.data
+    # only moves them, one copy per example into the generator's tensors and one out.
     dataset = units.interleave(
         lambda e, u: tf.data.Dataset.from_generator(stream.examples, args=(e, u),
                                                     output_signature=signature),
         cycle_length=reads, block_length=1, num_parallel_calls=reads,
-        deterministic=deterministic)
-    dataset = dataset.unbatch()
-    if mix:
-        # Fixed-size batches (the last one padded inside the map): one trace, one XLA
-        # compilation; the op is batch-invariant, so the pixels are the offline ones.
-        dataset = dataset.batch(mix_config.batch_size).map(
-            _output_fn(mix_config, mix, as_dict), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic).unbatch()
-    else:
-        dataset = dataset.map(_output_fn(mix_config, mix, as_dict))
+        deterministic=deterministic).unbatch()
     if buffer:
         dataset = dataset.shuffle(buffer, seed=stable_hash("softmix.stream.shuffle", seed) >> 33,
                                   reshuffle_each_iteration=True)
@@ -695,22 +738,72 @@ def _check_cache_dir(root: str, staging: str) -> None:
             "temporary one.") from err
 
 
-def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
-    """The batched map from a unit's batch to what the stream yields (mixing included)."""
-    from ..dataset.schema import PROVENANCE
-    from ..steps.mix import mix_batch
+class _Emitter:
+    """What a work unit yields for a chunk of its examples (`_Stream._batch`'s dict).
 
-    def unmixed(example: dict[str, Any]) -> dict[str, Any]:
-        keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
-        keys += PROVENANCE if as_dict else ()
-        return {k: example[k] for k in dict.fromkeys(keys)}
+    With mixing, it runs `steps.mix.mix_batch` (the offline mixer) on slices of
+    ``batch_size`` examples, the last one padded: one trace serves every call. Integer
+    tiles use the XLA-compiled op (`mix._compiled_softmix`): the same pixels, labels
+    and lam as the offline job's, for ~6x less CPU; float tiles the traced one.
+    `warm_up` compiles it ahead (in a thread, while the first strips are packed).
+    """
 
-    def mixed(batch: dict[str, Any]) -> Any:
-        image, label, lam = mix_batch(*(batch[k] for k in (
-            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config.op)
-        if not as_dict:
-            return image, label
-        return {"image": image, "label": label, "lam": lam,
-                **{k: batch[k] for k in PROVENANCE}}
+    _OP_KEYS = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
 
-    return mixed if mix else unmixed
+    def __init__(self, config: Any, mix: bool, as_dict: bool, dtype: np.dtype,
+                 num_classes: int, shape: tuple[int, int, int]):
+        from ..dataset.schema import PROVENANCE
+
+        self.config, self.mix, self.as_dict = config, mix, as_dict
+        self.dtype, self.num_classes, self.shape = dtype, num_classes, shape
+        self.keys = tuple(dict.fromkeys(self._OP_KEYS + (PROVENANCE if as_dict else ())))
+        self.provenance = PROVENANCE
+        self._fn: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def chunk(self) -> int:
+        """Examples read together: `_CHUNK`, a whole number of mixing batches."""
+        return self.batch_size * max(1, _CHUNK // self.batch_size) if self.mix else _CHUNK
+
+    def _mixer(self) -> Any:
+        with self._lock:
+            if self._fn is None:
+                from ..steps.mix import _compiled_softmix
+
+                self._fn = _compiled_softmix(self.config, jit_compile=self.dtype.kind in "ui")
+            return self._fn
+
+    def warm_up(self) -> None:
+        """Trace (and compile) the mixer on a zero batch of the run's shapes."""
+        size = self.batch_size
+        images = np.zeros((size, *self.shape), self.dtype)
+        labels = np.zeros((size, self.num_classes), np.float32)
+        self._mixer()(images, images, labels, labels, np.zeros((size, 2), np.int64),
+                      np.zeros(size, np.int64))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
+        if not self.mix:
+            yield {k: batch[k] for k in self.keys}
+            return
+        size, count = self.batch_size, len(batch["seed"])
+        mixer = self._mixer()
+        for start in range(0, count, size):
+            part = [_pad(batch[k][start:start + size], size) for k in self._OP_KEYS]
+            n = min(size, count - start)
+            images, labels, lam = (t.numpy()[:n] for t in mixer(*part))
+            if not self.as_dict:
+                yield images, labels
+            else:
+                yield {"image": images, "label": labels, "lam": lam,
+                       **{k: batch[k][start:start + n] for k in self.provenance}}
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` with its last row repeated up to `size` rows (`mix_batch`'s padding)."""
+    if len(array) == size:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])
