@@ -261,17 +261,41 @@ class _SharedPackReader(PackReader):
         super().__init__(max_indexes)
         self._lock = threading.RLock()
         self._pool: cf.ThreadPoolExecutor | None = None
+        self._maps: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def _mapped(self, pack: str) -> memoryview:
+        """A local pack's data, memory-mapped (kept for the `max_indexes` last packs;
+        packs are never rewritten in place, `storage.writer`)."""
+        import mmap
+
+        from ..io import storage
+
+        with self._lock:
+            found = self._maps.get(pack)
+            if found is None:
+                with open(storage._local(pack + ".bin"), "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    found = memoryview(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+                                       if size else b"")
+                self._maps[pack] = found
+                while len(self._maps) > self._max:
+                    self._maps.popitem(last=False)  # unmapped once no decode uses it
+            else:
+                self._maps.move_to_end(pack)
+            return found
 
     def index(self, pack: str) -> dict[str, Any]:
         with self._lock:
             return super().index(pack)
 
-    def read_into(self, locations: Sequence[tuple[str, int]], out: np.ndarray) -> None:
+    def read_into(self, locations: Sequence[tuple[str, int]], out: Sequence[np.ndarray]
+                  ) -> None:
         """Decode tiles ``(pack, index in pack)`` into ``out[i]`` (no copy after decoding).
 
-        Local packs are read range by range in this thread (the work units are the
-        parallelism; zstd releases the GIL); packs in a bucket are fetched concurrently,
-        neighbouring ranges coalesced (`storage.read_ranges`), as `read_many` does.
+        Local packs are memory-mapped and decoded in this thread (the work units are
+        the parallelism; zstd releases the GIL); packs in a bucket are fetched
+        concurrently, neighbouring ranges coalesced (`storage.read_ranges`), as
+        `read_many` does.
         """
         import numcodecs
 
@@ -286,13 +310,19 @@ class _SharedPackReader(PackReader):
             tiles = self.index(pack)["tiles"]
             positions = by_pack[pack]
             ranges = [(tiles[locations[p][1]][2], tiles[locations[p][1]][3]) for p in positions]
-            remote = storage.is_url(pack)
-            blobs = storage.read_ranges(pack + ".bin", ranges, **({} if remote else {"gap": 0}))
+            if storage.is_url(pack):
+                blobs = storage.read_ranges(pack + ".bin", ranges)
+            else:
+                data = self._mapped(pack)
+                blobs = [data[start:start + length] for start, length in ranges]
+                if any(len(b) != n for b, (_, n) in zip(blobs, ranges, strict=True)):
+                    raise OSError(f"{pack}.bin is truncated (shorter than its index says). "
+                                  "Remove the cache directory's packs to rebuild them.")
             for position, raw in zip(positions, blobs, strict=True):
                 codec.decode(raw, out=out[position])
 
         if not by_pack or not storage.is_url(next(iter(by_pack))):
-            for pack in by_pack:
+            for pack in by_pack:  # local: memory-mapped, decoded in this thread
                 fetch(pack)
             return
         with self._lock:
@@ -483,8 +513,12 @@ class _Stream:
                     b = self.tasks[(spec.b_slide, strip)].tiles[local]
                     b_at.append(self.locate((spec.b_slide, strip), local))
                 rows.append((spec, b))
-            images = np.empty((2, len(rows), *self.emit.shape), self.emit.dtype)
-            self.reader.read_into(a_at + b_at, images.reshape(-1, *self.emit.shape))
+            # Rows up to a whole number of mixing batches: padding them costs no copy.
+            count = len(rows)
+            images = np.empty((2, self.emit.rows(count), *self.emit.shape), self.emit.dtype)
+            images[:, count:] = 0
+            self.reader.read_into(a_at + b_at, [images[0, i] for i in range(count)]
+                                  + [images[1, i] for i in range(count)])
             batches = self.emit(self._batch(rows, images, num_classes, label_vector))
             self.stats.add(examples=len(rows))
             yield from batches
@@ -769,6 +803,11 @@ class _Emitter:
         """Examples read together: `_CHUNK`, a whole number of mixing batches."""
         return self.batch_size * max(1, _CHUNK // self.batch_size) if self.mix else _CHUNK
 
+    def rows(self, count: int) -> int:
+        """Image rows a chunk of `count` examples is read into: whole mixing batches
+        (the rows past `count` pad the last one, `mix_batch` cuts them off)."""
+        return -(-count // self.batch_size) * self.batch_size if self.mix else count
+
     def _mixer(self) -> Any:
         with self._lock:
             if self._fn is None:
@@ -786,13 +825,16 @@ class _Emitter:
                       np.zeros(size, np.int64))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
+        """Yield the chunk's output; its images hold `rows(count)` rows, the rest
+        `count` (the padding rows are zeros: the op is batch-invariant, SPEC 2)."""
         if not self.mix:
             yield {k: batch[k] for k in self.keys}
             return
         size, count = self.batch_size, len(batch["seed"])
         mixer = self._mixer()
         for start in range(0, count, size):
-            part = [_pad(batch[k][start:start + size], size) for k in self._OP_KEYS]
+            part = [batch[k][start:start + size] if k.startswith("image")
+                    else _pad(batch[k][start:start + size], size) for k in self._OP_KEYS]
             n = min(size, count - start)
             images, labels, lam = (t.numpy()[:n] for t in mixer(*part))
             if not self.as_dict:

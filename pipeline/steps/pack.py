@@ -63,7 +63,10 @@ __all__ = [
 ]
 
 DEFAULT_READ_CACHE_MB = 256.0
-_ZSTD_LEVEL = 1
+# zstd's fast mode: no entropy coding of literals, so tiles of slide texture (which
+# compress poorly: 0.90 of raw at level 1, 0.97 here) decode 6x faster (0.05 vs 0.30 ms
+# a 256-px RGB tile) and encode 1.6x faster; every tile is decoded about twice.
+_ZSTD_LEVEL = -1
 
 
 @dataclasses.dataclass(frozen=True)
