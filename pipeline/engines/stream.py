@@ -3,40 +3,43 @@
 The stream is one more engine on the offline job's `Run` (`pipeline.run.run`) and steps
 (`pipeline.run.tasks`): plan every slide (`plan_task`, `reconcile_plan`), cut plans
 into strips (`split_plan`), read each strip chunk by chunk once into a zstd tile pack
-(`pack_task`), draw each strip's examples (`pair_strip` with the run's pairing table)
-and mix them with the offline mixer (`steps.mix.mix_batch`), yielding the offline
-example schema's fields (`dataset.schema`). So with the same manifest, options and
-seed, epoch 0 yields exactly the examples ``softmix beam`` writes (same pixels, labels,
-lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
-new mixes every epoch, the same ones on a rerun.
+(`pack_task`), draw examples (`pair_anchors`, the offline `pair_strip`'s core, with the
+run's pairing table) and mix them with the offline mixer (`steps.mix.mix_batch`),
+yielding the offline example schema's fields (`dataset.schema`). So with the same
+manifest, options and seed, epoch 0 yields exactly the examples ``softmix beam`` writes
+(same pixels, labels, lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with
+the seed ``epoch_seed(seed, e)``: new mixes every epoch, the same ones on a rerun.
 
 How it runs
 -----------
 - **Planning** (when `stream_dataset` is called): every slide is planned in a thread
   pool; plans are kept in the cache directory, so a later stream with the same cache
-  and tiling options reads nothing again. Pairing needs every slide's tile count, so
-  the first batch waits for planning as a whole (and for packing, below).
-- **Work units** are strips (chunk columns), in an epoch-seeded order; with an
-  `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` of that order.
-  Units are interleaved with ``num_parallel_reads`` Python generators: each packs its
-  strip if no one has yet (`pack_task`), draws the strip's examples (`pair_strip`,
-  only when the unit is consumed: no list of an epoch's examples is ever built) and
-  reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
-  decoding release the GIL). Mixing is a batched, traced map of `mix.mix_batch`
-  (batch-invariant, so batching gives the offline pixels bit for bit).
-- **Packing before pairing**: ``pack_threads`` threads pack the strips in the first
-  epoch's order (this pipeline's units first); with ``pack_threads=0`` the first work
-  unit packs them all in its own thread. An epoch pairs on the packed (readable) tile
-  count of every strip, exactly as the offline job does, so its first example waits
-  until every strip is packed (or found packed and verified in `cache_dir`): packing
-  finds the tiles planning cannot see are unusable (``read_error``,
-  ``nonfinite_pixels``, a chunk gone since planning), and pairing on planned counts
-  would make epoch 0 differ from the offline output whenever it does.
+  and tiling options reads nothing again. Pairing counts *planned* tiles (as every
+  engine does, `steps.pair`: a partner packing finds unusable is drawn again), so an
+  epoch's pairing is known as soon as planning is done, before any pixel is read.
+- **Ready first**: the strips are packed in the epoch's order (``pack_threads``
+  background threads, and any work unit that needs a strip no one has started). Work
+  unit ``k`` is the *stage* of the anchors whose own strip and partners' strips (first
+  draws) all lie in the first ``k + 1`` strips of that order, one of them the ``k``-th:
+  it is ready once those strips are packed. After ``k`` of ``N`` strips about
+  ``(k / N)^2`` of the examples are ready, so the first batch waits for a few strips,
+  not the cohort (16 slides of 8192 px: 19 of 125). Strips are staged in order, on
+  demand, from the plans alone (a few microseconds a tile); a stage's anchors are
+  paired again when it is read, with the packed strips saying which partners are usable.
+- **Work units** are interleaved with ``num_parallel_reads`` Python generators; with an
+  `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` (every pipeline
+  packs in the same order: its stages need the strips before them). A unit reads its
+  tiles from the packs (local packs memory-mapped, decoded straight into the batch
+  arrays: zstd releases the GIL) and mixes them in its own thread, in batches of
+  ``batch_size`` (the XLA-compiled op for integer tiles, bit-identical to the offline
+  job's; batch-invariant, so batching gives the offline pixels bit for bit); tf.data
+  only unbatches.
 
 Memory is bounded by configuration, never by cohort size: ``pack_threads *
 read_cache_mb`` of decoded slide rows, ``num_parallel_reads`` units of at most
-``_CHUNK`` examples in flight, the shuffle buffer, and small per-slide and per-strip
-records (tile coordinates: about 100 bytes per tile, like the offline job's plans).
+``_CHUNK`` examples in flight, the shuffle buffer, and small per-slide, per-strip and
+per-tile records (tile coordinates: about 100 bytes per tile, like the offline job's
+plans; the staged anchors of an epoch not yet read: a strip id and an index each).
 """
 
 from __future__ import annotations
