@@ -51,6 +51,32 @@ def _prefix(key: object) -> str:
     return key_split(key)
 
 
+def idle_table(tasks: list[dict], start: float, stop: float) -> None:
+    """Per worker: seconds with no task computing, and the longest such gaps (before
+    which task prefix): a scheduling gap, unlike a slow task, does not depend on
+    how busy the machine is."""
+    spans: dict[str, list[tuple[float, float, str]]] = collections.defaultdict(list)
+    for task in tasks:
+        for part in task["startstops"]:
+            if part["action"] == "compute":
+                spans[task["worker"]].append((part["start"], part["stop"],
+                                              _prefix(task["key"])))
+    print("\n| worker | busy s | idle s (job start to end) | longest idle gaps "
+          "(s, before) |")
+    print("|---|---|---|---|")
+    for worker, items in sorted(spans.items()):
+        items.sort()
+        busy, cursor, gaps = 0.0, start, []
+        for begin, end, prefix in items:
+            if begin > cursor:
+                gaps.append((begin - cursor, prefix))
+            busy += max(0.0, end - max(begin, cursor))
+            cursor = max(cursor, end)
+        gaps.append((stop - cursor, "end"))
+        worst = ", ".join(f"{g:.1f} {p}" for g, p in sorted(gaps, reverse=True)[:5])
+        print(f"| {worker} | {busy:.1f} | {stop - start - busy:.1f} | {worst} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("manifest")
@@ -84,6 +110,7 @@ def main() -> None:
     from distributed import get_task_stream
 
     t0 = time.perf_counter()
+    job_start = time.time()
     cpu0 = time.process_time()
     with get_task_stream(client) as stream:
         if profiler:
@@ -92,6 +119,7 @@ def main() -> None:
         if profiler:
             profiler.disable()
     job_wall = time.perf_counter() - t0
+    job_stop = time.time()
     job_cpu = time.process_time() - cpu0
     at_end = client.run(_worker_state)
     client.close()
@@ -136,6 +164,7 @@ def main() -> None:
     total = sum(g[1] for g in groups.values())
     print(f"| all | {sum(g[0] for g in groups.values())} | {total:.2f} | "
           f"{sum(g[2] for g in groups.values()):.2f} | |")
+    idle_table(stream.data, job_start, job_stop)
     print(f"\nprocess wall since start: {time.perf_counter() - START:.2f} s")
     if profiler:
         profiler.dump_stats(args.cprofile)

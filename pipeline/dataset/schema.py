@@ -32,10 +32,9 @@ reason.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorflow as tf
 
 from ..records import MixedExample, TileRecord
 
@@ -50,6 +49,12 @@ __all__ = [
     "parse_and_decode",
     "provenance",
 ]
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+# TensorFlow is imported inside the functions that use it: the schema's constants
+# (`FIELDS`, `field_shape`) serve drivers that write manifests and never load TF.
 
 PNG_DTYPES = ("uint8", "uint16")
 PNG_CHANNELS = (1, 3, 4)
@@ -128,14 +133,20 @@ def choose_format(dtype: np.dtype | str, num_channels: int) -> str:
 
 
 def _bytes(values: list[bytes]) -> tf.train.Feature:
+    import tensorflow as tf
+
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
 
 
 def _ints(values: list[int]) -> tf.train.Feature:
+    import tensorflow as tf
+
     return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
 
 
 def _floats(values: list[float]) -> tf.train.Feature:
+    import tensorflow as tf
+
     return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
 
@@ -198,11 +209,15 @@ def encode_example(example: MixedExample, *, image_format: str | None = None) ->
         **provenance(spec.example_id, spec.a, spec.b, spec.mix_index, spec.seed),
     }
     feature = {key: _feature(FIELDS[key][0], value) for key, value in values.items()}
+    import tensorflow as tf
+
     proto = tf.train.Example(features=tf.train.Features(feature=feature))
     return proto.SerializeToString(deterministic=True)
 
 
 def _decode_image(encoded: bytes, fmt: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    import tensorflow as tf
+
     np_dtype = np.dtype(dtype)
     if fmt == "png":
         tf_dtype = tf.uint16 if np_dtype == np.uint16 else tf.uint8
@@ -219,6 +234,8 @@ def decode_example(serialized: bytes) -> dict[str, Any]:
         [H, W, C] in their stored dtype. Strings are `str`, scalars numpy scalars,
         `label` float32 [K], `seed` int64 [2].
     """
+    import tensorflow as tf
+
     proto = tf.train.Example.FromString(serialized)
     feats = proto.features.feature
 
@@ -252,6 +269,8 @@ def decode_example(serialized: bytes) -> dict[str, Any]:
 
 def feature_spec(num_classes: int) -> dict[str, tf.io.FixedLenFeature]:
     """The `tf.io.parse_single_example` spec of the schema, for K = `num_classes`."""
+    import tensorflow as tf
+
     return {key: tf.io.FixedLenFeature(field_shape(key, num_classes), tf.as_dtype(dtype),
                                        **({"default_value": _DEFAULTS[key]}
                                           if key in _DEFAULTS else {}))
@@ -272,6 +291,8 @@ def parse_and_decode(
     Returns:
         The parsed features plus ``"image"``: `dtype` [H, W, C].
     """
+    import tensorflow as tf
+
     np_dtype = np.dtype(dtype)
     tf_dtype = tf.as_dtype(np_dtype)
     features = tf.io.parse_single_example(serialized, feature_spec(num_classes))

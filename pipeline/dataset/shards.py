@@ -17,6 +17,7 @@ import math
 import posixpath
 import re
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from ..io import storage
 from ..records import stable_hash
@@ -56,6 +57,9 @@ class ShardInfo:
     # Requests and bytes sent to a remote store while writing it (accounting only).
     requests: int = dataclasses.field(default=0, compare=False)
     bytes_written: int = dataclasses.field(default=0, compare=False)
+    # Shape, dtype and format of its first image (`first_image`), read where the shard
+    # was written, so that the manifest's writer never parses a record itself.
+    image: dict | None = dataclasses.field(default=None, compare=False)
 
 
 def shard_for(example_id: str, num_shards: int) -> int:
@@ -202,3 +206,21 @@ def merge_shards(path: str, parts: Sequence[tuple[str, Sequence[str]]], *,
         raise RuntimeError(f"failed to write shard {path!r}") from err
     return ShardInfo(file=base, num_examples=writer.count, num_bytes=writer.size,
                      crc32=writer.crc32)
+
+
+def first_image(path: str, compression: str | None) -> dict[str, Any] | None:
+    """``{shape, dtype, format}`` of the first record's image in the shard at `path`
+    (every example of a run shares them: tiles are square and slides of another pixel
+    kind fail); None for an empty shard. Parses one record with TensorFlow."""
+    import tensorflow as tf
+
+    with storage.open_read(path, block_size=1 << 20) as handle:
+        raw = next(iter_records(handle, compression=compression), None)
+    if raw is None:
+        return None
+    feats = tf.train.Example.FromString(raw).features.feature
+    return {
+        "shape": [int(d) for d in feats["image/shape"].int64_list.value],
+        "dtype": feats["image/dtype"].bytes_list.value[0].decode(),
+        "format": feats["image/format"].bytes_list.value[0].decode(),
+    }

@@ -217,6 +217,22 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     return run.publish(infos, layout.num_shards, accounting, params, stain=stain, fits=fits)
 
 
+#: Dask settings for the workers of `start_local_cluster` (measured with
+#: `benchmarks/profile_dask.py` and `bench_pipeline.py`, 16 slides of 8192 px):
+#:
+#: - ``MALLOC_TRIM_THRESHOLD_`` unset: Dask's default (65536, set before a worker
+#:   starts) fixes glibc's mmap threshold at 128 KiB, so every decoded chunk, tile pack
+#:   and tile batch is a fresh ``mmap`` whose pages fault in again: +14 s of system CPU
+#:   for the very same run in one process (7 -> 21 s). Tasks here free what they
+#:   allocate, so the default dynamic threshold keeps memory flat without trimming.
+#:   An environment variable of the same name still wins (Dask reads it first).
+#: - the statistical profiler off: it samples every task thread's stack every 10 ms.
+WORKER_CONFIG: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+}
+
+
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
                         memory_limit: str | int = "4GiB") -> Any:
     """A `distributed.LocalCluster` of `workers` processes, dashboard on a free port.
@@ -224,13 +240,17 @@ def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
     Each worker's TensorFlow gets `threads_per_worker` threads (`SOFTMIX_TF_THREADS`),
     so workers x threads never oversubscribe the cores.
     """
+    import dask
     from distributed import LocalCluster
 
     env = {"SOFTMIX_TF_THREADS": os.environ.get("SOFTMIX_TF_THREADS", str(threads_per_worker)),
            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
-    return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
-                        processes=True, memory_limit=memory_limit, dashboard_address=":0",
-                        env=env, silence_logs=logging.ERROR)
+    # Nannies read this when they are made and keep it for restarts; workers get the
+    # config as it is now.
+    with dask.config.set(WORKER_CONFIG):
+        return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
+                            processes=True, memory_limit=memory_limit,
+                            dashboard_address=":0", env=env, silence_logs=logging.ERROR)
 
 
 def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None,

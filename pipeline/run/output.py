@@ -493,25 +493,18 @@ def tfds_dataset_info(name: str, shards: Sequence[ShardInfo], description: str =
 
 def _first_image(directory: str, shards: Sequence[ShardInfo], compression: str | None
                  ) -> dict[str, Any] | None:
-    """Shape, dtype and format of the first record's image (every example of a run
-    shares them: tiles are square and slides of another pixel kind fail)."""
+    """Shape, dtype and format of the run's images: as the first non-empty shard's
+    writer found them (`ShardInfo.image`), else read from that shard here."""
+    from ..dataset.shards import first_image
+
     for info in shards:
         if info.num_examples <= 0:
             continue
-        import tensorflow as tf
-
-        from ..dataset.tfrecord import iter_records
-
-        path = posixpath.join(directory, info.file)
-        with storage.open_read(path, block_size=1 << 20) as handle:
-            raw = next(iter_records(handle, compression=compression), None)
-        if raw is not None:
-            feats = tf.train.Example.FromString(raw).features.feature
-            return {
-                "shape": [int(d) for d in feats["image/shape"].int64_list.value],
-                "dtype": feats["image/dtype"].bytes_list.value[0].decode(),
-                "format": feats["image/format"].bytes_list.value[0].decode(),
-            }
+        if info.image is not None:
+            return info.image
+        found = first_image(posixpath.join(directory, info.file), compression)
+        if found is not None:
+            return found
     return None
 
 

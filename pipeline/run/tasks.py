@@ -492,7 +492,7 @@ def finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
 
 def _finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int,
                     config: OutputConfig) -> Any:
-    from ..dataset.shards import ShardInfo, merge_shards, shard_filename
+    from ..dataset.shards import ShardInfo, first_image, merge_shards, shard_filename
     from .checkpoint import load_checked, write_sidecar
     from .job import staging_dir
 
@@ -509,12 +509,17 @@ def _finalize_shard(shard: int, buckets: Iterable[BucketResult], num_shards: int
               "buckets": [crc for _, _, crc in parts]}
     kept = load_checked(path, inputs)
     if kept is not None:
-        return ShardInfo(name, kept[0]["records"], kept[0]["size"], reused=True)
-    info = merge_shards(path, [(p, i) for p, i, _ in parts], compression=config.compression)
-    # size and CRC computed while writing (no read-back)
-    write_sidecar(path, inputs=inputs, records=info.num_examples, size=info.num_bytes,
-                  crc32=info.crc32)
-    return info
+        info = ShardInfo(name, kept[0]["records"], kept[0]["size"], reused=True)
+    else:
+        info = merge_shards(path, [(p, i) for p, i, _ in parts],
+                            compression=config.compression)
+        # size and CRC computed while writing (no read-back)
+        write_sidecar(path, inputs=inputs, records=info.num_examples, size=info.num_bytes,
+                      crc32=info.crc32)
+    # Read here, where the mix already imported TensorFlow: the driver that writes the
+    # manifest then never imports it (seconds of start-up in a Beam or Dask driver).
+    image = first_image(path, config.compression) if info.num_examples else None
+    return dataclasses.replace(info, image=image)
 
 
 def example_bytes(num_channels: int, dtype: str, tile_size: int) -> float:

@@ -229,3 +229,29 @@ def test_plan_pack_and_pair_never_import_tensorflow(synthetic_dataset, tmp_path)
     specs, tensorflow = done.stdout.split()
     assert int(specs) == 2 * synthetic_dataset.total_tiles
     assert tensorflow == "False"
+
+
+_DASK_DRIVER = """
+import json, sys
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.engines.dask import run_dask
+job = JobConfig(manifest=sys.argv[1], tile=TileConfig(tile_size=128),
+                mix=MixConfig(num_mixes=1), output=OutputConfig(out_dir=sys.argv[2]))
+manifest = run_dask(job, workers=1, progress=False)
+print(json.dumps([manifest["image"], "tensorflow" in sys.modules]))
+"""
+
+
+def test_dask_driver_publishes_without_importing_tensorflow(synthetic_dataset, tmp_path):
+    # The manifest's image entry comes from the worker that wrote the shard: the
+    # driver (client + scheduler) never pays TensorFlow's import.
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _DASK_DRIVER, str(synthetic_dataset.manifest_path),
+         str(tmp_path / "out")], capture_output=True, text=True, timeout=300, check=True)
+    image, tensorflow = json.loads(done.stdout.strip().splitlines()[-1])
+    assert image == {"shape": [128, 128, 3], "dtype": "uint8", "format": "png"}
+    assert tensorflow is False
