@@ -251,6 +251,7 @@ def test_epoch0_with_a_corrupt_chunk_equals_offline(synthetic_dataset_factory, t
     data = synthetic_dataset_factory()
     chunk = data.root / "slides" / "syn-2.ome.zarr" / "s0" / "c" / "0" / "3" / "1"
     chunk.write_bytes(b"not zstd" * 16)  # level 0 only: planning reads the last level
+    # (With MIX's seed one first draw lands on that tile: both sides draw it again.)
     job = JobConfig(manifest=str(data.manifest_path), tile=TileConfig(tile_size=128),
                     mix=MixConfig(batch_size=4, **MIX),
                     output=OutputConfig(out_dir=str(tmp_path / "out"), num_shards=2))
