@@ -9,8 +9,10 @@ machine, same options (tile 256, grid 4, one mix per tile):
 
 1. the offline job (`run_beam`) writes the examples; `read_dataset` reads them back
    (examples/s of one pass, batches of 64, nothing else in the step);
-2. `stream_dataset(epoch=0)` with a cold cache: time to first batch (planning, packing
-   the first strip, partner reads) and examples/s of the whole epoch;
+2. `stream_dataset(epoch=0)` with a cold cache: time to first batch (planning, then
+   packing the strips the first examples need: pairing counts planned tiles, so a work
+   unit is ready once its anchors' and partners' strips are packed) and examples/s of
+   the whole epoch; with how many strips were packed when the first batch came;
 3. the stream again on the warm cache (plans and packs reused), e.g. a later run;
 4. with `--latency-ms`, 2. again with the slides served through `latency://`
    (`pipeline.remote`, every request delayed like a bucket).
@@ -37,16 +39,23 @@ sys.path.insert(0, str(ROOT))
 BATCH = 64
 
 
-def timed_pass(dataset) -> tuple[int, float, float]:  # noqa: ANN001
-    """`(examples, seconds to the first batch, seconds in all)` of one pass."""
-    start = time.perf_counter()
+def timed_pass(dataset, stats=None) -> tuple[int, float, float, float, str]:  # noqa: ANN001
+    """`(examples, seconds to the first batch, seconds in all, CPU seconds of the
+    process, strips packed or reused at the first batch / all)` of one pass."""
+    start, cpu = time.perf_counter(), time.process_time()
     first = None
+    strips = ""
     count = 0
     for images, _ in dataset.batch(BATCH):
         if first is None:
             first = time.perf_counter() - start
+            if stats is not None:
+                strips = str(stats.strips_packed + stats.strips_reused)
         count += int(images.shape[0])
-    return count, first or 0.0, time.perf_counter() - start
+    if stats is not None:
+        strips += f"/{stats.strips_packed + stats.strips_reused}"
+    return (count, first or 0.0, time.perf_counter() - start, time.process_time() - cpu,
+            strips)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,46 +87,45 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         written = run_beam(job, workers=args.workers, progress=False)["num_examples"]
         offline_s = time.perf_counter() - start
-        n, first, total = timed_pass(pipeline.read_dataset(str(work / "offline")))
-        rows.append(("read_dataset (TFRecords)", n, first, total))
+        n, first, total, cpu, _ = timed_pass(pipeline.read_dataset(str(work / "offline")))
+        rows.append(("read_dataset (TFRecords)", n, first, total, cpu, ""))
 
         cache = work / "cache"
-        start = time.perf_counter()
-        stream = pipeline.stream_dataset(str(manifest), epoch=0, cache_dir=str(cache), **options)
-        build = time.perf_counter() - start
-        plan_s = pipeline.dataset_stats(stream).plan_seconds
-        n, first, total = timed_pass(stream)
-        rows.append(("stream_dataset, cold cache", n, first + build, total + build))
-        stats = pipeline.dataset_stats(stream)
-        start = time.perf_counter()
-        warm = pipeline.stream_dataset(str(manifest), epoch=0, cache_dir=str(cache), **options)
-        build = time.perf_counter() - start
-        n2, first2, total2 = timed_pass(warm)
-        rows.append(("stream_dataset, warm cache", n2, first2 + build, total2 + build))
+        plan_s = {}
+
+        def stream_row(name: str, manifest_path: pathlib.Path, cache_dir: pathlib.Path) -> None:
+            start, cpu0 = time.perf_counter(), time.process_time()
+            stream = pipeline.stream_dataset(str(manifest_path), epoch=0,
+                                             cache_dir=str(cache_dir), **options)
+            build, build_cpu = time.perf_counter() - start, time.process_time() - cpu0
+            stats = pipeline.dataset_stats(stream)
+            plan_s[name] = stats.plan_seconds
+            n, first, total, cpu, strips = timed_pass(stream, stats)
+            rows.append((name, n, first + build, total + build, cpu + build_cpu, strips))
+
+        stream_row("stream_dataset, cold cache", manifest, cache)
+        stream_row("stream_dataset, warm cache", manifest, cache)
         if args.latency_ms:
             os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)
-            remote = with_latency(manifest, work / "latency.csv")
-            start = time.perf_counter()
-            slow = pipeline.stream_dataset(str(remote), epoch=0, cache_dir=str(work / "c2"),
-                                           **options)
-            build = time.perf_counter() - start
-            n3, first3, total3 = timed_pass(slow)
-            rows.append((f"stream_dataset, {args.latency_ms:g} ms store", n3, first3 + build,
-                         total3 + build))
+            stream_row(f"stream_dataset, {args.latency_ms:g} ms store",
+                       with_latency(manifest, work / "latency.csv"), work / "c2")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"slides: {manifest} | offline job ({args.workers} workers): {written} examples "
           f"in {offline_s:.1f} s")
-    print(f"stream planning: {plan_s:.2f} s (before the dataset exists); {stats}")
+    print("stream planning (before the dataset exists): "
+          + ", ".join(f"{k.split(', ')[1]} {v:.2f} s" for k, v in plan_s.items()))
     reader_rate = rows[0][1] / rows[0][3]
-    print(f"{'':32}{'examples':>10}{'first batch s':>15}{'total s':>10}{'ex/s':>10}"
-          f"{'vs reader':>10}")
-    for name, count, first_s, total_s in rows:
+    print(f"{'':32}{'examples':>9}{'first batch s':>14}{'strips at 1st':>14}{'total s':>9}"
+          f"{'CPU s':>7}{'ex/s':>7}{'vs reader':>10}")
+    for name, count, first_s, total_s, cpu_s, strips in rows:
         rate = count / total_s
-        print(f"{name:32}{count:>10}{first_s:>15.2f}{total_s:>10.2f}{rate:>10.0f}"
-              f"{rate / reader_rate:>9.2f}x")
-    print("(stream rows include building the dataset: planning, or loading saved plans)")
+        print(f"{name:32}{count:>9}{first_s:>14.2f}{strips:>14}{total_s:>9.2f}{cpu_s:>7.1f}"
+              f"{rate:>7.0f}{rate / reader_rate:>9.2f}x")
+    print("(stream rows include building the dataset: planning, or loading saved plans; "
+          "'strips at 1st': strips packed or reused when the first batch of "
+          f"{BATCH} came / in all)")
 
 
 if __name__ == "__main__":

@@ -3,45 +3,49 @@
 The stream is one more engine on the offline job's `Run` (`pipeline.run.run`) and steps
 (`pipeline.run.tasks`): plan every slide (`plan_task`, `reconcile_plan`), cut plans
 into strips (`split_plan`), read each strip chunk by chunk once into a zstd tile pack
-(`pack_task`), draw each strip's examples (`pair_strip` with the run's pairing table)
-and mix them with the offline mixer (`steps.mix.mix_batch`), yielding the offline
-example schema's fields (`dataset.schema`). So with the same manifest, options and
-seed, epoch 0 yields exactly the examples ``softmix beam`` writes (same pixels, labels,
-lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with the seed ``epoch_seed(seed, e)``:
-new mixes every epoch, the same ones on a rerun.
+(`pack_task`), draw examples (`pair_anchors`, the offline `pair_strip`'s core, with the
+run's pairing table) and mix them with the offline mixer (`steps.mix.mix_batch`),
+yielding the offline example schema's fields (`dataset.schema`). So with the same
+manifest, options and seed, epoch 0 yields exactly the examples ``softmix beam`` writes
+(same pixels, labels, lam, provenance, seeds; order aside). Epoch ``e > 0`` pairs with
+the seed ``epoch_seed(seed, e)``: new mixes every epoch, the same ones on a rerun.
 
 How it runs
 -----------
 - **Planning** (when `stream_dataset` is called): every slide is planned in a thread
   pool; plans are kept in the cache directory, so a later stream with the same cache
-  and tiling options reads nothing again. Pairing needs every slide's tile count, so
-  the first batch waits for planning as a whole (and for packing, below).
-- **Work units** are strips (chunk columns), in an epoch-seeded order; with an
-  `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` of that order.
-  Units are interleaved with ``num_parallel_reads`` Python generators: each packs its
-  strip if no one has yet (`pack_task`), draws the strip's examples (`pair_strip`,
-  only when the unit is consumed: no list of an epoch's examples is ever built) and
-  reads their tiles from the packs (`PackReader.read_many`: file reads and zstd
-  decoding release the GIL). Mixing is a batched, traced map of `mix.mix_batch`
-  (batch-invariant, so batching gives the offline pixels bit for bit).
-- **Packing before pairing**: ``pack_threads`` threads pack the strips in the first
-  epoch's order (this pipeline's units first); with ``pack_threads=0`` the first work
-  unit packs them all in its own thread. An epoch pairs on the packed (readable) tile
-  count of every strip, exactly as the offline job does, so its first example waits
-  until every strip is packed (or found packed and verified in `cache_dir`): packing
-  finds the tiles planning cannot see are unusable (``read_error``,
-  ``nonfinite_pixels``, a chunk gone since planning), and pairing on planned counts
-  would make epoch 0 differ from the offline output whenever it does.
+  and tiling options reads nothing again. Pairing counts *planned* tiles (as every
+  engine does, `steps.pair`: a partner packing finds unusable is drawn again), so an
+  epoch's pairing is known as soon as planning is done, before any pixel is read.
+- **Ready first**: the strips are packed in the epoch's order (``pack_threads``
+  background threads, and any work unit that needs a strip no one has started). Work
+  unit ``k`` is the *stage* of the anchors whose own strip and partners' strips (first
+  draws) all lie in the first ``k + 1`` strips of that order, one of them the ``k``-th:
+  it is ready once those strips are packed. After ``k`` of ``N`` strips about
+  ``(k / N)^2`` of the examples are ready, so the first batch waits for a few strips,
+  not the cohort (16 slides of 8192 px: 19 of 125). Strips are staged in order, on
+  demand, from the plans alone (a few microseconds a tile); a stage's anchors are
+  paired again when it is read, with the packed strips saying which partners are usable.
+- **Work units** are interleaved with ``num_parallel_reads`` Python generators; with an
+  `InputContext` pipeline ``i`` of ``n`` takes units ``k % n == i`` (every pipeline
+  packs in the same order: its stages need the strips before them). A unit reads its
+  tiles from the packs (local packs memory-mapped, decoded straight into the batch
+  arrays: zstd releases the GIL) and mixes them in its own thread, in batches of
+  ``batch_size`` (the XLA-compiled op for integer tiles, bit-identical to the offline
+  job's; batch-invariant, so batching gives the offline pixels bit for bit); tf.data
+  only unbatches.
 
 Memory is bounded by configuration, never by cohort size: ``pack_threads *
 read_cache_mb`` of decoded slide rows, ``num_parallel_reads`` units of at most
-``_CHUNK`` examples in flight, the shuffle buffer, and small per-slide and per-strip
-records (tile coordinates: about 100 bytes per tile, like the offline job's plans).
+``_CHUNK`` examples in flight, the shuffle buffer, and small per-slide, per-strip and
+per-tile records (tile coordinates: about 100 bytes per tile, like the offline job's
+plans; the staged anchors of an epoch not yet read: a strip id and an index each).
 """
 
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -58,7 +62,7 @@ from typing import Any
 
 import numpy as np
 
-from ..accounting import NO_PARTNER, PARTNER_FAILED, Accounting
+from ..accounting import Accounting
 from ..config import (
     MAX_READ_CACHE_MB,
     MAX_WORKERS,
@@ -70,10 +74,10 @@ from ..config import (
     check_count,
 )
 from ..errors import PipelineError, SlideError
-from ..records import PairSpec, TileKey, TileRecord, stable_hash
+from ..records import PairSpec, TileRecord, stable_hash
 from ..run import tasks as _stages
 from ..run.run import DEFAULT_KIND, Run, load_run, strip_tasks
-from ..steps.pack import PackReader, StripResult, StripTask
+from ..steps.pack import PackReader, StripResult, StripTask, pack_path
 
 MAX_SHUFFLE_BUFFER = 1_000_000  # examples; the buffer holds decoded images
 
@@ -103,12 +107,14 @@ class StreamStats:
 
     Attributes:
         accounting: an `Accounting` as the offline job's manifest reports it: slides
-            failed, tiles total / used / skipped by reason (each strip's tiles resolved
-            when the strip is first consumed), and the reads this stream made (zero for
-            plans and packs reused from the cache directory). After one full epoch,
-            ``accounting.check()`` holds.
+            failed, tiles total / used / skipped by reason (each tile resolved when the
+            work unit holding it is consumed in the first epoch this stream starts),
+            and the reads this stream made (zero for plans and packs reused from the
+            cache directory). After one full epoch, ``accounting.check()`` holds.
         slides_planned, plans_reused: slides tiled now / plans loaded from the cache.
         strips_packed, strips_reused: packs written now / reused verified packs.
+        strips_at_first_example: strips packed or reused when the first example was
+            yielded (None before): how little of the cohort the first batch waited for.
         examples: examples yielded (all epochs).
         epochs_started: epochs whose first work unit started.
         plan_seconds: time spent planning (before the dataset could be built).
@@ -121,6 +127,7 @@ class StreamStats:
         self.strips_packed = self.strips_reused = 0
         self.examples = self.epochs_started = 0
         self.plan_seconds = 0.0
+        self.strips_at_first_example: int | None = None
 
     @property
     def accounting(self) -> Accounting:
@@ -133,6 +140,8 @@ class StreamStats:
                 self._accounting = self._accounting.merge(accounting)
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+            if counts.get("examples") and self.strips_at_first_example is None:
+                self.strips_at_first_example = self.strips_packed + self.strips_reused
 
     def __repr__(self) -> str:
         acc = self.accounting
@@ -254,35 +263,97 @@ class _SharedPackReader(PackReader):
     def __init__(self, max_indexes: int) -> None:
         super().__init__(max_indexes)
         self._lock = threading.RLock()
-        self._locals: dict[str, dict[tuple[int, int], int]] = {}
+        self._pool: cf.ThreadPoolExecutor | None = None
+        self._maps: collections.OrderedDict[str, Any] = collections.OrderedDict()
+
+    def _mapped(self, pack: str) -> memoryview:
+        """A local pack's data, memory-mapped (kept for the `max_indexes` last packs;
+        packs are never rewritten in place, `storage.writer`)."""
+        import mmap
+
+        from ..io import storage
+
+        with self._lock:
+            found = self._maps.get(pack)
+            if found is None:
+                with open(storage._local(pack + ".bin"), "rb") as handle:
+                    size = os.fstat(handle.fileno()).st_size
+                    found = memoryview(mmap.mmap(handle.fileno(), size, access=mmap.ACCESS_READ)
+                                       if size else b"")
+                self._maps[pack] = found
+                while len(self._maps) > self._max:
+                    self._maps.popitem(last=False)  # unmapped once no decode uses it
+            else:
+                self._maps.move_to_end(pack)
+            return found
 
     def index(self, pack: str) -> dict[str, Any]:
         with self._lock:
             return super().index(pack)
 
-    def local(self, pack: str, key: TileKey) -> int | None:
-        """Index of tile `key` in `pack`, None if the pack skipped it."""
+    def read_into(self, locations: Sequence[tuple[str, int]], out: Sequence[np.ndarray]
+                  ) -> None:
+        """Decode tiles ``(pack, index in pack)`` into ``out[i]`` (no copy after decoding).
+
+        Local packs are memory-mapped and decoded in this thread (the work units are
+        the parallelism; zstd releases the GIL); packs in a bucket are fetched
+        concurrently, neighbouring ranges coalesced (`storage.read_ranges`), as
+        `read_many` does.
+        """
+        import numcodecs
+
+        from ..io import storage
+
+        codec = numcodecs.Zstd()
+        by_pack: dict[str, list[int]] = collections.defaultdict(list)
+        for position, (pack, _) in enumerate(locations):
+            by_pack[pack].append(position)
+
+        def fetch(pack: str) -> None:
+            tiles = self.index(pack)["tiles"]
+            positions = by_pack[pack]
+            ranges = [(tiles[locations[p][1]][2], tiles[locations[p][1]][3]) for p in positions]
+            if storage.is_url(pack):
+                blobs = storage.read_ranges(pack + ".bin", ranges)
+            else:
+                data = self._mapped(pack)
+                blobs = [data[start:start + length] for start, length in ranges]
+                if any(len(b) != n for b, (_, n) in zip(blobs, ranges, strict=True)):
+                    raise OSError(f"{pack}.bin is truncated (shorter than its index says). "
+                                  "Remove the cache directory's packs to rebuild them.")
+            for position, raw in zip(positions, blobs, strict=True):
+                codec.decode(raw, out=out[position])
+
+        if not by_pack or not storage.is_url(next(iter(by_pack))):
+            for pack in by_pack:  # local: memory-mapped, decoded in this thread
+                fetch(pack)
+            return
         with self._lock:
-            found = self._locals.get(pack)
-            if found is None:
-                found = {(x, y): i for i, (x, y, *_) in enumerate(self.index(pack)["tiles"])}
-                if len(self._locals) >= self._max:
-                    self._locals.pop(next(iter(self._locals)))
-                self._locals[pack] = found
-        return found.get((key.x, key.y))
+            if self._pool is None:
+                self._pool = cf.ThreadPoolExecutor(8, thread_name_prefix="softmix-read")
+        list(self._pool.map(fetch, by_pack))
 
 
 # --- Epochs ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
 class _Epoch:
-    number: int
-    units: tuple[_StripId, ...]
-    layout: Any  # RunLayout
-    table: Any  # PairingTable
-    tiles: dict[_StripId, tuple[TileRecord, ...]]  # the tiles the layout counts
-    packs: dict[str, _StripId]  # pack path -> strip
+    """One epoch: its pairing table and its stages (module docstring, "Ready first").
+
+    Stage ``k`` holds the anchors ``(strip, index in the strip's plan)`` whose own strip
+    and whose partners' strips (first draws) all lie in the first ``k + 1`` strips of
+    `order`, with one of them at ``k``: it is ready once those strips are packed.
+    Strips are staged in order, on demand, under `lock`; a stage's anchors are handed
+    out once (`_Stream.stage`) and only this pipeline's stages are kept.
+    """
+
+    def __init__(self, number: int, order: Sequence[_StripId], units: Sequence[int],
+                 table: Any):
+        self.number, self.order, self.units, self.table = number, tuple(order), tuple(units), table
+        self.rank = {sid: k for k, sid in enumerate(self.order)}
+        self.lock = threading.Lock()
+        self.staged = 0  # strips of `order` staged so far
+        self.stages: dict[int, list[tuple[_StripId, int]]] = collections.defaultdict(list)
 
 
 class _Stream:
@@ -325,13 +396,18 @@ class _Stream:
                 f"{dict(stats.accounting.tiles_skipped)}). Check the slides, or lower "
                 "`min_tissue`.")
         self.strips = sorted(self.tasks)
+        # Pairing counts planned tiles (`steps.pair`), so the layout needs no pack.
+        self.layout = run.layout([(*sid, len(task.tiles), task.content)
+                                  for sid, task in self.tasks.items()], majority)
         self.stain = run.stain_for(raw)  # a slide target: that slide's fit
         self.packer = _Packer(self.tasks, run.staging, job.read_cache_mb, on_error, stats,
                               self.stain)
         self.reader = _SharedPackReader(max_indexes=max(64, len(self.strips)))
         self._epochs: collections.OrderedDict[int, _Epoch] = collections.OrderedDict()
         self._epoch_lock = threading.Lock()
-        self._consumed: set[_StripId] = set()
+        self._accounted: int | None = None  # the epoch whose anchors the stats resolve
+        self._failed: dict[_StripId, tuple[int, ...]] = {}
+        self.emit: Any = None  # an `_Emitter`, set by `stream_dataset`
 
     # Units and epochs.
 
@@ -340,102 +416,125 @@ class _Stream:
         return sorted(self.strips,
                       key=lambda s: (stable_hash("softmix.stream.order", seed, epoch, *s), s))
 
-    def own_units(self, epoch: int) -> tuple[_StripId, ...]:
-        return tuple(self.order(epoch)[self.pipeline_id::self.num_pipelines])
+    def own_stages(self) -> range:
+        return range(self.pipeline_id, len(self.strips), self.num_pipelines)
 
     def epoch(self, number: int) -> _Epoch:
         with self._epoch_lock:
             found = self._epochs.get(number)
             if found is not None:
                 return found
-            # Pair on the packed counts, as the offline job does (module docstring).
-            results = self.packer.ensure_all(self.order(0))
-            tiles = {sid: results[sid].tiles for sid in self.tasks}
-            from ..steps.pack import pack_path
-
-            layout = self.run.layout([(*sid, len(t)) for sid, t in tiles.items()], self.kind)
-            table = self.run.pairing_table(layout,
+            table = self.run.pairing_table(self.layout,
                                            seed=epoch_seed(self.job.mix.seed, number))
-            found = _Epoch(number, self.own_units(number), layout, table, tiles,
-                           {pack_path(self.staging, *sid): sid for sid in tiles})
+            found = _Epoch(number, self.order(number), self.own_stages(), table)
             self._epochs[number] = found
+            if self._accounted is None:
+                self._accounted = number
             while len(self._epochs) > 2:
                 self._epochs.popitem(last=False)
         self.stats.add(epochs_started=1)
         return found
 
+    def stage(self, ep: _Epoch, k: int) -> list[tuple[_StripId, int]]:
+        """Stage `k`'s anchors, staging the strips of ``ep.order`` up to `k` first:
+        plans only (first draws, no pack needed), a few microseconds per tile."""
+        with ep.lock:
+            while ep.staged <= k:
+                rank = ep.staged
+                sid = ep.order[rank]
+                offset = self.layout.strip_offset(*sid)
+                for local, tile in enumerate(self.tasks[sid].tiles):
+                    last = rank
+                    for spec in ep.table.examples_for(tile, offset + local):
+                        if not spec.is_original:
+                            b_sid = (spec.b_slide,
+                                     self.layout.slides[spec.b_slide].position(spec.b_index)[0])
+                            last = max(last, ep.rank[b_sid])
+                    if last % self.num_pipelines == self.pipeline_id:
+                        ep.stages[last].append((sid, local))
+                ep.staged += 1
+            return ep.stages.pop(k, [])
+
     # Reading.
 
-    def _from_pack(self, result: StripResult, key: TileKey) -> tuple[str, int] | None:
-        local = self.reader.local(result.pack, key)
-        return None if local is None else (result.pack, local)
+    def failed(self, sid: _StripId) -> tuple[int, ...]:
+        """The strip's unusable tiles (indices in its plan), packing it if need be."""
+        found = self._failed.get(sid)
+        if found is None:
+            found = self._failed[sid] = self.packer.ensure(sid).failed
+        return found
 
-    def pixels(self, wanted: dict[TileKey, _StripId]) -> dict[TileKey, np.ndarray | None]:
-        """Pixels of tiles from their packs (None: the pack skipped the tile)."""
-        out: dict[TileKey, np.ndarray | None] = {}
-        from_packs: list[tuple[TileKey, tuple[str, int]]] = []
-        for key, sid in wanted.items():
-            location = self._from_pack(self.packer.ensure(sid), key)
-            if location is None:
-                out[key] = None
-            else:
-                from_packs.append((key, location))
-        if from_packs:
-            images = self.reader.read_many([loc for _, loc in from_packs])
-            out.update((key, image) for (key, _), image in zip(from_packs, images, strict=True))
-        return out
+    def locate(self, sid: _StripId, local: int) -> tuple[str, int] | None:
+        """`(pack, index in pack)` of planned tile `local` of strip `sid`, None if
+        packing found it unusable."""
+        failed = self.failed(sid)
+        pos = bisect.bisect_left(failed, local)
+        if pos < len(failed) and failed[pos] == local:
+            return None
+        return pack_path(self.staging, *sid), local - pos
+
+    def usable(self, slide_id: str, index: int) -> bool:
+        """`tasks.pair_anchors`'s ``usable``: planned tile `index` of the slide was packed."""
+        strip, local, _ = self.layout.slides[slide_id].position(index)
+        return self.locate((slide_id, strip), local) is not None
 
     def examples(self, number: Any, unit: Any) -> Iterator[dict[str, np.ndarray]]:
-        """One work unit: the examples whose source `a` lies in one strip, in batches."""
+        """One work unit (a stage): its anchors' examples, in batches."""
         from ..steps.mix import label_vector
 
         ep = self.epoch(int(number))
-        sid = ep.units[int(unit)]
-        result = self.packer.ensure(sid)
-        tiles = ep.tiles[sid]
-        if not tiles:
-            return
-        pairs, accounting = _stages.pair_strip(dataclasses.replace(result, tiles=tiles),
-                                               ep.layout, ep.table)
-        specs: list[PairSpec] = sorted(spec for _, spec in pairs)
-        readable = {t.key for t in result.tiles}
-        outcome: dict[TileKey, list[int]] = {}  # anchor -> [written, partner failures]
+        k = ep.units[int(unit)]
+        self.packer.ensure(ep.order[k])  # packs it here if no one has started
+        by_strip: dict[_StripId, list[int]] = collections.defaultdict(list)
+        for sid, local in self.stage(ep, k):
+            by_strip[sid].append(local)
+        specs: list[PairSpec] = []
+        accounting = Accounting()
+        for sid in sorted(by_strip):
+            failed = set(self.failed(sid))
+            tiles = self.tasks[sid].tiles
+            anchors = [(i, tiles[i]) for i in sorted(by_strip[sid]) if i not in failed]
+            got, counted = _stages.pair_anchors(anchors, sid[0],
+                                                self.layout.strip_offset(*sid), ep.table,
+                                                self.usable)
+            specs.extend(got)
+            accounting += counted
         num_classes = len(self.class_names)
-        for start in range(0, len(specs), _CHUNK):
-            chunk = [s for s in specs[start:start + _CHUNK] if s.a.key in readable]
-            resolved = []
-            wanted: dict[TileKey, _StripId] = {}
-            for spec in chunk:
-                wanted[spec.a.key] = sid
+        chunk = self.emit.chunk()
+        for start in range(0, len(specs), chunk):
+            rows = []
+            a_at, b_at = [], []
+            for spec in specs[start:start + chunk]:
+                a_strip, a_local, _ = self.layout.slides[spec.a.key.slide_id].position(
+                    spec.a_index)
+                a_at.append(self.locate((spec.a.key.slide_id, a_strip), a_local))
                 if spec.is_original:
                     b = spec.a
+                    b_at.append(a_at[-1])
                 else:
-                    pack, local = ep.layout.locate(spec.b_slide, spec.b_index)
-                    b_sid = ep.packs[pack]
-                    b = ep.tiles[b_sid][local]
-                    wanted[b.key] = b_sid
-                resolved.append((spec, b))
-            pixels = self.pixels(wanted)
-            rows = []
-            for spec, b in resolved:
-                counts = outcome.setdefault(spec.a.key, [0, 0])
-                if pixels[spec.a.key] is None or pixels[b.key] is None:
-                    counts[1] += 1
-                    continue
-                counts[0] += 1
+                    strip, local, _ = self.layout.slides[spec.b_slide].position(spec.b_index)
+                    b = self.tasks[(spec.b_slide, strip)].tiles[local]
+                    b_at.append(self.locate((spec.b_slide, strip), local))
                 rows.append((spec, b))
-            if rows:
-                self.stats.add(examples=len(rows))
-                yield self._batch(rows, pixels, num_classes, label_vector)
-        self._account(sid, result, accounting, outcome)
+            # Rows up to a whole number of mixing batches: padding them costs no copy.
+            count = len(rows)
+            images = np.empty((2, self.emit.rows(count), *self.emit.shape), self.emit.dtype)
+            images[:, count:] = 0
+            self.reader.read_into(a_at + b_at, [images[0, i] for i in range(count)]
+                                  + [images[1, i] for i in range(count)])
+            batches = self.emit(self._batch(rows, images, num_classes, label_vector))
+            self.stats.add(examples=len(rows))
+            yield from batches
+        if ep.number == self._accounted:
+            self.stats.add(accounting + Accounting(examples_written=len(specs)))
 
-    def _batch(self, rows: list[tuple[PairSpec, TileRecord]], pixels: dict[TileKey, Any],
+    def _batch(self, rows: list[tuple[PairSpec, TileRecord]], images: np.ndarray,
                num_classes: int, label_vector: Any) -> dict[str, np.ndarray]:
         from ..dataset.schema import FIELDS, PROVENANCE, provenance
 
         out: dict[str, np.ndarray] = {
-            "image_a": np.stack([pixels[s.a.key] for s, _ in rows]),
-            "image_b": np.stack([pixels[b.key] for _, b in rows]),
+            "image_a": images[0],
+            "image_b": images[1],
             "label_a": np.stack([label_vector(s.a, num_classes) for s, _ in rows]),
             "label_b": np.stack([label_vector(b, num_classes) for _, b in rows]),
         }
@@ -445,33 +544,6 @@ class _Stream:
             out[key] = (np.asarray([c.encode() for c in column], dtype=object)
                         if FIELDS[key][0] == "string" else np.asarray(column, FIELDS[key][0]))
         return out
-
-    def _account(self, sid: _StripId, result: StripResult, accounting: Accounting,
-                 outcome: dict[TileKey, list[int]]) -> None:
-        """Resolve the strip's tiles (used / no_partner ...) once, on first consumption."""
-        with self._epoch_lock:
-            if sid in self._consumed:
-                return
-            self._consumed.add(sid)
-        dropped = sum(n for _, n in outcome.values())
-        if not dropped:
-            self.stats.add(accounting.merge(Accounting(examples_written=sum(
-                w for w, _ in outcome.values()))))
-            return
-        readable = [t for t in result.tiles]
-        skipped: collections.Counter[str] = collections.Counter()
-        used = written = 0
-        for tile in readable:
-            got, failed = outcome.get(tile.key, (0, 0))
-            if got:
-                used += 1
-                written += got
-            else:
-                skipped[PARTNER_FAILED if failed else NO_PARTNER] += 1
-        self.stats.add(Accounting(
-            tiles_used=used, tiles_pending=-len(readable), tiles_skipped=dict(skipped),
-            examples_written=written,
-            examples_dropped={PARTNER_FAILED: dropped} if dropped else {}))
 
 
 # --- The dataset ----------------------------------------------------------------------
@@ -640,19 +712,30 @@ def stream_dataset(
     stream = _Stream(run, pipeline=pipeline, plan_threads=min(16, 2 * cpus), stats=stats)
     if temporary:
         _remove_at_exit(root, weakref.ref(stream))
-    first = stream.own_units(epoch or 0)
-    stream.packer.start(list(first) + [s for s in stream.order(epoch or 0)
-                                       if s not in set(first)], packers)
+    # Every pipeline packs in the epoch's order: its stages need the strips before them.
+    stream.packer.start(stream.order(epoch or 0), packers)
 
     channels, dtype = stream.kind or DEFAULT_KIND
     size, num_classes = tile.tile_size, run.num_classes
     image = tf.TensorSpec([None, size, size, channels], tf.as_dtype(np.dtype(dtype)))
     label = tf.TensorSpec([None, num_classes], tf.float32)
-    signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
-                 **{key: tf.TensorSpec([None, *field_shape(key, num_classes)],
-                                       tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}}
+    fields = {key: tf.TensorSpec([None, *field_shape(key, num_classes)],
+                                 tf.as_dtype(FIELDS[key][0])) for key in PROVENANCE}
+    stream.emit = _Emitter(mix_config.op, mix, as_dict, np.dtype(dtype), num_classes,
+                           (size, size, channels))
+    if mix:
+        stream.emit.warm_up()  # compiled while the packing threads start on the strips
+    signature: Any
+    if not mix:
+        signature = {"image_a": image, "image_b": image, "label_a": label, "label_b": label,
+                     **{k: fields[k] for k in stream.emit.keys if k in fields}}
+    elif as_dict:
+        signature = {"image": image, "label": label,
+                     "lam": tf.TensorSpec([None], tf.float32), **fields}
+    else:
+        signature = (image, label)
 
-    num_units = len(first)
+    num_units = len(stream.own_stages())
     if epoch is None:
         epochs = tf.data.Dataset.counter() if num_units else tf.data.Dataset.range(0)
     else:
@@ -660,20 +743,13 @@ def stream_dataset(
     units = epochs.flat_map(
         lambda e: tf.data.Dataset.range(num_units).map(lambda u: (e, u)))
     deterministic = buffer == 0
+    # Work units yield finished batches (mixed in their own thread, `_Emitter`): tf.data
+    # only moves them, one copy per example into the generator's tensors and one out.
     dataset = units.interleave(
         lambda e, u: tf.data.Dataset.from_generator(stream.examples, args=(e, u),
                                                     output_signature=signature),
         cycle_length=reads, block_length=1, num_parallel_calls=reads,
-        deterministic=deterministic)
-    dataset = dataset.unbatch()
-    if mix:
-        # Fixed-size batches (the last one padded inside the map): one trace, one XLA
-        # compilation; the op is batch-invariant, so the pixels are the offline ones.
-        dataset = dataset.batch(mix_config.batch_size).map(
-            _output_fn(mix_config, mix, as_dict), num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=deterministic).unbatch()
-    else:
-        dataset = dataset.map(_output_fn(mix_config, mix, as_dict))
+        deterministic=deterministic).unbatch()
     if buffer:
         dataset = dataset.shuffle(buffer, seed=stable_hash("softmix.stream.shuffle", seed) >> 33,
                                   reshuffle_each_iteration=True)
@@ -699,22 +775,80 @@ def _check_cache_dir(root: str, staging: str) -> None:
             "temporary one.") from err
 
 
-def _output_fn(config: MixConfig, mix: bool, as_dict: bool) -> Any:
-    """The batched map from a unit's batch to what the stream yields (mixing included)."""
-    from ..dataset.schema import PROVENANCE
-    from ..steps.mix import mix_batch
+class _Emitter:
+    """What a work unit yields for a chunk of its examples (`_Stream._batch`'s dict).
 
-    def unmixed(example: dict[str, Any]) -> dict[str, Any]:
-        keys = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
-        keys += PROVENANCE if as_dict else ()
-        return {k: example[k] for k in dict.fromkeys(keys)}
+    With mixing, it runs `steps.mix.mix_batch` (the offline mixer) on slices of
+    ``batch_size`` examples, the last one padded: one trace serves every call. Integer
+    tiles use the XLA-compiled op (`mix._compiled_softmix`): the same pixels, labels
+    and lam as the offline job's, for ~6x less CPU; float tiles the traced one.
+    `warm_up` compiles it ahead (in a thread, while the first strips are packed).
+    """
 
-    def mixed(batch: dict[str, Any]) -> Any:
-        image, label, lam = mix_batch(*(batch[k] for k in (
-            "image_a", "image_b", "label_a", "label_b", "seed", "mix_index")), config.op)
-        if not as_dict:
-            return image, label
-        return {"image": image, "label": label, "lam": lam,
-                **{k: batch[k] for k in PROVENANCE}}
+    _OP_KEYS = ("image_a", "image_b", "label_a", "label_b", "seed", "mix_index")
 
-    return mixed if mix else unmixed
+    def __init__(self, config: Any, mix: bool, as_dict: bool, dtype: np.dtype,
+                 num_classes: int, shape: tuple[int, int, int]):
+        from ..dataset.schema import PROVENANCE
+
+        self.config, self.mix, self.as_dict = config, mix, as_dict
+        self.dtype, self.num_classes, self.shape = dtype, num_classes, shape
+        self.keys = tuple(dict.fromkeys(self._OP_KEYS + (PROVENANCE if as_dict else ())))
+        self.provenance = PROVENANCE
+        self._fn: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def batch_size(self) -> int:
+        return self.config.batch_size
+
+    def chunk(self) -> int:
+        """Examples read together: `_CHUNK`, a whole number of mixing batches."""
+        return self.batch_size * max(1, _CHUNK // self.batch_size) if self.mix else _CHUNK
+
+    def rows(self, count: int) -> int:
+        """Image rows a chunk of `count` examples is read into: whole mixing batches
+        (the rows past `count` pad the last one, `mix_batch` cuts them off)."""
+        return -(-count // self.batch_size) * self.batch_size if self.mix else count
+
+    def _mixer(self) -> Any:
+        with self._lock:
+            if self._fn is None:
+                from ..steps.mix import _compiled_softmix
+
+                self._fn = _compiled_softmix(self.config, jit_compile=self.dtype.kind in "ui")
+            return self._fn
+
+    def warm_up(self) -> None:
+        """Trace (and compile) the mixer on a zero batch of the run's shapes."""
+        size = self.batch_size
+        images = np.zeros((size, *self.shape), self.dtype)
+        labels = np.zeros((size, self.num_classes), np.float32)
+        self._mixer()(images, images, labels, labels, np.zeros((size, 2), np.int64),
+                      np.zeros(size, np.int64))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[Any]:
+        """Yield the chunk's output; its images hold `rows(count)` rows, the rest
+        `count` (the padding rows are zeros: the op is batch-invariant, SPEC 2)."""
+        if not self.mix:
+            yield {k: batch[k] for k in self.keys}
+            return
+        size, count = self.batch_size, len(batch["seed"])
+        mixer = self._mixer()
+        for start in range(0, count, size):
+            part = [batch[k][start:start + size] if k.startswith("image")
+                    else _pad(batch[k][start:start + size], size) for k in self._OP_KEYS]
+            n = min(size, count - start)
+            images, labels, lam = (t.numpy()[:n] for t in mixer(*part))
+            if not self.as_dict:
+                yield images, labels
+            else:
+                yield {"image": images, "label": labels, "lam": lam,
+                       **{k: batch[k][start:start + n] for k in self.provenance}}
+
+
+def _pad(array: np.ndarray, size: int) -> np.ndarray:
+    """`array` with its last row repeated up to `size` rows (`mix_batch`'s padding)."""
+    if len(array) == size:
+        return array
+    return np.concatenate([array, np.repeat(array[-1:], size - len(array), axis=0)])

@@ -106,8 +106,8 @@ class Run:
 
     def layout(self, sizes: Iterable[tuple[Any, ...]], kind: tuple[int, str] | None,
                *, examples_per_task: int | None = None) -> _tasks.RunLayout:
-        """The run layout from `(slide, strip, usable tiles[, content])` of every packed
-        strip (`strip_size`)."""
+        """The run layout from `(slide, strip, planned tiles[, content[, failed]])` of
+        every strip (`strip_size`)."""
         channels, dtype = kind if kind is not None else DEFAULT_KIND
         return _tasks.build_layout(
             sizes, self.slides, self.job, self.staging,
@@ -135,7 +135,8 @@ class Run:
     def num_examples(self, sizes: Iterable[tuple[Any, ...]]) -> int:
         """Examples the run writes for these strip sizes (a progress bar's total)."""
         mix = self.job.mix
-        return sum(s[2] for s in sizes) * (mix.num_mixes + int(mix.keep_originals))
+        return sum(s[2] - len(s[4] if len(s) > 4 else ()) for s in sizes) * (
+            mix.num_mixes + int(mix.keep_originals))
 
     # --- The end -------------------------------------------------------------------------
 
@@ -219,10 +220,11 @@ def stain_fit_of(plan: SlidePlan) -> list[tuple[str, str]]:
     return [(plan.slide_id, plan.stain_fit)] if plan.failure is None and plan.stain_fit else []
 
 
-def strip_size(result: StripResult) -> tuple[str, int, int, str | None]:
-    """`(slide, strip, usable tiles, slide content fingerprint)` of a packed strip: what
-    `Run.layout` needs."""
-    return (result.slide_id, result.strip, len(result.tiles), result.content)
+def strip_size(result: StripResult
+               ) -> tuple[str, int, int, str | None, tuple[int, ...]]:
+    """`(slide, strip, planned tiles, slide content fingerprint, failed tiles)` of a
+    packed strip: what `Run.layout` needs (pairing counts planned tiles)."""
+    return (result.slide_id, result.strip, result.planned, result.content, result.failed)
 
 
 def strip_tasks(run: Run, plans: Iterable[SlidePlan]) -> list[StripTask]:

@@ -247,18 +247,30 @@ def strip_accounting(result: StripResult) -> Accounting:
 
 @dataclasses.dataclass(frozen=True)
 class SlideLayout:
-    """Where a slide's usable tiles are: strips in order and their prefix sums."""
+    """Where a slide's planned tiles are: strips in order, their prefix sums and the
+    strip-local indices of the tiles packing found unusable (`StripResult.failed`)."""
 
     slide_id: str
     label: int
     group: str | None
     strips: tuple[int, ...]
-    offsets: tuple[int, ...]  # len(strips) + 1; offsets[-1] = usable tiles
+    offsets: tuple[int, ...]  # len(strips) + 1; offsets[-1] = planned tiles
     content: str | None = None  # the slide's content fingerprint (`SlidePlan.content`)
+    failed: tuple[tuple[int, ...], ...] = ()  # per strip (empty: none failed)
 
     @property
     def num_tiles(self) -> int:
         return self.offsets[-1]
+
+    @property
+    def num_usable(self) -> int:
+        return self.offsets[-1] - sum(len(f) for f in self.failed)
+
+    def position(self, index: int) -> tuple[int, int, tuple[int, ...]]:
+        """`(strip, strip-local index, that strip's failed indices)` of planned tile `index`."""
+        pos = bisect.bisect_right(self.offsets, index) - 1
+        return (self.strips[pos], index - self.offsets[pos],
+                self.failed[pos] if self.failed else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,11 +286,17 @@ class RunLayout:
     buckets_per_shard: int
 
     def locate(self, slide_id: str, index: int) -> tuple[str, int]:
-        """`(pack, index in pack)` of usable tile `index` of `slide_id`."""
-        layout = self.slides[slide_id]
-        pos = bisect.bisect_right(layout.offsets, index) - 1
-        return (pack_path(self.staging, slide_id, layout.strips[pos]),
-                index - layout.offsets[pos])
+        """`(pack, index in pack)` of planned tile `index` of `slide_id` (a usable one:
+        the pack holds only those)."""
+        strip, local, failed = self.slides[slide_id].position(index)
+        return (pack_path(self.staging, slide_id, strip),
+                local - bisect.bisect_left(failed, local))
+
+    def usable(self, slide_id: str, index: int) -> bool:
+        """Whether planned tile `index` of `slide_id` was packed (can be a partner)."""
+        _, local, failed = self.slides[slide_id].position(index)
+        pos = bisect.bisect_left(failed, local)
+        return pos == len(failed) or failed[pos] != local
 
     def strip_offset(self, slide_id: str, strip: int) -> int:
         layout = self.slides[slide_id]
@@ -300,10 +318,13 @@ class RunLayout:
 def build_layout(strips: Iterable[tuple[Any, ...]], records: Sequence[SlideRecord],
                  job: JobConfig, staging: str, *, tile_bytes: float,
                  examples_per_task: int | None = None) -> RunLayout:
-    """The run's layout from `(slide_id, strip, usable tiles)` of every packed strip.
+    """The run's layout from `(slide_id, strip, planned tiles)` of every strip.
 
     Args:
-        strips: ``(slide_id, strip, usable tiles[, content fingerprint])`` per strip.
+        strips: ``(slide_id, strip, planned tiles[, content fingerprint[, failed]])``
+            per strip (`run.strip_size`); `failed`: the strip-local indices of the
+            tiles packing found unusable (`StripResult.failed`), unknown (empty) when
+            the layout is made from plans alone (the stream's).
         records: the manifest's slides (labels, groups).
         job: the run's configuration (sharding, mixing).
         staging: the run's staging directory.
@@ -312,24 +333,27 @@ def build_layout(strips: Iterable[tuple[Any, ...]], records: Sequence[SlideRecor
     """
     from ..dataset.shards import num_shards_for
 
-    by_slide: dict[str, list[tuple[int, int]]] = collections.defaultdict(list)
+    by_slide: dict[str, list[tuple[int, int, tuple[int, ...]]]] = collections.defaultdict(list)
     contents: dict[str, str | None] = {}
-    for slide_id, strip, count, *content in strips:
+    for slide_id, strip, count, *rest in strips:
         if count > 0:
-            by_slide[slide_id].append((strip, count))
-            contents[slide_id] = content[0] if content else None
+            failed = tuple(sorted(rest[1])) if len(rest) > 1 else ()
+            by_slide[slide_id].append((strip, count, failed))
+            contents[slide_id] = rest[0] if rest else None
     records_by_id = {r.slide_id: r for r in records}
     slides = {}
     for slide_id, items in sorted(by_slide.items()):
         items.sort()
         offsets = [0]
-        for _, count in items:
+        for _, count, _ in items:
             offsets.append(offsets[-1] + count)
         record = records_by_id[slide_id]
+        failed_per_strip = tuple(f for _, _, f in items)
         slides[slide_id] = SlideLayout(slide_id, record.label_index, record.group,
-                                       tuple(s for s, _ in items), tuple(offsets),
-                                       contents.get(slide_id))
-    usable = sum(s.num_tiles for s in slides.values())
+                                       tuple(s for s, _, _ in items), tuple(offsets),
+                                       contents.get(slide_id),
+                                       failed_per_strip if any(failed_per_strip) else ())
+    usable = sum(s.num_usable for s in slides.values())
     num_examples = usable * (job.mix.num_mixes + int(job.mix.keep_originals))
     if job.output.num_shards is not None:
         num_shards = job.output.num_shards
@@ -344,26 +368,54 @@ def pair_strip(result: StripResult, layout: RunLayout, table: Any
                ) -> tuple[list[tuple[tuple[int, int], Any]], Accounting]:
     """The examples whose source `a` is a tile of this strip, keyed by bucket.
 
+    Pairing counts planned tiles; a partner drawn at a tile packing found unusable is
+    drawn again (`steps.pair`, "Tiles that fail when packed"; `layout.usable`).
+
     Returns:
         `([(bucket, PairSpec)], Accounting)`: the accounting resolves each usable tile
-        of the strip as used, or skipped with reason ``no_partner``.
+        of the strip as used, or skipped with reason ``no_partner`` or
+        ``partner_failed`` (see `pair_anchors`).
     """
-    from ..accounting import NO_PARTNER
+    specs, accounting = pair_anchors(usable_anchors(result), result.slide_id,
+                                     layout.strip_offset(result.slide_id, result.strip)
+                                     if result.tiles else 0, table, layout.usable)
+    return [(layout.bucket_of(spec.example_id), spec) for spec in specs], accounting
 
-    if not result.tiles:
-        return [], Accounting()
-    offset = layout.strip_offset(result.slide_id, result.strip)
+
+def usable_anchors(result: StripResult) -> list[tuple[int, TileRecord]]:
+    """`(strip-local planned index, tile)` of the strip's usable tiles."""
+    failed = set(result.failed)
+    return list(zip((i for i in range(result.planned) if i not in failed), result.tiles,
+                    strict=False))
+
+
+def pair_anchors(anchors: Iterable[tuple[int, TileRecord]], slide_id: str, offset: int,
+                 table: Any, usable: Any) -> tuple[list[Any], Accounting]:
+    """The examples of usable tiles `(strip-local index, tile)` of one strip of
+    `slide_id` whose first planned tile is the slide's tile `offset`, and their
+    accounting: a tile with an example is used; without, it is skipped as
+    ``partner_failed`` when a mix was dropped for want of a usable partner, else as
+    ``no_partner``; dropped mixes count in ``examples_dropped: partner_failed``.
+
+    The offline job and the stream both pair through here (`usable`: which planned
+    tiles packing kept, ``usable(slide_id, index)``).
+    """
+    from ..accounting import NO_PARTNER, PARTNER_FAILED
+
     out = []
-    used = unpaired = 0
-    for local, tile in enumerate(result.tiles):
-        specs = table.examples_for(tile, offset + local)
+    used = dropped = 0
+    skipped: collections.Counter[str] = collections.Counter()
+    for local, tile in anchors:
+        specs, lost = table.pair(tile, offset + local, usable)
+        dropped += lost
         if specs:
             used += 1
         else:
-            unpaired += 1
-        out.extend((layout.bucket_of(spec.example_id), spec) for spec in specs)
-    accounting = Accounting(tiles_used=used, tiles_pending=-(used + unpaired),
-                            tiles_skipped={NO_PARTNER: unpaired} if unpaired else {})
+            skipped[PARTNER_FAILED if lost else NO_PARTNER] += 1
+        out.extend(specs)
+    accounting = Accounting(tiles_used=used, tiles_pending=-(used + sum(skipped.values())),
+                            tiles_skipped=dict(skipped),
+                            examples_dropped={PARTNER_FAILED: dropped} if dropped else {})
     return out, accounting
 
 

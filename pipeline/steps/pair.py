@@ -57,6 +57,19 @@ run (``r if r < lo else r + (hi - lo)``), finds the slide by bisection on the pr
 sums and returns ``(slide_id, r - prefix[s])``. Class draws use a second hash
 (purpose ``"class"``) as a uniform float in ``[0, 1)`` against the cumulative weights.
 
+Tiles that fail when packed. Pairing counts the *planned* tiles of every slide (so
+the stream can pair right after planning, before any pixel is read); a tile that
+packing then finds unusable (``read_error``, ``missing_chunk``, ``nonfinite_pixels``)
+is never an anchor, and a draw that lands on one is drawn again with the next
+*attempt* (the hashes above take the attempt number as one more part, attempt 0
+none), up to `MAX_DRAWS` draws; a mix whose every draw lands on an unusable tile is
+dropped and counted under ``examples_dropped: partner_failed`` (a tile left with no
+example is skipped as ``partner_failed``). So a run without such tiles pairs exactly
+as before, and one with them loses no example unless a class or cohort is nearly all
+unusable. Redrawing conditions each draw on a usable partner: for ``random``, uniform
+over the eligible usable tiles; for the class policies, class weights stay those of
+the planned counts.
+
 Tiles with no eligible partner (a single tile, or every other tile in the anchor's
 group) get no mixed examples; with `keep_originals` they still get their original.
 A tile that ends up with no example at all is counted by the accounting as skipped
@@ -70,13 +83,14 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from ..config import MixConfig
 from ..records import PairSpec, TileKey, TileRecord, stable_hash
 
 __all__ = [
+    "MAX_DRAWS",
     "PairingTable",
     "SlideCounts",
     "balanced_class_weights",
@@ -85,6 +99,7 @@ __all__ = [
 ]
 
 _SEED_BITS_SHIFT = 2  # 64-bit hash >> 2 < 2**62: safe as a non-negative int64
+MAX_DRAWS = 16  # draws of one partner before the mix is dropped as partner_failed
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -174,9 +189,9 @@ def _block_id(slide_id: str, group: str | None, use_groups: bool) -> tuple[int, 
     return (1, slide_id)
 
 
-def _draw_u64(seed: int, purpose: str, key: TileKey, mix_index: int) -> int:
+def _draw_u64(seed: int, purpose: str, key: TileKey, mix_index: int, attempt: int = 0) -> int:
     return stable_hash("softmix.pairing", seed, purpose, key.slide_id, key.level, key.x,
-                       key.y, mix_index)
+                       key.y, mix_index, *((attempt,) if attempt else ()))
 
 
 class _Bucket:
@@ -315,11 +330,13 @@ class PairingTable:
             return self._all.excluded(block, anchor_index)
         return [b.excluded(block, anchor_index) for b in self._by_class]
 
-    def _draw(self, anchor: TileRecord, mix_index: int, excluded: Any) -> tuple[str, int] | None:
+    def _draw(self, anchor: TileRecord, mix_index: int, excluded: Any, attempt: int = 0
+              ) -> tuple[str, int] | None:
         seed = self.config.seed
         policy = self.config.pairing
         if policy == "random":
-            return self._all.draw(excluded, _draw_u64(seed, "tile", anchor.key, mix_index))
+            return self._all.draw(excluded,
+                                  _draw_u64(seed, "tile", anchor.key, mix_index, attempt))
         eligible = [len(b) - (hi - lo) for b, (lo, hi) in zip(self._by_class, excluded,
                                                                strict=True)]
         if policy == "cross-class":
@@ -332,7 +349,8 @@ class PairingTable:
         total = sum(weights)
         if total <= 0.0:
             return None
-        u = (_draw_u64(seed, "class", anchor.key, mix_index) >> 11) / float(1 << 53) * total
+        u = (_draw_u64(seed, "class", anchor.key, mix_index, attempt) >> 11
+             ) / float(1 << 53) * total
         chosen = max(c for c, w in enumerate(weights) if w > 0)  # guards float round-off
         cumulative = 0.0
         for c, w in enumerate(weights):
@@ -341,35 +359,59 @@ class PairingTable:
                 chosen = c
                 break
         return self._by_class[chosen].draw(
-            excluded[chosen], _draw_u64(seed, "tile", anchor.key, mix_index)
+            excluded[chosen], _draw_u64(seed, "tile", anchor.key, mix_index, attempt)
         )
 
     def op_seed(self, anchor: TileRecord, mix_index: int) -> tuple[int, int]:
         """The stateless seed of an example: two ints in `[0, 2**62)` (see `op_seed`)."""
         return op_seed(self.config.seed, anchor.key, mix_index)
 
-    def examples_for(self, anchor: TileRecord, anchor_index: int) -> list[PairSpec]:
+    def examples_for(self, anchor: TileRecord, anchor_index: int,
+                     usable: Callable[[str, int], bool] | None = None) -> list[PairSpec]:
         """Every example whose source `a` is `anchor`, sorted by example id.
 
         Returns `num_mixes` mixed examples (`mix_index` 0..n-1, skipping draws with no
         eligible partner) plus, with `keep_originals`, the original (`mix_index` -1,
         `b` = the anchor itself). An empty list means the tile has no eligible partner
         and originals are off: count it as skipped with reason ``"no_partner"``.
+        With `usable`, see `pair`.
+        """
+        return self.pair(anchor, anchor_index, usable)[0]
+
+    def pair(self, anchor: TileRecord, anchor_index: int,
+             usable: Callable[[str, int], bool] | None = None
+             ) -> tuple[list[PairSpec], int]:
+        """`(examples_for(anchor, anchor_index), mixes dropped)`.
+
+        Args:
+            anchor: the tile (a usable one: it is source `a`).
+            anchor_index: its index among its slide's planned tiles.
+            usable: ``usable(slide_id, index)``: whether a planned tile can be a
+                partner (None: every tile). A draw on an unusable tile is drawn again,
+                up to `MAX_DRAWS` times; then the mix is dropped and counted in the
+                second value (module docstring, "Tiles that fail when packed").
         """
         block = self._check_anchor(anchor, anchor_index)
         seed = self.config.seed
         key = anchor.key
         specs = []
+        dropped = 0
         if self.config.keep_originals:
             specs.append(PairSpec(example_id(key, -1), anchor, anchor_index, key.slide_id,
                                   anchor_index, -1, op_seed(seed, key, -1)))
         if self.config.num_mixes > 0:
             excluded = self._exclusions(block, anchor_index)
             for mix_index in range(self.config.num_mixes):
-                partner = self._draw(anchor, mix_index, excluded)
+                for attempt in range(MAX_DRAWS if usable is not None else 1):
+                    partner = self._draw(anchor, mix_index, excluded, attempt)
+                    if partner is None or usable is None or usable(*partner):
+                        break
+                else:  # every draw landed on an unusable tile
+                    dropped += 1
+                    continue
                 if partner is not None:
                     specs.append(PairSpec(example_id(key, mix_index), anchor, anchor_index,
                                           partner[0], partner[1], mix_index,
                                           op_seed(seed, key, mix_index)))
         specs.sort()
-        return specs
+        return specs, dropped

@@ -348,6 +348,45 @@ def test_random_is_roughly_uniform():
 # --- no partner, bad input, memory --------------------------------------------------
 
 
+@pytest.mark.parametrize("pairing", ["random", "cross-class", "balanced"])
+def test_unusable_partners_are_drawn_again(pairing):
+    config = MixConfig(pairing=pairing, num_mixes=4, seed=3)
+    counts, by_slide = make_run([30, 20, 25, 15], [0, 1, 0, 1], [None] * 4)
+    table = PairingTable(counts, config, 2)
+    unusable = {(s, i) for s, tiles in by_slide.items() for i in range(len(tiles)) if i % 3 == 0}
+
+    def usable(slide_id, index):
+        return (slide_id, index) not in unusable
+
+    first_draws = kept = 0
+    for tiles in by_slide.values():
+        for index, tile in enumerate(tiles):
+            plain = table.examples_for(tile, index)
+            assert table.pair(tile, index, lambda s, i: True) == (plain, 0)
+            specs, dropped = table.pair(tile, index, usable)
+            assert dropped == 0 and len(specs) == len(plain) == 4
+            for before, after in zip(plain, specs, strict=True):
+                assert (after.b_slide, after.b_index) not in unusable
+                assert (after.example_id, after.seed) == (before.example_id, before.seed)
+                if (before.b_slide, before.b_index) not in unusable:  # first draw kept
+                    assert after == before
+                    kept += 1
+            first_draws += len(plain)
+    assert 0 < kept < first_draws  # some draws were redrawn, most were not
+
+
+def test_a_mix_with_no_usable_partner_is_dropped():
+    counts = [SlideCounts("a", 0, None, 1), SlideCounts("b", 1, None, 3)]
+    tile = TileRecord(TileKey("a", 0, 0, 0), 0)
+    config = MixConfig(num_mixes=2, keep_originals=True)
+    table = PairingTable(counts, config, 2)
+    specs, dropped = table.pair(tile, 0, lambda slide_id, index: slide_id == "a")
+    assert dropped == 2 and [s.mix_index for s in specs] == [-1]
+    specs, dropped = table.pair(tile, 0, lambda slide_id, index: index == 2)
+    assert dropped == 0 and {(s.b_slide, s.b_index) for s in specs if s.mix_index >= 0} == {
+        ("b", 2)}
+
+
 def test_no_partner_yields_no_mixes_but_keeps_original():
     (tile,) = make_tiles(1)
     counts = [SlideCounts("s0", tile.label, None, 1), SlideCounts("empty", 1, None, 0)]

@@ -41,7 +41,8 @@ def run_in_process(job: JobConfig, examples_per_task: int = 7):
     records = {r.slide_id: r for r in manifest.slides}
     strips = [_stages.pack_task(t, staging, 1.0) for p in plans
               for t in split_plan(records[p.slide_id], p, job.tile.tile_size)]
-    layout = _stages.build_layout([(r.slide_id, r.strip, len(r.tiles)) for r in strips],
+    layout = _stages.build_layout([(r.slide_id, r.strip, r.planned, r.content, r.failed)
+                                   for r in strips],
                                   manifest.slides, job, staging, tile_bytes=1e5,
                                   examples_per_task=examples_per_task)
     table = PairingTable(layout.counts(), job.mix, len(names))
@@ -128,6 +129,55 @@ def test_layout_locates_every_tile_of_a_slide(synthetic_dataset, tmp_path):
         for pack in packs:
             index = json.loads(open(pack + ".json").read())
             assert [local for p, local in seen if p == pack] == list(range(len(index["tiles"])))
+
+
+def _local_examples(manifest, out, **mix) -> tuple[dict, dict]:
+    """`({example id: (record bytes, decoded)}, manifest)` of `softmix local`."""
+    from pipeline.engines.local import run_local
+
+    manifest_json = run_local(_config(manifest, out, **mix), progress=False)
+    records = {}
+    for shard in manifest_json["shards"]:
+        for raw in tf.data.TFRecordDataset(str(out / shard["file"])).as_numpy_iterator():
+            record = decode_example(raw)
+            records[record["example_id"]] = (raw, record)
+    return records, manifest_json
+
+
+def test_a_tile_unusable_at_packing_changes_only_the_examples_that_drew_it(
+        synthetic_dataset_factory, tmp_path):
+    """Pairing counts planned tiles: a tile only packing finds corrupt is no anchor, a
+    draw that lands on it is drawn again, and every other example keeps its bytes."""
+    clean, broken = synthetic_dataset_factory(), synthetic_dataset_factory()
+    # Level 0 only (planning reads the last level): tile x=128, y=384 of syn-2.
+    chunk = broken.root / "slides" / "syn-2.ome.zarr" / "s0" / "c" / "0" / "3" / "1"
+    chunk.write_bytes(b"not zstd" * 16)
+    mix = dict(num_mixes=3)
+    want, _ = _local_examples(clean.manifest_path, tmp_path / "clean", **mix)
+    got, manifest = _local_examples(broken.manifest_path, tmp_path / "broken", **mix)
+    bad = ("syn-2", 128, 384)
+
+    def tile(record, source):
+        slide_id = record[f"{source}/slide_id"]
+        slide_id = slide_id.decode() if isinstance(slide_id, bytes) else slide_id
+        return (slide_id, int(record[f"{source}/x"]), int(record[f"{source}/y"]))
+
+    assert sorted(got) == sorted(k for k, (_, r) in want.items() if tile(r, "a") != bad)
+    redrawn = 0
+    for key, (raw, record) in got.items():
+        clean_record = want[key][1]
+        if tile(clean_record, "b") == bad:
+            redrawn += 1
+            assert tile(record, "b") != bad
+            assert record["seed"].tolist() == clean_record["seed"].tolist()
+        else:
+            assert raw == want[key][0], key
+    assert redrawn > 0  # the run exercised a second draw
+    accounting = manifest["accounting"]
+    assert accounting["tiles_skipped"] == {"background": accounting["tiles_skipped"][
+        "background"], "read_error": 1}
+    assert accounting["examples_dropped"] == {}
+    assert manifest["num_examples"] == len(want) - 3
 
 
 def test_reconcile_fails_the_minority_kind_and_keeps_counts():

@@ -138,6 +138,22 @@ def test_cold_cache_without_packing_threads(synthetic_dataset, offline, tmp_path
     _assert_same(got, offline[0])
 
 
+def test_first_example_waits_for_a_few_strips_not_all(synthetic_dataset, tmp_path):
+    """Pairing on planned counts right after planning: an example is yielded once its
+    anchor's and partners' strips are packed, so the first one comes before the
+    cohort is packed (counted in packs, not time: only the work units pack here)."""
+    dataset = _stream(synthetic_dataset.manifest_path, cache_dir=str(tmp_path),
+                      pack_threads=0, num_parallel_reads=1, num_mixes=1, keep_originals=False,
+                      seed=1)
+    assert pipeline.dataset_stats(dataset).strips_at_first_example is None
+    got = _collect(dataset)
+    stats = pipeline.dataset_stats(dataset)
+    assert stats.strips_packed == 11 and len(got) == synthetic_dataset.total_tiles
+    # With seed 1 an anchor of the first strip in the epoch's order draws a partner in
+    # that strip; tf.data may have started the next unit (and its strip) meanwhile.
+    assert stats.strips_at_first_example is not None and stats.strips_at_first_example <= 3
+
+
 def test_tuples_shuffle_and_mix_false_with_the_op(synthetic_dataset, epoch0):
     import softmix_tf
 
@@ -230,10 +246,12 @@ def test_keys_and_accounting_match_the_offline_job(offline, epoch0):
 def test_epoch0_with_a_corrupt_chunk_equals_offline(synthetic_dataset_factory, tmp_path,
                                                     pack_threads):
     """A tissue chunk that only packing can find corrupt: every configuration pairs on
-    the packed counts, as the offline job does (no `partner_failed`, same examples)."""
+    the planned counts and draws again a partner that packing found unusable, as the
+    offline job does (no `partner_failed`, same examples)."""
     data = synthetic_dataset_factory()
     chunk = data.root / "slides" / "syn-2.ome.zarr" / "s0" / "c" / "0" / "3" / "1"
     chunk.write_bytes(b"not zstd" * 16)  # level 0 only: planning reads the last level
+    # (With MIX's seed one first draw lands on that tile: both sides draw it again.)
     job = JobConfig(manifest=str(data.manifest_path), tile=TileConfig(tile_size=128),
                     mix=MixConfig(batch_size=4, **MIX),
                     output=OutputConfig(out_dir=str(tmp_path / "out"), num_shards=2))
