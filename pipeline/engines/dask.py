@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import os
 import threading
 import uuid
@@ -55,8 +54,21 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _second(pair: tuple[Any, Any]) -> Any:
-    return pair[1]
+def _plan_facts(plan: Any) -> tuple[Accounting, list[tuple[str, str]]]:
+    """What the client needs of a reconciled plan: its accounting and stain fit."""
+    return Accounting.from_plan(plan), stain_fit_of(plan)
+
+
+def _strip_facts(result: Any) -> tuple[Accounting, tuple[str, int, int, str | None]]:
+    """What the client needs of a packed strip: its accounting and size."""
+    from ..run.tasks import strip_accounting
+
+    return strip_accounting(result), strip_size(result)
+
+
+def _pack_nth(strips: list, index: int, **options: Any) -> Any:
+    """Pack strip `index` of a slide's strip list (no separate `getitem` task)."""
+    return pack_stained(strips[index], **options)
 
 
 def _pair_by_bucket(result: Any, layout: Any, table: Any) -> tuple[dict, Any]:
@@ -70,8 +82,9 @@ def _pair_by_bucket(result: Any, layout: Any, table: Any) -> tuple[dict, Any]:
     return dict(by_bucket), accounting
 
 
-def _bucket_keys(paired: tuple[dict, Any]) -> list[tuple[int, int]]:
-    return sorted(paired[0])
+def _pair_facts(paired: tuple[dict, Any]) -> tuple[Any, list[tuple[int, int]]]:
+    """What the client needs of a strip's pairing: its accounting and bucket keys."""
+    return paired[1], sorted(paired[0])
 
 
 def _mix_bucket_of(bucket: tuple[int, int], layout: Any, config: MixConfig, num_classes: int,
@@ -87,6 +100,10 @@ def _finalize(shard: int, num_shards: int, config: Any, *buckets: Any) -> Any:
     from ..run.tasks import finalize_shard
 
     return finalize_shard(shard, buckets, num_shards, config)
+
+
+def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
+    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _without_tiles(plan: Any) -> Any:
@@ -150,25 +167,24 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
             k for ks in client.gather(client.map(_tasks.plan_kind, raw)) for k in ks)
         plans = client.map(_tasks.reconcile_plan, raw, majority=kind)
         held += plans
-        plan_acc = client.gather(client.map(Accounting.from_plan, plans))
+        # Small results only, one task per item and one gather per phase: every task
+        # costs the scheduler and the worker a few ms (`benchmarks/profile_dask.py`).
+        plan_acc, fit_lists = _unzip(client.gather(client.map(_plan_facts, plans)))
         stain = run.stain
         if run.stain_slide is not None:  # only the target slide's plan comes back
             index = [s.slide_id for s in slides].index(run.stain_slide)
             stain = run.stain_for([client.submit(_without_tiles, raw[index]).result()])
-        fits = [f for fs in client.gather(client.map(stain_fit_of, plans)) for f in fs]
+        fits = [f for fs in fit_lists for f in fs]
         # 2. Cut plans into strips on the workers and pack every strip.
         strip_lists = client.map(split_plan, slides, plans, tile_size=job.tile.tile_size)
         held += strip_lists
         counts = client.gather(client.map(len, strip_lists))
-        strips = [client.submit(operator.getitem, lst, i, pure=False)
-                  for lst, n in zip(strip_lists, counts, strict=True) for i in range(n)]
-        held += strips
-        results = client.map(pack_stained, strips, stain=stain, staging=staging,
-                             read_cache_mb=job.read_cache_mb, on_error=run.on_error,
-                             pure=False)
+        lists = [lst for lst, n in zip(strip_lists, counts, strict=True) for _ in range(n)]
+        results = client.map(_pack_nth, lists, [i for n in counts for i in range(n)],
+                             stain=stain, staging=staging, read_cache_mb=job.read_cache_mb,
+                             on_error=run.on_error, pure=False)
         held += results
-        strip_acc = client.gather(client.map(_tasks.strip_accounting, results))
-        sizes = client.gather(client.map(strip_size, results))
+        strip_acc, sizes = _unzip(client.gather(client.map(_strip_facts, results)))
         # 3. The small run layout and pairing table, broadcast to every worker.
         layout = run.layout(sizes, kind, examples_per_task=examples_per_task)
         table = run.pairing_table(layout)
@@ -180,10 +196,9 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         # 4. Pair per strip, keyed by bucket; only each strip's bucket keys come back.
         paired = client.map(_pair_by_bucket, results, layout=layout_f, table=table_f)
         held += paired
-        pair_acc = client.gather(client.map(_second, paired))
+        pair_acc, bucket_keys = _unzip(client.gather(client.map(_pair_facts, paired)))
         feeds: dict[tuple[int, int], list] = collections.defaultdict(list)
-        for future, keys in zip(paired, client.gather(client.map(_bucket_keys, paired)),
-                                strict=True):
+        for future, keys in zip(paired, bucket_keys, strict=True):
             for key in keys:
                 feeds[key].append(future)
         # 5. One mix task per bucket, reading its specs straight from the strips that
