@@ -132,29 +132,16 @@ def choose_format(dtype: np.dtype | str, num_channels: int) -> str:
     return "png" if name in PNG_DTYPES and num_channels in PNG_CHANNELS else "raw"
 
 
-def _bytes(values: list[bytes]) -> tf.train.Feature:
-    import tensorflow as tf
-
-    return tf.train.Feature(bytes_list=tf.train.BytesList(value=values))
-
-
-def _ints(values: list[int]) -> tf.train.Feature:
-    import tensorflow as tf
-
-    return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
-
-
-def _floats(values: list[float]) -> tf.train.Feature:
-    import tensorflow as tf
-
-    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
-
-
 def _feature(dtype: str, value: Any) -> tf.train.Feature:
+    import tensorflow as tf
+
     values = value if isinstance(value, list) else [value]
     if dtype == "string":
-        return _bytes([v if isinstance(v, bytes) else v.encode("utf-8") for v in values])
-    return _ints(values) if dtype == "int64" else _floats(values)
+        encoded = [v if isinstance(v, bytes) else v.encode("utf-8") for v in values]
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=encoded))
+    if dtype == "int64":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=values))
+    return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
 
 def _class_index(tile: TileRecord) -> int:
