@@ -66,6 +66,7 @@ __all__ = [
     "remove",
     "rmtree",
     "size",
+    "stat",
     "write_bytes",
     "write_json",
     "write_text",
@@ -367,6 +368,28 @@ def modified(path: str) -> float | None:
         return fs.modified(inner).timestamp()
     except (NotImplementedError, OSError, AttributeError):
         return None
+
+
+# Where `info` holds the modification time that `fs.modified` returns (s3fs, gcsfs,
+# adlfs): one metadata request gives size and time.
+_INFO_MODIFIED = ("LastModified", "mtime", "last_modified")
+
+
+def stat(path: str) -> tuple[int, float | None]:
+    """`(size, modification time or None)` of `path`: `size` and `modified` in one
+    metadata request where the store's `info` carries the time."""
+    if not is_url(path):
+        result = os.stat(_local(path))
+        return result.st_size, result.st_mtime
+    fs, inner = filesystem(path)
+    STATS.add(metadata=1)
+    info = fs.info(inner)
+    for key in _INFO_MODIFIED:
+        value = info.get(key)
+        if value is not None:
+            stamp = value.timestamp() if hasattr(value, "timestamp") else float(value)
+            return int(info["size"]), stamp
+    return int(info["size"]), modified(path)
 
 
 def read_bytes(path: str) -> bytes:

@@ -71,8 +71,8 @@ def _stamp(path: str) -> tuple[int, int | None]:
     if not storage.is_url(path):
         stat = os.stat(path.removeprefix("file://"))
         return stat.st_size, stat.st_mtime_ns
-    modified = storage.modified(path)
-    return storage.size(path), None if modified is None else round(modified * 1e9)
+    size, modified = storage.stat(path)
+    return size, None if modified is None else round(modified * 1e9)
 
 
 def write_sidecar(data: str, *, inputs: Any, records: int, size: int, crc32: int,
