@@ -9,11 +9,12 @@ machine, same options (tile 256, grid 4, one mix per tile):
 
 1. the offline job (`run_beam`) writes the examples; `read_dataset` reads them back
    (examples/s of one pass, batches of 64, nothing else in the step);
-2. `stream_dataset(epoch=0)` with a cold cache: time to first batch (planning, then
+2. `stream_dataset(epoch=0, batch=64)` with a cold cache: time to first batch (planning, then
    packing the strips the first examples need: pairing counts planned tiles, so a work
    unit is ready once its anchors' and partners' strips are packed) and examples/s of
    the whole epoch; with how many strips were packed when the first batch came;
-3. the stream again on the warm cache (plans and packs reused), e.g. a later run;
+3. the stream again on the warm cache (plans and packs reused), e.g. a later run, with
+   `batch=64` and with single examples batched by `.batch(64)`;
 4. with `--latency-ms`, 2. again with the slides served through `latency://`
    (`pipeline.remote`, every request delayed like a bucket).
 
@@ -39,14 +40,15 @@ sys.path.insert(0, str(ROOT))
 BATCH = 64
 
 
-def timed_pass(dataset, stats=None) -> tuple[int, float, float, float, str]:  # noqa: ANN001
+def timed_pass(dataset, stats=None, batched=False) -> tuple[int, float, float, float, str]:  # noqa: ANN001
     """`(examples, seconds to the first batch, seconds in all, CPU seconds of the
-    process, strips packed or reused at the first batch / all)` of one pass."""
+    process, strips packed or reused at the first batch / all)` of one pass; `batched`:
+    `dataset` yields batches of `BATCH` already."""
     start, cpu = time.perf_counter(), time.process_time()
     first = None
     strips = ""
     count = 0
-    for images, _ in dataset.batch(BATCH):
+    for images, _ in (dataset if batched else dataset.batch(BATCH)):
         if first is None:
             first = time.perf_counter() - start
             if stats is not None:
@@ -93,18 +95,21 @@ def main(argv: list[str] | None = None) -> None:
         cache = work / "cache"
         plan_s = {}
 
-        def stream_row(name: str, manifest_path: pathlib.Path, cache_dir: pathlib.Path) -> None:
+        def stream_row(name: str, manifest_path: pathlib.Path, cache_dir: pathlib.Path,
+                       batched: bool = True) -> None:
             start, cpu0 = time.perf_counter(), time.process_time()
             stream = pipeline.stream_dataset(str(manifest_path), epoch=0,
-                                             cache_dir=str(cache_dir), **options)
+                                             cache_dir=str(cache_dir), **options,
+                                             batch=BATCH if batched else None)
             build, build_cpu = time.perf_counter() - start, time.process_time() - cpu0
             stats = pipeline.dataset_stats(stream)
             plan_s[name] = stats.plan_seconds
-            n, first, total, cpu, strips = timed_pass(stream, stats)
+            n, first, total, cpu, strips = timed_pass(stream, stats, batched)
             rows.append((name, n, first + build, total + build, cpu + build_cpu, strips))
 
         stream_row("stream_dataset, cold cache", manifest, cache)
         stream_row("stream_dataset, warm cache", manifest, cache)
+        stream_row("stream_dataset, warm, .batch()", manifest, cache, batched=False)
         if args.latency_ms:
             os.environ["SOFTMIX_LATENCY_MS"] = str(args.latency_ms)
             stream_row(f"stream_dataset, {args.latency_ms:g} ms store",
@@ -123,7 +128,9 @@ def main(argv: list[str] | None = None) -> None:
         rate = count / total_s
         print(f"{name:32}{count:>9}{first_s:>14.2f}{strips:>14}{total_s:>9.2f}{cpu_s:>7.1f}"
               f"{rate:>7.0f}{rate / reader_rate:>9.2f}x")
-    print("(stream rows include building the dataset: planning, or loading saved plans; "
+    print(f"(stream rows yield batches of {BATCH} (`batch={BATCH}`), the '.batch()' row "
+          f"single examples batched by `.batch({BATCH})`; they include building the "
+          "dataset: planning, or loading saved plans; "
           "'strips at 1st': strips packed or reused when the first batch of "
           f"{BATCH} came / in all)")
 

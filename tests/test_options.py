@@ -24,8 +24,8 @@ JOB_COMMANDS = ("beam", "dask", "local")
 EXECUTION = {"help", "workers", "no_progress", "no_report", "verbose", "scheduler", "memory_limit",
              "threads_per_worker"}
 # Keywords of `stream_dataset` that only a stream has.
-STREAM_ONLY = {"epoch", "shuffle", "mix", "as_dict", "input_context", "cache_dir",
-               "num_parallel_reads", "pack_threads"}
+STREAM_ONLY = {"epoch", "shuffle", "batch", "drop_remainder", "mix", "as_dict",
+               "input_context", "cache_dir", "num_parallel_reads", "pack_threads"}
 # Output options that do not apply to a stream (it writes no dataset).
 NOT_STREAMED = {"out_dir", "name", "num_shards", "shard_size_mb", "compression", "overwrite",
                 "resume"}

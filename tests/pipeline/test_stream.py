@@ -174,6 +174,32 @@ def test_tuples_shuffle_and_mix_false_with_the_op(synthetic_dataset, epoch0):
     assert image.shape == (128, 128, 3) and image.dtype == tf.uint8 and label.shape == (2,)
 
 
+def test_batched_output_holds_the_same_examples(synthetic_dataset, epoch0):
+    """`batch=` yields the epoch's examples in batches of that size (the work units'
+    batches re-cut, no unbatch), byte for byte the single examples; the last batch is
+    smaller or, with `drop_remainder`, dropped; with `shuffle`, batches of shuffled
+    examples."""
+    got0, _, cache = epoch0
+    total = len(got0)
+    assert total % 7, "the test needs a partial last batch"
+    dataset = _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), batch=7)
+    assert dataset.element_spec["image"].shape.as_list() == [None, 128, 128, 3]
+    sizes, got = [], {}
+    for batch in dataset.as_numpy_iterator():
+        sizes.append(len(batch["example_id"]))
+        for i, key in enumerate(batch["example_id"]):
+            assert key.decode() not in got
+            got[key.decode()] = {k: v[i] for k, v in batch.items()}
+    assert sizes == [7] * (total // 7) + [total % 7]
+    _assert_same(got, got0)
+    dropped = _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), batch=7,
+                      drop_remainder=True, as_dict=False, shuffle=8)
+    assert dropped.element_spec[0].shape.as_list() == [7, 128, 128, 3]
+    assert [int(images.shape[0]) for images, _ in dropped] == [7] * (total // 7)
+    with pytest.raises(ValueError, match="`batch` must be"):
+        _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), batch=0)
+
+
 def test_input_pipelines_split_the_epoch(synthetic_dataset, epoch0):
     got0, _, cache = epoch0
     parts = []
