@@ -207,9 +207,11 @@ class _Packer:
                 from ..steps.stain import strip_transform
 
                 task = self._tasks[sid]
+                # Raw tile bytes: zstd gains ~3% here for ~0.5 ms CPU a tile (pack.CODECS).
                 result = _stages.pack_task(task, self._staging, self._read_cache_mb,
                                            self._on_error,
-                                           transform=strip_transform(task, self._stain))
+                                           transform=strip_transform(task, self._stain),
+                                           codec="raw")
         except BaseException as err:  # handed to every consumer of the strip
             future.set_exception(err)
             return
@@ -293,10 +295,11 @@ class _SharedPackReader(PackReader):
 
     def read_into(self, locations: Sequence[tuple[str, int]], out: Sequence[np.ndarray]
                   ) -> None:
-        """Decode tiles ``(pack, index in pack)`` into ``out[i]`` (no copy after decoding).
+        """Decode tiles ``(pack, index in pack)`` into ``out[i]`` (no copy after decoding;
+        a raw pack's tiles are copied).
 
         Local packs are memory-mapped and decoded in this thread (the work units are
-        the parallelism; zstd releases the GIL); packs in a bucket are fetched
+        the parallelism; zstd and the copies release the GIL); packs in a bucket are fetched
         concurrently, neighbouring ranges coalesced (`storage.read_ranges`), as
         `read_many` does.
         """
@@ -310,7 +313,8 @@ class _SharedPackReader(PackReader):
             by_pack[pack].append(position)
 
         def fetch(pack: str) -> None:
-            tiles = self.index(pack)["tiles"]
+            index = self.index(pack)
+            tiles, raw_codec = index["tiles"], index.get("codec", "zstd") == "raw"
             positions = by_pack[pack]
             ranges = [(tiles[locations[p][1]][2], tiles[locations[p][1]][3]) for p in positions]
             if storage.is_url(pack):
@@ -322,7 +326,11 @@ class _SharedPackReader(PackReader):
                     raise OSError(f"{pack}.bin is truncated (shorter than its index says). "
                                   "Remove the cache directory's packs to rebuild them.")
             for position, raw in zip(positions, blobs, strict=True):
-                codec.decode(raw, out=out[position])
+                if raw_codec:
+                    target = out[position]
+                    np.copyto(target, np.frombuffer(raw, target.dtype).reshape(target.shape))
+                else:
+                    codec.decode(raw, out=out[position])
 
         if not by_pack or not storage.is_url(next(iter(by_pack))):
             for pack in by_pack:  # local: memory-mapped, decoded in this thread

@@ -223,13 +223,13 @@ def reconcile_plan(plan: SlidePlan, majority: tuple[int, str] | None) -> SlidePl
 
 
 def pack_task(task: StripTask, staging: str, read_cache_mb: float, on_error: str = "skip",
-              transform: Any = None) -> StripResult:
+              transform: Any = None, codec: str = "zstd") -> StripResult:
     """Pack one strip (see `pack.pack_strip`)."""
     from ..steps.pack import pack_strip
 
     with storage.counting() as sent:
         result = pack_strip(task, staging, read_cache_mb=read_cache_mb, transform=transform,
-                            on_error=on_error)
+                            on_error=on_error, codec=codec)
     return dataclasses.replace(result, output_requests=sent["requests"],
                                bytes_written=sent["bytes_written"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 
@@ -66,6 +67,24 @@ def test_every_chunk_is_read_once_and_tiles_are_exact(tmp_path):
             np.testing.assert_array_equal(got, image[y:y + 128, x:x + 128])
         record = reader.record(result.pack, 1, label=0, group=None)
         assert record == result.tiles[1]
+
+
+def test_raw_packs_hold_the_same_tiles_uncompressed(tmp_path):
+    """codec="raw" (the stream's cache): tile bytes as they are, the same pixels back
+    through `PackReader`; a pack is reused only by a packing with the same codec."""
+    path, image = _slide(tmp_path)
+    _, _, strips = _strips(path)
+    task = dataclasses.replace(strips[1], content="fingerprint")  # reusable
+    raw = pack_strip(task, str(tmp_path / "raw"), codec="raw")
+    assert raw.pack_bytes == len(task.tiles) * 128 * 128 * 3 and not raw.reused
+    got = PackReader().read_many([(raw.pack, i) for i in range(len(raw.tiles))])
+    for tile, pixels in zip(raw.tiles, got, strict=True):
+        x, y = tile.key.x, tile.key.y
+        np.testing.assert_array_equal(pixels, image[y:y + 128, x:x + 128])
+    assert pack_strip(task, str(tmp_path / "raw"), codec="raw").reused
+    assert not pack_strip(task, str(tmp_path / "raw")).reused  # zstd: packed again
+    with pytest.raises(ValueError, match="`codec` must be one of"):
+        pack_strip(task, str(tmp_path / "raw"), codec="lz4")
 
 
 def test_unaligned_tiles_are_exact_and_amplification_is_reported(tmp_path):
