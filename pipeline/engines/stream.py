@@ -876,7 +876,8 @@ class _Emitter:
             part = [_shared(batch[k][start:start + size]) if k.startswith("image")
                     else _pad(batch[k][start:start + size], size) for k in self._OP_KEYS]
             n = min(size, count - start)
-            images, labels, lam = (t.numpy()[:n] for t in mixer(*part))
+            # np.asarray: the tensors' memory as is (`.numpy()` copies it).
+            images, labels, lam = (np.asarray(t)[:n] for t in mixer(*part))
             if not self.as_dict:
                 yield images, labels
             else:
