@@ -12,7 +12,8 @@ the job reads in two passes over a *materialised shuffle* of tile pixels:
    with a band of at most ``read_cache_mb`` of decoded rows in memory (plus the rows a
    tile spans), so every chunk is fetched and decoded once per run. One Zarr
    selection covers several chunks, so their fetches overlap (Zarr fetches the
-   chunks of a selection concurrently). Each readable tile is zstd-compressed into
+   chunks of a selection concurrently). Each readable tile is zstd-compressed (or, with
+   ``codec="raw"``, as the stream's cache does, stored as it is) into
    the strip's *pack* (``<staging>/packs/<slide>-<strip>.bin``) with a JSON index
    written after it (tile coordinates, soft labels, byte ranges); tiles that cannot
    be used are counted under a skip reason (``missing_chunk``, ``read_error``,
