@@ -153,7 +153,8 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
 
 
 def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: int | None,
-                  extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
+                  extra_params: Mapping[str, Any] | None, prewarm: bool = False
+                  ) -> dict[str, Any]:
     """The run's steps as futures; see the module docstring for what travels where.
 
     Longer than most functions here because it is the whole composition: five phases,
@@ -203,6 +204,11 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
                           staging=staging, read_cache_mb=job.read_cache_mb,
                           on_error=run.on_error, pure=False)
         held += flat
+        if prewarm and not run.resumed and flat:
+            # Every worker of a cluster of our own will mix: TensorFlow imports in a
+            # background thread while the strips are packed (with 1 worker, on the
+            # core the driver leaves idle) instead of delaying the first bucket.
+            client.run(_tasks.prewarm_mixing)
         ends = list(itertools.accumulate(counts))
         results = [flat[end - n:end] for end, n in zip(ends, counts, strict=True) if n]
         per_slide = client.gather(client.map(_strips_facts, results))
@@ -245,8 +251,8 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         held += finals
         with _job.progress_reporter(job.output, enabled=progress,
                                     total=run.num_examples(sizes)):
-            infos = client.gather(finals)
-        buckets = client.gather(mixed)
+            done = client.gather([*finals, *mixed])
+        infos, buckets = done[:len(finals)], done[len(finals):]
     except PipelineError:
         raise
     except Exception as err:
@@ -269,9 +275,18 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
 #:   allocate, so the default dynamic threshold keeps memory flat without trimming.
 #:   An environment variable of the same name still wins (Dask reads it first).
 #: - the statistical profiler off: it samples every task thread's stack every 10 ms.
+#: - slower housekeeping timers: an idle 2-worker LocalCluster burned 37 ms of CPU per
+#:   second in the driver (scheduler and nannies share its event loop) and 17 in each
+#:   worker, mostly the 20 ms event-loop "tick" (a blocked-loop diagnostic), the 100 ms
+#:   memory monitor and the 500 ms system monitor; with 1 s / 500 ms / 2 s: 11 and 3
+#:   (`benchmarks/profile_dask.py --idle`). Memory limits still hold: a worker is
+#:   paused, spilled or restarted within half a second of crossing them.
 WORKER_CONFIG: dict[str, Any] = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
 }
 
 
@@ -332,7 +347,7 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     with start_local_cluster(workers, threads_per_worker=threads_per_worker,
                              memory_limit=memory_limit) as cluster, Client(cluster) as own:
         print(f"dask dashboard: {own.dashboard_link}", flush=True)
-        return _run_prepared(own, run, **options)
+        return _run_prepared(own, run, prewarm=True, **options)
 
 
 # --- Memory measurement: the workers' peak RSS while a job runs ---------------------------
