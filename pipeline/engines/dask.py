@@ -1,9 +1,10 @@
 """Dask adapter: the offline SoftMix job on a `distributed` cluster.
 
-    manifest rows -> plan tasks (one per slide) -> strip tasks (pack each chunk column)
+    manifest rows -> plan tasks (one per slide) -> reconcile + split (one per slide)
+                  -> pack tasks (one per strip: each chunk column)
                   -> run layout + pairing table on the client (one entry per slide)
-                  -> pair tasks (one per strip, specs keyed by bucket)
-                  -> mix tasks (one per bucket, fed by the strips' pair results)
+                  -> pair tasks (one per slide, specs keyed by bucket)
+                  -> mix tasks (one per bucket, fed by the slides' pair results)
                   -> concat tasks (one per shard, as soon as its buckets are written)
                   -> accounting + manifest.json on the client
 
@@ -12,9 +13,12 @@ run; the decisions between them are `pipeline.run.run.Run`'s, and it computes no
 itself. Futures carry the data-dependent phases (how many strips a
 slide has is known only after planning); the client only ever gathers small results:
 `(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
-shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
-(coordinates only) regrouped by bucket, is direct: each bucket's mix task depends on
-the pair results of the strips that feed it and picks its own specs out of them (a
+shard infos, never a list of all tiles or all examples. Only packing and mixing run per
+strip / bucket; the small steps run once per slide, and each phase is one `client.map`
+(every task and round trip costs the driver, which shares the cores with the workers).
+The one all-to-all step, specs (coordinates only) regrouped by bucket, is direct: each
+bucket's mix task depends on the pair results of the slides that feed it and picks its
+own specs out of them (a
 `dask.bag` shuffle here cost a barrier, shuffle tasks and a few coarse mix partitions
 that left a worker idle at the end; `benchmarks/profile_dask.py`). Pixels never
 enter the graph: they go from the slides into the tile packs and from the packs into
