@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -294,25 +295,67 @@ class _MixBucket(_StorageDoFn):
         yield result
 
 
+_KEPT = "kept"
+
+
+class _SplitKept(_StorageDoFn):
+    """Tag the specs of buckets whose files a resumed run kept (a sidecar in staging)."""
+
+    def __init__(self, staging: str):
+        super().__init__()
+        self._staging = staging
+        self._kept: frozenset[str] | None = None
+
+    def process(self, item):
+        from ..run.tasks import bucket_path
+
+        if self._kept is None:  # one listing per worker
+            from ..io import storage
+
+            self._kept = frozenset(storage.listdir(posixpath.join(self._staging, "buckets")))
+        name = posixpath.basename(bucket_path(self._staging, *item[0])) + ".json"
+        yield beam.pvalue.TaggedOutput(_KEPT, item) if name in self._kept else item
+
+
 class MixBuckets(beam.PTransform):
     """`((shard, bucket), PairSpec)` -> `BucketResult`: read from packs, mix, encode.
 
     Specs are grouped by bucket (a shuffle of coordinates only); each bucket's part
     file is sorted by example id, so its bytes do not depend on the engine.
+
+    Args:
+        config, num_classes: the run's mixing.
+        layout: the run layout (a singleton side input).
+        progress_dir: the run's staging directory (bucket files and progress).
+        split_kept: a resumed run: the buckets whose files staging already holds are
+            grouped and checked (reused, or mixed again if they do not verify) apart
+            from the new ones, so the new buckets are spread evenly over the workers
+            (the local runner splits a stage's input round-robin, not by work: a
+            worker given most of the cheap kept buckets idled while the other mixed).
     """
 
     def __init__(self, config: MixConfig, num_classes: int, layout: Any, *,
-                 progress_dir: str | None = None):
+                 progress_dir: str | None = None, split_kept: bool = False):
         super().__init__()
         self._dofn = _MixBucket(config, num_classes, progress_dir)
         self._layout = layout
+        self._split = _SplitKept(progress_dir) if split_kept and progress_dir else None
 
     def expand(self, pairs):
-        return (
-            pairs
-            | "GroupByBucket" >> beam.GroupByKey()
-            | "Mix" >> beam.ParDo(self._dofn, self._layout)
-        )
+        if self._split is None:
+            return (
+                pairs
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "Mix" >> beam.ParDo(self._dofn, self._layout)
+            )
+        split = pairs | "SplitKept" >> beam.ParDo(self._split).with_outputs(_KEPT, main="new")
+        kept = (split[_KEPT]
+                | "GroupKeptByBucket" >> beam.GroupByKey()
+                | "CheckKept" >> beam.ParDo(self._dofn, self._layout))
+        new = (split.new
+               | "GroupByBucket" >> beam.GroupByKey()
+               | "Mix" >> beam.ParDo(self._dofn, self._layout))
+        return (kept, new) | "AllBuckets" >> beam.Flatten()
 
 
 class WriteShards(beam.PTransform):
@@ -394,7 +437,7 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     job, staging = run.job, run.staging
     global _BUILD_STORAGE_OPTIONS, _BUILD_PREWARM, _BUILD_LOCAL_PROCESSES
     _BUILD_STORAGE_OPTIONS = job.output.storage_options
-    _BUILD_LOCAL_PROCESSES = _local_worker_processes(pipeline.options) > 0
+    _BUILD_LOCAL_PROCESSES = _local_worker_processes(pipeline) > 0
     _BUILD_PREWARM = run.resumed or _BUILD_LOCAL_PROCESSES
     raw = (pipeline
            | "Slides" >> beam.Create(list(run.slides))
@@ -424,7 +467,7 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     table = beam.pvalue.AsSingleton(layout_pc | "PairingTable" >> beam.Map(run.pairing_table))
     pairs, pair_accounting = strips | "PairStrips" >> PairStrips(layout, table)
     buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, run.num_classes, layout,
-                                                 progress_dir=staging)
+                                                 progress_dir=staging, split_kept=run.resumed)
     shards = buckets | "WriteShards" >> WriteShards(job.output, layout)
     accounting = (
         (plans | "PlanAccounting" >> beam.Map(Accounting.from_plan),
@@ -447,11 +490,35 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
                                     beam.pvalue.AsSingleton(accounting), fits, stain))
 
 
-def _local_worker_processes(options: PipelineOptions) -> int:
-    """How many SDK worker processes of the local FnApiRunner these options start (0: the
+def _local_runner(workers: int) -> Any:
+    """Beam's portable FnApiRunner with `workers` SDK worker processes that run
+    `pipeline.engines.beam_worker` (Beam's worker, TensorFlow importing from the start)."""
+    import shlex
+    import sys
+
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.transforms.environments import SubprocessSDKEnvironment
+
+    command = f"{shlex.quote(sys.executable)} -m pipeline.engines.beam_worker"
+    runner = FnApiRunner(
+        default_environment=SubprocessSDKEnvironment.from_command_string(command))
+    runner.softmix_worker_processes = workers
+    # Its worker count comes from --direct_num_workers without
+    # --direct_running_mode=multi_processing (which would replace the command): the
+    # runner warns about that combination, which is intended here.
+    logging.getLogger(FnApiRunner.__module__).setLevel(logging.ERROR)
+    return runner
+
+
+def _local_worker_processes(pipeline: beam.Pipeline) -> int:
+    """How many SDK worker processes of the local FnApiRunner the pipeline starts (0: the
     runner is another one, or runs its one worker in the driver's process)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
+    own = getattr(pipeline.runner, "softmix_worker_processes", 0)
+    if own:
+        return own
+    options = pipeline.options
     runner = options.view_as(StandardOptions).runner
     name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
     direct = options.view_as(DirectOptions)
@@ -462,15 +529,20 @@ def _local_worker_processes(options: PipelineOptions) -> int:
     return max(1, direct.direct_num_workers or 1)
 
 
+def _quiet_workers(beam_args: Sequence[str]) -> list[str]:
+    args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    return args
+
+
 def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> PipelineOptions:
     """Pipeline options for a local run that never downloads a runner binary.
 
     Without `--runner` in `beam_args`, runs on Beam's portable FnApiRunner: in-process
     for one worker, `multi_processing` with `workers` SDK worker processes otherwise.
     """
-    args = list(beam_args)
-    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-        args.append("--default_sdk_harness_log_level=WARNING")
+    args = _quiet_workers(beam_args)
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")
         if workers > 1:
@@ -507,8 +579,13 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         return dict(run.finished)
     params = run.params("beam", workers=workers, beam_options=list(beam_args))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
+    local = workers > 1 and not any(a.startswith("--runner") for a in beam_args)
     with _job.progress_reporter(job.output, enabled=progress):
-        pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
+        if local:  # the same options, Beam's worker command replaced by ours
+            pipeline = beam.Pipeline(runner=_local_runner(workers), options=PipelineOptions(
+                [*_quiet_workers(beam_args), f"--direct_num_workers={workers}"]))
+        else:
+            pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
         build_pipeline(pipeline, run, params, examples_per_task=examples_per_task,
                        report=report)
         try:
