@@ -70,17 +70,19 @@ def _exit_now() -> None:
     """`atexit` hook of a local SDK worker process: its work is done and written (the
     runner only lets a worker go after its last bundle), so skip the interpreter's
     teardown (TensorFlow, gRPC, every module: ~1.1 s per worker, paid one worker after
-    the other by the runner's shutdown). An uncaught exception still exits with 1."""
+    the other by the runner's shutdown). After an uncaught exception (a failed harness,
+    Ctrl-C) it does nothing: the process ends as Python ends it, status included."""
     import sys
 
-    code = 1 if getattr(sys, "last_value", None) is not None else 0
+    if getattr(sys, "last_value", None) is not None:
+        return
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
-    os._exit(code)
+    os._exit(0)
 
 
 def _exit_fast() -> None:
@@ -490,34 +492,11 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
                                     beam.pvalue.AsSingleton(accounting), fits, stain))
 
 
-def _local_runner(workers: int) -> Any:
-    """Beam's portable FnApiRunner with `workers` SDK worker processes that run
-    `pipeline.engines.beam_worker` (Beam's worker, TensorFlow importing from the start)."""
-    import shlex
-    import sys
-
-    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-    from apache_beam.transforms.environments import SubprocessSDKEnvironment
-
-    command = f"{shlex.quote(sys.executable)} -m pipeline.engines.beam_worker"
-    runner = FnApiRunner(
-        default_environment=SubprocessSDKEnvironment.from_command_string(command))
-    runner.softmix_worker_processes = workers
-    # Its worker count comes from --direct_num_workers without
-    # --direct_running_mode=multi_processing (which would replace the command): the
-    # runner warns about that combination, which is intended here.
-    logging.getLogger(FnApiRunner.__module__).setLevel(logging.ERROR)
-    return runner
-
-
 def _local_worker_processes(pipeline: beam.Pipeline) -> int:
     """How many SDK worker processes of the local FnApiRunner the pipeline starts (0: the
     runner is another one, or runs its one worker in the driver's process)."""
     from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
 
-    own = getattr(pipeline.runner, "softmix_worker_processes", 0)
-    if own:
-        return own
     options = pipeline.options
     runner = options.view_as(StandardOptions).runner
     name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
@@ -579,13 +558,8 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         return dict(run.finished)
     params = run.params("beam", workers=workers, beam_options=list(beam_args))
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
-    local = workers > 1 and not any(a.startswith("--runner") for a in beam_args)
     with _job.progress_reporter(job.output, enabled=progress):
-        if local:  # the same options, Beam's worker command replaced by ours
-            pipeline = beam.Pipeline(runner=_local_runner(workers), options=PipelineOptions(
-                [*_quiet_workers(beam_args), f"--direct_num_workers={workers}"]))
-        else:
-            pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
+        pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
         build_pipeline(pipeline, run, params, examples_per_task=examples_per_task,
                        report=report)
         try:
