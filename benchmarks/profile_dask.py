@@ -9,6 +9,7 @@ Reports, for one run of `run_dask` on a fresh LocalCluster:
   every worker answers), and the workers' own CPU seconds before the first task;
 - the task stream grouped by task prefix (plan, pack, pair, shuffle, mix, finalize):
   task count, summed compute seconds, summed transfer/serialisation seconds;
+- with `--idle SECONDS`, the idle cluster's CPU per second (Dask's own housekeeping);
 - every process's CPU seconds (driver, scheduler thread included, each worker) and
   whether TensorFlow was imported in each worker, and after which phase;
 - with `--cprofile`, the driver's cProfile (sorted by cumulative time).
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--tile-size", type=int, default=256)
     parser.add_argument("--cprofile", default=None, help="write the driver's profile here")
+    parser.add_argument("--idle", type=float, default=0.0, metavar="SECONDS",
+                        help="first measure the idle cluster's CPU for SECONDS (Dask's "
+                        "housekeeping: loop ticks, memory and system monitors, heartbeats)")
     args = parser.parse_args()
 
     t0 = time.perf_counter()
@@ -105,6 +109,16 @@ def main() -> None:
     cluster_wall = time.perf_counter() - t0
     cluster_cpu = time.process_time() - cpu0
     at_start = client.run(_worker_state)
+    if args.idle > 0:
+        cpu0 = time.process_time()
+        time.sleep(args.idle)
+        idle_cpu = time.process_time() - cpu0
+        after = client.run(_worker_state)
+        per_worker = ", ".join(f"{(after[a]['cpu'] - at_start[a]['cpu']) / args.idle * 1000:.1f}"
+                               for a in sorted(after))
+        print(f"idle cluster, CPU ms per second: driver (scheduler, nannies, client) "
+              f"{idle_cpu / args.idle * 1000:.1f}; workers {per_worker}")
+        at_start = after
 
     profiler = cProfile.Profile() if args.cprofile else None
     from distributed import get_task_stream

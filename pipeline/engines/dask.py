@@ -1,9 +1,10 @@
 """Dask adapter: the offline SoftMix job on a `distributed` cluster.
 
-    manifest rows -> plan tasks (one per slide) -> strip tasks (pack each chunk column)
+    manifest rows -> plan tasks (one per slide) -> reconcile + split (one per slide)
+                  -> pack tasks (one per strip: each chunk column)
                   -> run layout + pairing table on the client (one entry per slide)
-                  -> pair tasks (one per strip, specs keyed by bucket)
-                  -> mix tasks (one per bucket, fed by the strips' pair results)
+                  -> pair tasks (one per slide, specs keyed by bucket)
+                  -> mix tasks (one per bucket, fed by the slides' pair results)
                   -> concat tasks (one per shard, as soon as its buckets are written)
                   -> accounting + manifest.json on the client
 
@@ -12,9 +13,12 @@ run; the decisions between them are `pipeline.run.run.Run`'s, and it computes no
 itself. Futures carry the data-dependent phases (how many strips a
 slide has is known only after planning); the client only ever gathers small results:
 `(channels, dtype)` per slide, `(slide, strip, tile count)` per strip, accountings and
-shard infos, never a list of all tiles or all examples. The one all-to-all step, specs
-(coordinates only) regrouped by bucket, is direct: each bucket's mix task depends on
-the pair results of the strips that feed it and picks its own specs out of them (a
+shard infos, never a list of all tiles or all examples. Only packing and mixing run per
+strip / bucket; the small steps run once per slide, and each phase is one `client.map`
+(every task and round trip costs the driver, which shares the cores with the workers).
+The one all-to-all step, specs (coordinates only) regrouped by bucket, is direct: each
+bucket's mix task depends on the pair results of the slides that feed it and picks its
+own specs out of them (a
 `dask.bag` shuffle here cost a barrier, shuffle tasks and a few coarse mix partitions
 that left a worker idle at the end; `benchmarks/profile_dask.py`). Pixels never
 enter the graph: they go from the slides into the tile packs and from the packs into
@@ -24,6 +28,7 @@ the bucket files in the run's staging area (see `pipeline.steps.pack` for why).
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import threading
@@ -54,56 +59,69 @@ def _identity(value: Any) -> Any:
     return value
 
 
-def _plan_facts(plan: Any) -> tuple[Accounting, list[tuple[str, str]]]:
-    """What the client needs of a reconciled plan: its accounting and stain fit."""
-    return Accounting.from_plan(plan), stain_fit_of(plan)
+def _reconciled_strips(plan: Any, record: Any, majority: Any, tile_size: int
+                       ) -> tuple[tuple[Accounting, list[tuple[str, str]]], list]:
+    """Reconcile a slide's plan with the run's kind and cut it into strips, in one task:
+    `((accounting, stain fits), strips)`; only the first part travels to the client."""
+    from ..run.tasks import reconcile_plan
+
+    plan = reconcile_plan(plan, majority)
+    return ((Accounting.from_plan(plan), stain_fit_of(plan)),
+            split_plan(record, plan, tile_size=tile_size))
 
 
-def _strip_facts(result: Any) -> tuple[Accounting, tuple[str, int, int, str | None]]:
-    """What the client needs of a packed strip: its accounting and size."""
+def _slide_facts(reconciled: tuple[Any, list]) -> tuple[Accounting, list, int]:
+    """What the client needs of a reconciled slide: accounting, stain fits, strip count."""
+    (accounting, fits), strips = reconciled
+    return accounting, fits, len(strips)
+
+
+def _pack_nth(reconciled: tuple[Any, list], index: int, **options: Any) -> Any:
+    """Pack strip `index` of a slide's strips (no separate `getitem` task)."""
+    return pack_stained(reconciled[1][index], **options)
+
+
+def _strips_facts(results: list) -> list[tuple[Accounting, tuple[str, int, int, str | None]]]:
+    """What the client needs of a slide's packed strips: accounting and size of each
+    (one task per slide, not per strip)."""
     from ..run.tasks import strip_accounting
 
-    return strip_accounting(result), strip_size(result)
+    return [(strip_accounting(result), strip_size(result)) for result in results]
 
 
-def _pack_nth(strips: list, index: int, **options: Any) -> Any:
-    """Pack strip `index` of a slide's strip list (no separate `getitem` task)."""
-    return pack_stained(strips[index], **options)
-
-
-def _pair_by_bucket(result: Any, layout: Any, table: Any) -> tuple[dict, Any]:
-    """`tasks.pair_strip`'s specs grouped by bucket: `({bucket: [spec]}, accounting)`."""
+def _pair_slide(results: list, layout: Any, table: Any) -> tuple[dict, Accounting]:
+    """`tasks.pair_strip` over a slide's strips, specs grouped by bucket:
+    `({bucket: [spec]}, accounting)` (one task per slide, not per strip)."""
     from ..run.tasks import pair_strip
 
-    pairs, accounting = pair_strip(result, layout, table)
     by_bucket: dict[tuple[int, int], list] = collections.defaultdict(list)
-    for bucket, spec in pairs:
-        by_bucket[bucket].append(spec)
-    return dict(by_bucket), accounting
+    parts = []
+    for result in results:
+        pairs, accounting = pair_strip(result, layout, table)
+        parts.append(accounting)
+        for bucket, spec in pairs:
+            by_bucket[bucket].append(spec)
+    return dict(by_bucket), Accounting.merge_all(parts)
 
 
 def _pair_facts(paired: tuple[dict, Any]) -> tuple[Any, list[tuple[int, int]]]:
-    """What the client needs of a strip's pairing: its accounting and bucket keys."""
+    """What the client needs of a slide's pairing: its accounting and bucket keys."""
     return paired[1], sorted(paired[0])
 
 
-def _mix_bucket_of(bucket: tuple[int, int], layout: Any, config: MixConfig, num_classes: int,
-                   progress_dir: str | None, *paired: tuple[dict, Any]) -> Any:
-    """Mix one bucket from the specs the strips feeding it paired into it."""
+def _mix_bucket_of(bucket: tuple[int, int], paired: list[tuple[dict, Any]], layout: Any,
+                   config: MixConfig, num_classes: int, progress_dir: str | None) -> Any:
+    """Mix one bucket from the specs the slides feeding it paired into it."""
     from ..run.tasks import mix_bucket
 
     specs = [spec for by_bucket, _ in paired for spec in by_bucket.get(bucket, ())]
     return mix_bucket(bucket, specs, layout, config, num_classes, progress_dir=progress_dir)
 
 
-def _finalize(shard: int, num_shards: int, config: Any, *buckets: Any) -> Any:
+def _finalize(shard: int, buckets: list, num_shards: int, config: Any) -> Any:
     from ..run.tasks import finalize_shard
 
     return finalize_shard(shard, buckets, num_shards, config)
-
-
-def _unzip(pairs: list[tuple[Any, Any]]) -> tuple[list[Any], list[Any]]:
-    return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
 def _without_tiles(plan: Any) -> Any:
@@ -139,7 +157,8 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
 
 
 def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: int | None,
-                  extra_params: Mapping[str, Any] | None) -> dict[str, Any]:
+                  extra_params: Mapping[str, Any] | None, prewarm: bool = False
+                  ) -> dict[str, Any]:
     """The run's steps as futures; see the module docstring for what travels where.
 
     Longer than most functions here because it is the whole composition: five phases,
@@ -165,27 +184,41 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         held += raw
         kind = _tasks.majority_kind(
             k for ks in client.gather(client.map(_tasks.plan_kind, raw)) for k in ks)
-        plans = client.map(_tasks.reconcile_plan, raw, majority=kind)
-        held += plans
-        # Small results only, one task per item and one gather per phase: every task
-        # costs the scheduler and the worker a few ms (`benchmarks/profile_dask.py`).
-        plan_acc, fit_lists = _unzip(client.gather(client.map(_plan_facts, plans)))
+        # 2. Reconcile and cut each plan into strips in one task per slide; one
+        # gather brings back what the client needs (accounting, stain fits, strip
+        # count). Small results only, few tasks and one gather per phase: every task
+        # and every round trip costs the scheduler, the client and a worker
+        # (`benchmarks/profile_dask.py`).
+        reconciled = client.map(_reconciled_strips, raw, slides, majority=kind,
+                                tile_size=job.tile.tile_size)
+        held += reconciled
+        facts = client.gather(client.map(_slide_facts, reconciled))
         stain = run.stain
         if run.stain_slide is not None:  # only the target slide's plan comes back
             index = [s.slide_id for s in slides].index(run.stain_slide)
             stain = run.stain_for([client.submit(_without_tiles, raw[index]).result()])
-        fits = [f for fs in fit_lists for f in fs]
-        # 2. Cut plans into strips on the workers and pack every strip.
-        strip_lists = client.map(split_plan, slides, plans, tile_size=job.tile.tile_size)
-        held += strip_lists
-        counts = client.gather(client.map(len, strip_lists))
-        lists = [lst for lst, n in zip(strip_lists, counts, strict=True) for _ in range(n)]
-        results = client.map(_pack_nth, lists, [i for n in counts for i in range(n)],
-                             stain=stain, staging=staging, read_cache_mb=job.read_cache_mb,
-                             on_error=run.on_error, pure=False)
-        held += results
-        strip_acc, sizes = _unzip(client.gather(client.map(_strip_facts, results)))
-        # 3. The small run layout and pairing table, broadcast to every worker.
+        plan_acc = [acc for acc, _, _ in facts]
+        fits = [f for _, fs, _ in facts for f in fs]
+        # 3. Pack every strip (one task each: the unit of work that balances workers);
+        # sizes and accountings come back per slide.
+        counts = [n for _, _, n in facts]
+        flat = client.map(_pack_nth, [r for r, n in zip(reconciled, counts, strict=True)
+                                      for _ in range(n)],
+                          [i for n in counts for i in range(n)], stain=stain,
+                          staging=staging, read_cache_mb=job.read_cache_mb,
+                          on_error=run.on_error, pure=False)
+        held += flat
+        if prewarm and not run.resumed and flat:
+            # Every worker of a cluster of our own will mix: TensorFlow imports in a
+            # background thread while the strips are packed (with 1 worker, on the
+            # core the driver leaves idle) instead of delaying the first bucket.
+            client.run(_tasks.prewarm_mixing)
+        ends = list(itertools.accumulate(counts))
+        results = [flat[end - n:end] for end, n in zip(ends, counts, strict=True) if n]
+        per_slide = client.gather(client.map(_strips_facts, results))
+        strip_acc = [acc for slide_facts in per_slide for acc, _ in slide_facts]
+        sizes = [size for slide_facts in per_slide for _, size in slide_facts]
+        # 4. The small run layout and pairing table, broadcast to every worker.
         layout = run.layout(sizes, kind, examples_per_task=examples_per_task)
         table = run.pairing_table(layout)
         # Tasks, not `scatter`: a scattered value is lost with its worker, a task's
@@ -193,35 +226,37 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         layout_f = client.submit(_identity, layout, key=f"softmix-layout-{run_id}")
         table_f = client.submit(_identity, table, key=f"softmix-table-{run_id}")
         held += [layout_f, table_f]
-        # 4. Pair per strip, keyed by bucket; only each strip's bucket keys come back.
-        paired = client.map(_pair_by_bucket, results, layout=layout_f, table=table_f)
+        # Pair per slide, keyed by bucket; only each slide's bucket keys come back.
+        paired = client.map(_pair_slide, results, layout=layout_f, table=table_f)
         held += paired
-        pair_acc, bucket_keys = _unzip(client.gather(client.map(_pair_facts, paired)))
+        pair_facts = client.gather(client.map(_pair_facts, paired))
+        pair_acc = [acc for acc, _ in pair_facts]
+        bucket_keys = [keys for _, keys in pair_facts]
         feeds: dict[tuple[int, int], list] = collections.defaultdict(list)
         for future, keys in zip(paired, bucket_keys, strict=True):
             for key in keys:
                 feeds[key].append(future)
-        # 5. One mix task per bucket, reading its specs straight from the strips that
+        # 5. One mix task per bucket, reading its specs straight from the slides that
         # feed it (no shuffle: no barrier, no shuffle tasks, every bucket its own
         # task so workers stay evenly busy); each shard is concatenated as soon as its
         # own buckets are written.
-        mixed = {key: client.submit(_mix_bucket_of, key, layout_f, job.mix, run.num_classes,
-                                    staging, *feeds[key], pure=False,
-                                    key=f"softmix-mix-{run_id}-{key[0]}-{key[1]}")
-                 for key in sorted(feeds)}
-        held += list(mixed.values())
+        keys = sorted(feeds)
+        mixed = client.map(_mix_bucket_of, keys, [feeds[k] for k in keys], layout=layout_f,
+                           config=job.mix, num_classes=run.num_classes, progress_dir=staging,
+                           key=[f"softmix-mix-{run_id}-{s}-{b}" for s, b in keys], pure=False)
+        held += mixed
         by_shard: dict[int, list] = collections.defaultdict(list)
-        for key, future in mixed.items():
+        for key, future in zip(keys, mixed, strict=True):
             by_shard[key[0]].append(future)
-        finals = [client.submit(_finalize, shard, layout.num_shards, job.output,
-                                *by_shard[shard], pure=False,
-                                key=f"softmix-shard-{run_id}-{shard}")
-                  for shard in sorted(by_shard)]
+        shards = sorted(by_shard)
+        finals = client.map(_finalize, shards, [by_shard[s] for s in shards],
+                            num_shards=layout.num_shards, config=job.output,
+                            key=[f"softmix-shard-{run_id}-{s}" for s in shards], pure=False)
         held += finals
         with _job.progress_reporter(job.output, enabled=progress,
                                     total=run.num_examples(sizes)):
-            infos = client.gather(finals)
-        buckets = client.gather(list(mixed.values()))
+            done = client.gather([*finals, *mixed])
+        infos, buckets = done[:len(finals)], done[len(finals):]
     except PipelineError:
         raise
     except Exception as err:
@@ -244,9 +279,18 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
 #:   allocate, so the default dynamic threshold keeps memory flat without trimming.
 #:   An environment variable of the same name still wins (Dask reads it first).
 #: - the statistical profiler off: it samples every task thread's stack every 10 ms.
+#: - slower housekeeping timers: an idle 2-worker LocalCluster burned 37 ms of CPU per
+#:   second in the driver (scheduler and nannies share its event loop) and 17 in each
+#:   worker, mostly the 20 ms event-loop "tick" (a blocked-loop diagnostic), the 100 ms
+#:   memory monitor and the 500 ms system monitor; with 1 s / 500 ms / 2 s: 11 and 3
+#:   (`benchmarks/profile_dask.py --idle`). Memory limits still hold: a worker is
+#:   paused, spilled or restarted within half a second of crossing them.
 WORKER_CONFIG: dict[str, Any] = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
     "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "500ms",
+    "distributed.admin.system-monitor.interval": "2s",
 }
 
 
@@ -307,7 +351,7 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     with start_local_cluster(workers, threads_per_worker=threads_per_worker,
                              memory_limit=memory_limit) as cluster, Client(cluster) as own:
         print(f"dask dashboard: {own.dashboard_link}", flush=True)
-        return _run_prepared(own, run, **options)
+        return _run_prepared(own, run, prewarm=True, **options)
 
 
 # --- Memory measurement: the workers' peak RSS while a job runs ---------------------------

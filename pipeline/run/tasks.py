@@ -64,10 +64,12 @@ def prewarm_mixing() -> None:
     """Start importing TensorFlow and the mixing op in a background thread (once per
     process); the first `mix_bucket` then finds them loaded.
 
-    For the workers of a *resumed* run only: such a run goes from checks that cost
+    For the workers of a *resumed* run: such a run goes from checks that cost
     metadata reads (kept plans, packs) straight to mixing, so the seconds TensorFlow
-    takes to import overlap those checks instead of delaying the first new bucket. A
-    fresh run never calls it: its planning, packing and pairing keep TensorFlow out.
+    takes to import overlap those checks instead of delaying the first new bucket. And
+    for the workers of a cluster `softmix dask` starts itself (every one of them mixes),
+    once planning is done: the import overlaps packing. Planning, packing and pairing
+    themselves never import TensorFlow.
     """
     if _PREWARM:
         return

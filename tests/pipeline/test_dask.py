@@ -95,10 +95,20 @@ def beam_run(synthetic_dataset, tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def dask_run(client, synthetic_dataset, tmp_path_factory) -> tuple[pathlib.Path, dict]:
+def dask_tasks() -> list[dict]:
+    """The task stream of the `dask_run` job (filled by that fixture)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def dask_run(client, synthetic_dataset, tmp_path_factory, dask_tasks
+             ) -> tuple[pathlib.Path, dict]:
     out = tmp_path_factory.mktemp("dask") / "out"
-    manifest = dask_transforms.run_job(client, make_job(synthetic_dataset.manifest_path, out),
-                                       progress=False, examples_per_task=5)
+    with distributed.get_task_stream(client) as stream:
+        manifest = dask_transforms.run_job(
+            client, make_job(synthetic_dataset.manifest_path, out), progress=False,
+            examples_per_task=5)
+    dask_tasks.extend(stream.data)
     return out, manifest
 
 
@@ -150,6 +160,45 @@ def test_manifest_accounting_adds_up(beam_run, dask_run):
     assert acc == beam_manifest["accounting"]
     assert manifest["params"]["engine"] == "dask"
     assert not (out / _job.STAGING_DIR).exists()
+
+
+def test_graph_has_few_tasks_per_slide(dask_run, dask_tasks):
+    # Every task costs the scheduler, the client and a worker: only packing (the unit
+    # of work) and mixing run per strip / bucket; the small steps run once per slide.
+    from dask.utils import key_split
+
+    out, manifest = dask_run
+    counts: dict[str, int] = {}
+    for task in dask_tasks:
+        prefix = key_split(task["key"])
+        counts[prefix] = counts.get(prefix, 0) + 1
+    slides = 4
+    strips = counts.pop("pack_nth")
+    assert strips > slides  # several strips per slide, so "per slide" is fewer tasks
+    assert counts.pop("softmix-shard") == NUM_SHARDS
+    assert 0 < counts.pop("softmix-mix") <= NUM_SHARDS * 5  # buckets of <= 5 examples
+    assert counts == {"softmix-plan": slides, "plan_kind": slides,
+                      "reconciled_strips": slides, "slide_facts": slides,
+                      "strips_facts": slides, "softmix-layout": 1, "softmix-table": 1,
+                      "pair_slide": slides, "pair_facts": slides}
+
+
+def test_local_cluster_housekeeping_is_slowed(client):
+    # Dask's 20 ms loop tick, 100 ms memory monitor and 500 ms system monitor cost the
+    # driver and every worker CPU all run long (`WORKER_CONFIG`).
+    import dask
+
+    keys = ("distributed.admin.tick.interval", "distributed.worker.memory.monitor-interval",
+            "distributed.admin.system-monitor.interval")
+    seen = client.run(lambda: tuple(dask.config.get(k) for k in keys))
+    assert set(seen.values()) == {("1s", "500ms", "2s")}  # the workers
+    # The scheduler and the nannies run in this process, on the client's event loop.
+    servers = [client.cluster.scheduler, *client.cluster.workers.values()]
+    assert [(s.periodic_callbacks["tick"].callback_time,
+             s.periodic_callbacks["monitor"].callback_time) for s in servers] == [
+        (1000, 2000)] * len(servers)
+    assert [n.memory_manager.memory_monitor_interval
+            for n in client.cluster.workers.values()] == [0.5, 0.5]
 
 
 def test_worker_tensorflow_threads_are_capped(client, dask_run):
