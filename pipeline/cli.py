@@ -768,7 +768,7 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
             from .engines.beam import run_beam
 
             result = run_beam(job, workers=args.workers, beam_args=extra,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, report=not args.no_report)
         elif args.command == "local":
             from .engines.local import run_local
 
@@ -808,7 +808,9 @@ def _write_run_report(out_dir: str, *, verbose: bool) -> None:
     """`softmix report OUT` at the end of a run; a failure is a warning, not the run's.
 
     A run that publishes removes the old dataset's report, so an existing report.html
-    means nothing was published (`--resume` of a finished run): it is left as it is.
+    was written by the run's own publishing step (`softmix beam`: in the worker, where
+    TensorFlow is loaded) or nothing was published (`--resume` of a finished run): it
+    is left as it is.
     """
     try:
         from .io import storage
@@ -816,6 +818,8 @@ def _write_run_report(out_dir: str, *, verbose: bool) -> None:
 
         fs, root = storage.filesystem(out_dir)
         if fs.exists(f"{root.rstrip('/')}/report.html"):
+            shown = out_dir.rstrip("/") + "/report.html"
+            print(f"report: {shown if '://' in out_dir else os.path.join(out_dir, 'report.html')}")
             return
         print(f"report: {write_report(out_dir)}")
     except Exception as err:  # noqa: BLE001 - the dataset is published either way

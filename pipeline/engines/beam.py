@@ -20,6 +20,8 @@ Local runs use Beam's portable `FnApiRunner` (in-process or multi-process): Beam
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -48,25 +50,70 @@ _NAMESPACE = "softmix"
 # The job's storage options while `build_pipeline` builds the graph: every DoFn made
 # then keeps a copy (it is pickled to the workers) and configures them in `setup`.
 _BUILD_STORAGE_OPTIONS: str | None = None
-# Whether that run resumes an interrupted one: its planning and packing workers then
-# import TensorFlow in the background (`tasks.prewarm_mixing`), mixing comes soon.
-_BUILD_RESUMED = False
+# Whether the workers that plan and pack also mix soon: they then import TensorFlow in
+# the background (`tasks.prewarm_mixing`) while planning and packing. True for a
+# resumed run (checks of kept work, then mixing) and for the local runner's worker
+# processes (every one of them mixes); a remote runner's workers may only plan or pack.
+_BUILD_PREWARM = False
+# The local runner's SDK worker processes (`--direct_running_mode=multi_processing`):
+# they end with `os._exit` once the runner lets them go (see `_exit_fast`).
+_BUILD_LOCAL_PROCESSES = False
+
+
+def _in_sdk_worker_process() -> bool:
+    """Whether this process is an SDK worker the runner started (not the driver): the
+    runner hands its workers their control endpoint in this variable."""
+    return "CONTROL_API_SERVICE_DESCRIPTOR" in os.environ
+
+
+def _exit_now() -> None:
+    """`atexit` hook of a local SDK worker process: its work is done and written (the
+    runner only lets a worker go after its last bundle), so skip the interpreter's
+    teardown (TensorFlow, gRPC, every module: ~1.1 s per worker, paid one worker after
+    the other by the runner's shutdown). After an uncaught exception (a failed harness,
+    Ctrl-C) it does nothing: the process ends as Python ends it, status included."""
+    import sys
+
+    if getattr(sys, "last_value", None) is not None:
+        return
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(0)
+
+
+def _exit_fast() -> None:
+    """Make `_exit_now` the first `atexit` hook to run (hooks run last-in first-out;
+    called again after TensorFlow's import, which registers its own)."""
+    import atexit
+
+    atexit.unregister(_exit_now)
+    atexit.register(_exit_now)
 
 
 class _StorageDoFn(beam.DoFn):
     def __init__(self) -> None:
         super().__init__()
         self.storage_options = _BUILD_STORAGE_OPTIONS
-        self.prewarm = _BUILD_RESUMED
+        self.prewarm = _BUILD_PREWARM
+        self.local_process = _BUILD_LOCAL_PROCESSES
 
     def setup(self) -> None:
         from ..io import storage
 
         storage.ensure(getattr(self, "storage_options", None))
+        self._local_setup()
         if getattr(self, "prewarm", False):
             from ..run.tasks import prewarm_mixing
 
             prewarm_mixing()
+
+    def _local_setup(self) -> None:
+        if getattr(self, "local_process", False) and _in_sdk_worker_process():
+            _exit_fast()
 
 
 class _PlanSlide(_StorageDoFn):
@@ -237,6 +284,8 @@ class _MixBucket(_StorageDoFn):
         configure_tensorflow()
         import softmix_tf  # noqa: F401 - build TensorFlow state once per worker
 
+        self._local_setup()  # after TensorFlow's own exit hooks
+
     def process(self, item, layout):
         from ..run.tasks import mix_bucket
 
@@ -248,25 +297,67 @@ class _MixBucket(_StorageDoFn):
         yield result
 
 
+_KEPT = "kept"
+
+
+class _SplitKept(_StorageDoFn):
+    """Tag the specs of buckets whose files a resumed run kept (a sidecar in staging)."""
+
+    def __init__(self, staging: str):
+        super().__init__()
+        self._staging = staging
+        self._kept: frozenset[str] | None = None
+
+    def process(self, item):
+        from ..run.tasks import bucket_path
+
+        if self._kept is None:  # one listing per worker
+            from ..io import storage
+
+            self._kept = frozenset(storage.listdir(posixpath.join(self._staging, "buckets")))
+        name = posixpath.basename(bucket_path(self._staging, *item[0])) + ".json"
+        yield beam.pvalue.TaggedOutput(_KEPT, item) if name in self._kept else item
+
+
 class MixBuckets(beam.PTransform):
     """`((shard, bucket), PairSpec)` -> `BucketResult`: read from packs, mix, encode.
 
     Specs are grouped by bucket (a shuffle of coordinates only); each bucket's part
     file is sorted by example id, so its bytes do not depend on the engine.
+
+    Args:
+        config, num_classes: the run's mixing.
+        layout: the run layout (a singleton side input).
+        progress_dir: the run's staging directory (bucket files and progress).
+        split_kept: a resumed run: the buckets whose files staging already holds are
+            grouped and checked (reused, or mixed again if they do not verify) apart
+            from the new ones, so the new buckets are spread evenly over the workers
+            (the local runner splits a stage's input round-robin, not by work: a
+            worker given most of the cheap kept buckets idled while the other mixed).
     """
 
     def __init__(self, config: MixConfig, num_classes: int, layout: Any, *,
-                 progress_dir: str | None = None):
+                 progress_dir: str | None = None, split_kept: bool = False):
         super().__init__()
         self._dofn = _MixBucket(config, num_classes, progress_dir)
         self._layout = layout
+        self._split = _SplitKept(progress_dir) if split_kept and progress_dir else None
 
     def expand(self, pairs):
-        return (
-            pairs
-            | "GroupByBucket" >> beam.GroupByKey()
-            | "Mix" >> beam.ParDo(self._dofn, self._layout)
-        )
+        if self._split is None:
+            return (
+                pairs
+                | "GroupByBucket" >> beam.GroupByKey()
+                | "Mix" >> beam.ParDo(self._dofn, self._layout)
+            )
+        split = pairs | "SplitKept" >> beam.ParDo(self._split).with_outputs(_KEPT, main="new")
+        kept = (split[_KEPT]
+                | "GroupKeptByBucket" >> beam.GroupByKey()
+                | "CheckKept" >> beam.ParDo(self._dofn, self._layout))
+        new = (split.new
+               | "GroupByBucket" >> beam.GroupByKey()
+               | "Mix" >> beam.ParDo(self._dofn, self._layout))
+        return (kept, new) | "AllBuckets" >> beam.Flatten()
 
 
 class WriteShards(beam.PTransform):
@@ -310,8 +401,25 @@ class _AccountingFn(beam.CombineFn):
         return accumulator
 
 
+def _write_report(out_dir: str) -> None:
+    """The run report (`softmix report OUT`), written by the worker that published: the
+    report's shard sample and contact sheet need TensorFlow, which mixing loaded there
+    already (in the driver its import alone took ~3 s of every run's tail). A failure is
+    a warning: the dataset is published either way, and the driver's `softmix` command
+    tries once more."""
+    import sys
+
+    try:
+        from ..tools.report import write_report
+
+        write_report(out_dir)
+    except Exception as err:  # noqa: BLE001 - the dataset is published either way
+        print(f"softmix: warning: the run report was not written in the pipeline "
+              f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+
+
 def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
-                   examples_per_task: int | None = None):
+                   examples_per_task: int | None = None, report: bool = False):
     """Add the whole run to `pipeline`; the last step writes `manifest.json`.
 
     Args:
@@ -319,6 +427,8 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
         run: the prepared run (`run.prepare_run`).
         params: the `params` entry of `manifest.json` (`Run.params`).
         examples_per_task: examples per mix bucket (default 128).
+        report: after publishing, the same step writes the run report
+            (``OUT/report.html``) when the run wrote examples.
 
     Returns:
         A PCollection holding the manifest dict once written.
@@ -327,9 +437,10 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     from ..run.run import stain_fit_of, strip_size
 
     job, staging = run.job, run.staging
-    global _BUILD_STORAGE_OPTIONS, _BUILD_RESUMED
+    global _BUILD_STORAGE_OPTIONS, _BUILD_PREWARM, _BUILD_LOCAL_PROCESSES
     _BUILD_STORAGE_OPTIONS = job.output.storage_options
-    _BUILD_RESUMED = run.resumed
+    _BUILD_LOCAL_PROCESSES = _local_worker_processes(pipeline) > 0
+    _BUILD_PREWARM = run.resumed or _BUILD_LOCAL_PROCESSES
     raw = (pipeline
            | "Slides" >> beam.Create(list(run.slides))
            | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=run.on_error,
@@ -358,7 +469,7 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     table = beam.pvalue.AsSingleton(layout_pc | "PairingTable" >> beam.Map(run.pairing_table))
     pairs, pair_accounting = strips | "PairStrips" >> PairStrips(layout, table)
     buckets = pairs | "MixBuckets" >> MixBuckets(job.mix, run.num_classes, layout,
-                                                 progress_dir=staging)
+                                                 progress_dir=staging, split_kept=run.resumed)
     shards = buckets | "WriteShards" >> WriteShards(job.output, layout)
     accounting = (
         (plans | "PlanAccounting" >> beam.Map(Accounting.from_plan),
@@ -369,12 +480,39 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
         | "MergeAccounting" >> beam.CombineGlobally(_AccountingFn()))
 
     def publish(_, infos, lay, acc, slide_fits, spec):
-        return run.publish(infos, lay.num_shards, acc, params, stain=spec, fits=slide_fits)
+        manifest = run.publish(infos, lay.num_shards, acc, params, stain=spec,
+                               fits=slide_fits)
+        if report and _job.exit_status(manifest) == 0:
+            _write_report(job.output.out_dir)
+        return manifest
 
     return (pipeline
             | "Finish" >> beam.Create([None])
             | "Publish" >> beam.Map(publish, beam.pvalue.AsList(shards), layout,
                                     beam.pvalue.AsSingleton(accounting), fits, stain))
+
+
+def _local_worker_processes(pipeline: beam.Pipeline) -> int:
+    """How many SDK worker processes of the local FnApiRunner the pipeline starts (0: the
+    runner is another one, or runs its one worker in the driver's process)."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    options = pipeline.options
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    direct = options.view_as(DirectOptions)
+    if (name or "DirectRunner").rsplit(".", 1)[-1] not in ("FnApiRunner", "DirectRunner"):
+        return 0
+    if direct.direct_running_mode != "multi_processing":
+        return 0
+    return max(1, direct.direct_num_workers or 1)
+
+
+def _quiet_workers(beam_args: Sequence[str]) -> list[str]:
+    args = list(beam_args)
+    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
+        args.append("--default_sdk_harness_log_level=WARNING")
+    return args
 
 
 def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> PipelineOptions:
@@ -383,9 +521,7 @@ def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> P
     Without `--runner` in `beam_args`, runs on Beam's portable FnApiRunner: in-process
     for one worker, `multi_processing` with `workers` SDK worker processes otherwise.
     """
-    args = list(beam_args)
-    if not any(a.startswith("--default_sdk_harness_log_level") for a in args):
-        args.append("--default_sdk_harness_log_level=WARNING")
+    args = _quiet_workers(beam_args)
     if not any(a.startswith("--runner") for a in args):
         args.append("--runner=FnApiRunner")
         if workers > 1:
@@ -394,7 +530,8 @@ def local_pipeline_options(workers: int = 1, beam_args: Sequence[str] = ()) -> P
 
 
 def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
-             progress: bool = True, examples_per_task: int | None = None) -> dict[str, Any]:
+             progress: bool = True, examples_per_task: int | None = None,
+             report: bool = False) -> dict[str, Any]:
     """Run the whole job on Beam and return the written manifest.
 
     Args:
@@ -403,6 +540,8 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         beam_args: extra Beam pipeline options, e.g. ``["--runner=DataflowRunner", ...]``.
         progress: show a progress counter for local runs.
         examples_per_task: examples per mix bucket (default 128; never changes output).
+        report: also write the run report (``OUT/report.html``) in the worker that
+            publishes, right after publishing (`softmix beam` without ``--no-report``).
 
     Raises:
         ValueError: `workers` outside [1, config.MAX_WORKERS].
@@ -421,7 +560,8 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
     logging.getLogger("apache_beam").setLevel(logging.WARNING)
     with _job.progress_reporter(job.output, enabled=progress):
         pipeline = beam.Pipeline(options=local_pipeline_options(workers, beam_args))
-        build_pipeline(pipeline, run, params, examples_per_task=examples_per_task)
+        build_pipeline(pipeline, run, params, examples_per_task=examples_per_task,
+                       report=report)
         try:
             pipeline.run().wait_until_finish()
         except Exception as err:

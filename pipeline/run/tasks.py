@@ -67,9 +67,10 @@ def prewarm_mixing() -> None:
     For the workers of a *resumed* run: such a run goes from checks that cost
     metadata reads (kept plans, packs) straight to mixing, so the seconds TensorFlow
     takes to import overlap those checks instead of delaying the first new bucket. And
-    for the workers of a cluster `softmix dask` starts itself (every one of them mixes),
-    once planning is done: the import overlaps packing. Planning, packing and pairing
-    themselves never import TensorFlow.
+    for the workers of a cluster `softmix dask` starts itself and the local worker
+    processes of `softmix beam --workers N` (every one of them mixes): the import
+    overlaps planning or packing. Planning, packing and pairing themselves never import
+    TensorFlow.
     """
     if _PREWARM:
         return

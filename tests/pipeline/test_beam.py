@@ -396,3 +396,106 @@ def test_preview_in_out_does_not_block_overwrite(synthetic_dataset, tmp_path):
     again = _job_config(synthetic_dataset.manifest_path, out, output=dict(overwrite=True))
     run_beam(again, progress=False)
     assert not (out / "preview.png").exists()  # a stale preview is removed with the rest
+
+
+# --- The local runner's worker processes ----------------------------------------------------
+
+_BEAM_DRIVER = """
+import json, os, sys
+from pipeline.config import JobConfig, MixConfig, OutputConfig, TileConfig
+from pipeline.engines.beam import run_beam
+job = JobConfig(manifest=sys.argv[1], tile=TileConfig(tile_size=128),
+                mix=MixConfig(num_mixes=1), output=OutputConfig(out_dir=sys.argv[2]))
+manifest = run_beam(job, workers=2, progress=False, report=True)
+print(json.dumps([manifest["num_examples"], manifest["image"], "tensorflow" in sys.modules,
+                  os.path.exists(os.path.join(sys.argv[2], "report.html"))]))
+"""
+
+
+def test_two_workers_publish_and_report_without_tensorflow_in_the_driver(synthetic_dataset,
+                                                                        tmp_path):
+    # The local SDK worker processes mix, publish and write the
+    # run report, where TensorFlow is loaded already: the driver never imports it.
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, "-c", _BEAM_DRIVER, str(synthetic_dataset.manifest_path), str(out)],
+        capture_output=True, text=True, timeout=300, check=True)
+    examples, image, tensorflow, report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert examples == synthetic_dataset.total_tiles  # one mix per tile
+    assert image == {"shape": [128, 128, 3], "dtype": "uint8", "format": "png"}
+    assert tensorflow is False
+    assert report is True and "<html" in (out / "report.html").read_text()[:200].lower()
+
+
+_FAST_EXIT = """
+import atexit, sys
+atexit.register(lambda: open(sys.argv[1], "w").write("teardown ran"))
+from pipeline.engines import beam
+beam._exit_fast()
+print("work done", end="")
+if sys.argv[2] == "fail":
+    raise RuntimeError("the harness failed")
+"""
+
+
+@pytest.mark.parametrize(("mode", "status"), [("ok", 0), ("fail", 1)])
+def test_a_local_worker_skips_its_teardown_and_keeps_its_exit_status(mode, status, tmp_path):
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown.txt"
+    done = subprocess.run([sys.executable, "-c", _FAST_EXIT, str(marker), mode],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == status
+    assert done.stdout == "work done"  # flushed before the process ends
+    # Done: the hooks and the teardown after it are skipped; failed: Python ends it.
+    assert marker.exists() == bool(status)
+    assert ("the harness failed" in done.stderr) == bool(status)
+
+
+def test_a_resumed_run_checks_kept_buckets_apart_from_new_ones(synthetic_dataset, tmp_path,
+                                                               monkeypatch):
+    # The local runner splits a stage's input round-robin: kept buckets (cheap to check)
+    # and new ones (mixed) go through separate stages so each is split evenly.
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from pipeline.engines.beam import build_pipeline
+    from pipeline.run import tasks as _tasks
+    from pipeline.run.output import release_output_lock
+    from pipeline.run.run import prepare_run
+
+    out = tmp_path / "out"
+    real, calls = _tasks.mix_bucket, []
+
+    def two_then_stop(*args, **kwargs):
+        if len(calls) == 2:
+            raise RuntimeError("stopped after two buckets (test)")
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    job = _job_config(synthetic_dataset.manifest_path, out, output=dict(num_shards=4))
+    with monkeypatch.context() as patch:
+        patch.setattr(_tasks, "mix_bucket", two_then_stop)
+        with pytest.raises(Exception, match="stopped after two buckets"):
+            run_beam(job, progress=False)
+    release_output_lock(str(out))  # as a killed run leaves it
+    sidecars = sorted((out / _job.STAGING_DIR / "buckets").glob("*.tfrecord.json"))
+    assert len(sidecars) == 2
+    kept_examples = sum(json.loads(p.read_text())["records"] for p in sidecars)
+
+    run = prepare_run(_job_config(synthetic_dataset.manifest_path, out,
+                                  output=dict(num_shards=4, resume=True)))
+    assert run.resumed
+    pipeline = beam.Pipeline(options=local_pipeline_options())
+    build_pipeline(pipeline, run, run.params("beam"))
+    result = pipeline.run()
+    result.wait_until_finish()
+    counters = result.metrics().query(MetricsFilter().with_name("examples_mixed"))["counters"]
+    by_step = {c.key.step.rsplit("/", 1)[-1]: c.committed for c in counters}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert by_step == {"CheckKept": kept_examples,
+                       "Mix": manifest["num_examples"] - kept_examples}
+    assert manifest["accounting"]["resumed"]["buckets"] == 2
