@@ -531,7 +531,8 @@ class _Stream:
                 rows.append((spec, b))
             # Rows up to a whole number of mixing batches: padding them costs no copy.
             count = len(rows)
-            images = np.empty((2, self.emit.rows(count), *self.emit.shape), self.emit.dtype)
+            images = _aligned_empty((2, self.emit.rows(count), *self.emit.shape),
+                                    self.emit.dtype)
             images[:, count:] = 0
             self.reader.read_into(a_at + b_at, [images[0, i] for i in range(count)]
                                   + [images[1, i] for i in range(count)])
@@ -707,6 +708,10 @@ def stream_dataset(
     if batch is not None:
         check_count("batch", batch, MAX_SHUFFLE_BUFFER, "It is the examples per element "
                     "the dataset yields; None yields single examples.")
+    elif drop_remainder:
+        raise ValueError("`drop_remainder` applies to `batch`: pass `batch=N` with it, or "
+                         "batch the single examples yourself. Received: "
+                         "drop_remainder=True, batch=None")
     cpus = os.cpu_count() or 4
     reads = num_parallel_reads or min(8, cpus)
     packers = pack_threads if pack_threads is not None else min(4, cpus)
@@ -890,12 +895,32 @@ class _Emitter:
                        **{k: batch[k][start:start + n] for k in self.provenance}}
 
 
+#: TensorFlow's kernels require tensor memory aligned to this many bytes
+#: (`Tensor::IsAligned`; a misaligned buffer aborts the process, it raises nothing).
+_TF_ALIGNMENT = 64
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """`np.empty(shape, dtype)` starting on a `_TF_ALIGNMENT`-byte boundary (numpy
+    aligns large arrays to 16 bytes only), so that batches cut from it along the first
+    two axes can be handed to TensorFlow in place (`_shared`)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + _TF_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % _TF_ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
 def _shared(images: np.ndarray) -> Any:
     """`images` as a tensor on the same memory (DLPack): the op reads the decoded tiles
     where they are, without TensorFlow's copy of ~6 MB per batch of 32 (3 of the op's
-    ~9 ms). The array itself where DLPack cannot take it."""
+    ~9 ms). The array itself (TensorFlow copies it) where it is not contiguous and
+    `_TF_ALIGNMENT`-aligned, or DLPack cannot take it: TensorFlow's non-XLA kernels
+    (float tiles) abort the process on a misaligned buffer."""
     import tensorflow as tf
 
+    if not images.flags.c_contiguous or images.ctypes.data % _TF_ALIGNMENT:
+        return images
     try:
         return tf.experimental.dlpack.from_dlpack(images.__dlpack__())
     except Exception:  # noqa: BLE001 - a dtype or layout DLPack refuses: TF copies

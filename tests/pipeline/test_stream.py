@@ -196,8 +196,44 @@ def test_batched_output_holds_the_same_examples(synthetic_dataset, epoch0):
                       drop_remainder=True, as_dict=False, shuffle=8)
     assert dropped.element_spec[0].shape.as_list() == [7, 128, 128, 3]
     assert [int(images.shape[0]) for images, _ in dropped] == [7] * (total // 7)
+    rebatched = _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), batch=7,
+                        drop_remainder=True, as_dict=False)  # no shuffle: `rebatch`
+    assert rebatched.element_spec[0].shape.as_list() == [7, 128, 128, 3]
+    assert [int(images.shape[0]) for images, _ in rebatched] == [7] * (total // 7)
     with pytest.raises(ValueError, match="`batch` must be"):
         _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), batch=0)
+    with pytest.raises(ValueError, match="drop_remainder=True, batch=None"):
+        _stream(synthetic_dataset.manifest_path, cache_dir=str(cache), drop_remainder=True)
+
+
+def test_float_slides_stream_the_offline_examples(tmp_path):
+    """Float tiles take the op's non-XLA kernels, which require 64-byte aligned inputs
+    (a misaligned buffer handed over in place aborts the process): epoch 0 of float32
+    slides equals the local engine's output, with a batch size whose tiles are not a
+    multiple of 64 bytes apart."""
+    from pipeline.engines.local import run_local
+
+    from .conftest import CLASS_COLORS, SYNTHETIC_SLIDES, synthetic_tissue, write_ome_zarr
+
+    rows = ["slide_id,path,label"]
+    for i, (sid, label, boxes) in enumerate(SYNTHETIC_SLIDES[:2]):
+        image = synthetic_tissue(512, 512, boxes, color=CLASS_COLORS[label], seed=i)
+        write_ome_zarr(tmp_path / f"{sid}.ome.zarr", (image / 255.0).astype(np.float32))
+        rows.append(f"{sid},{sid}.ome.zarr,{label}")
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    job = JobConfig(manifest=str(manifest), tile=TileConfig(tile_size=128),
+                    mix=MixConfig(batch_size=3, **MIX),
+                    output=OutputConfig(out_dir=str(out), num_shards=1))
+    shard = run_local(job, progress=False)["shards"][0]["file"]
+    want = {}
+    for raw in tf.data.TFRecordDataset(str(out / shard)).as_numpy_iterator():
+        record = decode_example(raw)
+        want[record["example_id"]] = record
+    got = _collect(_stream(manifest, cache_dir=str(tmp_path / "cache"), batch_size=3))
+    assert got and next(iter(got.values()))["image"].dtype == np.float32
+    _assert_same(got, want)
 
 
 def test_input_pipelines_split_the_epoch(synthetic_dataset, epoch0):
