@@ -71,7 +71,9 @@ def _exit_now() -> None:
     runner only lets a worker go after its last bundle), so skip the interpreter's
     teardown (TensorFlow, gRPC, every module: ~1.1 s per worker, paid one worker after
     the other by the runner's shutdown). After an uncaught exception (a failed harness,
-    Ctrl-C) it does nothing: the process ends as Python ends it, status included."""
+    Ctrl-C) it does nothing: the process ends as Python ends it, status included. A
+    `sys.exit(n)` leaves no trace an exit hook can see and would end with status 0;
+    Beam's worker main (`sdk_worker_main.main`) never calls it: it returns, or raises."""
     import sys
 
     if getattr(sys, "last_value", None) is not None:
@@ -427,8 +429,11 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
         run: the prepared run (`run.prepare_run`).
         params: the `params` entry of `manifest.json` (`Run.params`).
         examples_per_task: examples per mix bucket (default 128).
-        report: after publishing, the same step writes the run report
-            (``OUT/report.html``) when the run wrote examples.
+        report: on Beam's local runner, after publishing, the same step writes the run
+            report (``OUT/report.html``) when the run wrote examples. Remote runners
+            (Dataflow) leave it to the driver (`softmix beam` writes it after the run):
+            a worker lost while drawing it would have the runner retry the publishing
+            step, which then finds OUT no longer this run's and fails a published run.
 
     Returns:
         A PCollection holding the manifest dict once written.
@@ -441,6 +446,7 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
     _BUILD_STORAGE_OPTIONS = job.output.storage_options
     _BUILD_LOCAL_PROCESSES = _local_worker_processes(pipeline) > 0
     _BUILD_PREWARM = run.resumed or _BUILD_LOCAL_PROCESSES
+    report = report and _runs_locally(pipeline.options)
     raw = (pipeline
            | "Slides" >> beam.Create(list(run.slides))
            | "SlidesToPlans" >> SlidesToPlans(job.tile, on_error=run.on_error,
@@ -492,18 +498,22 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
                                     beam.pvalue.AsSingleton(accounting), fits, stain))
 
 
+def _runs_locally(options: PipelineOptions) -> bool:
+    """Whether these options run on Beam's local runner (FnApiRunner / DirectRunner)."""
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "DirectRunner").rsplit(".", 1)[-1] in ("FnApiRunner", "DirectRunner")
+
+
 def _local_worker_processes(pipeline: beam.Pipeline) -> int:
     """How many SDK worker processes of the local FnApiRunner the pipeline starts (0: the
     runner is another one, or runs its one worker in the driver's process)."""
-    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+    from apache_beam.options.pipeline_options import DirectOptions
 
-    options = pipeline.options
-    runner = options.view_as(StandardOptions).runner
-    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
-    direct = options.view_as(DirectOptions)
-    if (name or "DirectRunner").rsplit(".", 1)[-1] not in ("FnApiRunner", "DirectRunner"):
-        return 0
-    if direct.direct_running_mode != "multi_processing":
+    direct = pipeline.options.view_as(DirectOptions)
+    if not _runs_locally(pipeline.options) or direct.direct_running_mode != "multi_processing":
         return 0
     return max(1, direct.direct_num_workers or 1)
 
@@ -540,8 +550,9 @@ def run_beam(job: JobConfig, *, workers: int = 1, beam_args: Sequence[str] = (),
         beam_args: extra Beam pipeline options, e.g. ``["--runner=DataflowRunner", ...]``.
         progress: show a progress counter for local runs.
         examples_per_task: examples per mix bucket (default 128; never changes output).
-        report: also write the run report (``OUT/report.html``) in the worker that
-            publishes, right after publishing (`softmix beam` without ``--no-report``).
+        report: on the local runner, also write the run report (``OUT/report.html``)
+            in the worker that publishes, right after publishing (`softmix beam` without
+            ``--no-report``; on remote runners the command writes it after the run).
 
     Raises:
         ValueError: `workers` outside [1, config.MAX_WORKERS].

@@ -499,3 +499,14 @@ def test_a_resumed_run_checks_kept_buckets_apart_from_new_ones(synthetic_dataset
     assert by_step == {"CheckKept": kept_examples,
                        "Mix": manifest["num_examples"] - kept_examples}
     assert manifest["accounting"]["resumed"]["buckets"] == 2
+
+
+def test_only_the_local_runner_writes_the_report_in_the_pipeline():
+    """On a remote runner a worker lost while drawing the report would have the runner
+    retry the publishing step, which would then fail a published run: the report is
+    left to the driver there."""
+    from pipeline.engines.beam import _runs_locally, local_pipeline_options
+
+    assert _runs_locally(local_pipeline_options(1))
+    assert _runs_locally(local_pipeline_options(2))
+    assert not _runs_locally(local_pipeline_options(1, ["--runner=DataflowRunner"]))
