@@ -124,6 +124,14 @@ def note(timeline: dict[str, list[float]], seen: dict[str, int], out: pathlib.Pa
             timeline.setdefault(kind, [now, now])[1] = now
 
 
+class FinishedBeforeKill(RuntimeError):
+    """The run to kill ended first: the machine got faster since T was measured."""
+
+    def __init__(self, seconds: float):
+        super().__init__(f"the run finished before the kill ({seconds:.1f} s)")
+        self.seconds = seconds
+
+
 def killed_run(args: list[str], out: pathlib.Path, *, after_s: float | None,
                buckets: int | None, timeline: dict[str, list[float]]) -> float:
     """Start the run and SIGKILL its whole process group `after_s` seconds in (or once
@@ -142,7 +150,7 @@ def killed_run(args: list[str], out: pathlib.Path, *, after_s: float | None,
         time.sleep(0.02)
     killed_after = time.perf_counter() - start
     if not running(proc):
-        raise RuntimeError(f"the run finished before the kill ({killed_after:.1f} s)")
+        raise FinishedBeforeKill(killed_after)
     os.killpg(proc.pid, signal.SIGKILL)
     running(proc, block=True)
     return killed_after
@@ -163,8 +171,16 @@ def bench(engine: str, manifest: pathlib.Path, root: pathlib.Path, args) -> dict
         killed = killed_run([engine, *common], out, after_s=None, timeline=killed_timeline,
                             buckets=math.ceil(args.kill_after_buckets * buckets))
     else:
-        killed = killed_run([engine, *common], out, after_s=args.kill_at * full, buckets=None,
-                            timeline=killed_timeline)
+        try:
+            killed = killed_run([engine, *common], out, after_s=args.kill_at * full,
+                                buckets=None, timeline=killed_timeline)
+        except FinishedBeforeKill as err:  # the load changed since T: kill at 0.5 of this run
+            print(f"{engine}: {err}; killing a second run at {args.kill_at} x {err.seconds:.1f} s",
+                  flush=True)
+            shutil.rmtree(out)
+            killed_timeline.clear()
+            killed = killed_run([engine, *common], out, after_s=args.kill_at * err.seconds,
+                                buckets=None, timeline=killed_timeline)
     kept = committed(out)
     resumed_timeline: dict[str, list[float]] = {}
     resumed, resumed_cpu = timed(engine, *common, "--out", str(out), "--resume", watch=out,
