@@ -308,18 +308,15 @@ class _SharedPackReader(PackReader):
         concurrently, neighbouring ranges coalesced (`storage.read_ranges`), as
         `read_many` does.
         """
-        import numcodecs
-
         from ..io import storage
 
-        codec = numcodecs.Zstd()
         by_pack: dict[str, list[int]] = collections.defaultdict(list)
         for position, (pack, _) in enumerate(locations):
             by_pack[pack].append(position)
 
         def fetch(pack: str) -> None:
             index = self.index(pack)
-            tiles, raw_codec = index["tiles"], index.get("codec", "zstd") == "raw"
+            tiles = index["tiles"]
             positions = by_pack[pack]
             ranges = [(tiles[locations[p][1]][2], tiles[locations[p][1]][3]) for p in positions]
             if storage.is_url(pack):
@@ -330,12 +327,8 @@ class _SharedPackReader(PackReader):
                 if any(len(b) != n for b, (_, n) in zip(blobs, ranges, strict=True)):
                     raise OSError(f"{pack}.bin is truncated (shorter than its index says). "
                                   "Remove the cache directory's packs to rebuild them.")
-            for position, raw in zip(positions, blobs, strict=True):
-                if raw_codec:
-                    target = out[position]
-                    np.copyto(target, np.frombuffer(raw, target.dtype).reshape(target.shape))
-                else:
-                    codec.decode(raw, out=out[position])
+            for position, blob in zip(positions, blobs, strict=True):
+                self.decode(index, blob, out[position])
 
         if not by_pack or not storage.is_url(next(iter(by_pack))):
             for pack in by_pack:  # local: memory-mapped, decoded in this thread

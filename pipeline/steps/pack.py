@@ -498,6 +498,26 @@ class PackReader:
         return TileRecord(TileKey(index["slide_id"], index["level"], x, y), label=label,
                           group=group, soft_label=tuple(soft) if soft is not None else None)
 
+    @staticmethod
+    def decode(index: Mapping[str, Any], blob: Any, out: np.ndarray | None = None
+               ) -> np.ndarray:
+        """A tile's pixels from its bytes `blob` in the pack `index` describes (zstd, or
+        raw bytes where the index says ``"codec": "raw"``): written into `out` when
+        given (decoded straight into it), else a new [size, size, channels] array."""
+        import numcodecs
+
+        if index.get("codec", "zstd") == "raw":
+            if out is None:
+                return np.frombuffer(blob, np.dtype(index["dtype"])).reshape(
+                    index["tile_size"], index["tile_size"], index["num_channels"])
+            np.copyto(out, np.frombuffer(blob, out.dtype).reshape(out.shape))
+            return out
+        if out is not None:
+            numcodecs.Zstd().decode(blob, out=out)
+            return out
+        data = np.frombuffer(numcodecs.Zstd().decode(blob), np.dtype(index["dtype"]))
+        return data.reshape(index["tile_size"], index["tile_size"], index["num_channels"])
+
     def read_many(self, locations: Sequence[tuple[str, int]], *, threads: int = 8
                   ) -> list[np.ndarray]:
         """Pixels of tiles ``(pack, local index)``.
@@ -507,9 +527,6 @@ class PackReader:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        import numcodecs
-
-        zstd = numcodecs.Zstd()
         by_pack: dict[str, list[int]] = collections.defaultdict(list)
         for position, (pack, _) in enumerate(locations):
             by_pack[pack].append(position)
@@ -520,12 +537,8 @@ class PackReader:
             positions = by_pack[pack]
             entries = [index["tiles"][locations[p][1]] for p in positions]
             blobs = storage.read_ranges(pack + ".bin", [(e[2], e[3]) for e in entries])
-            size, channels = index["tile_size"], index["num_channels"]
-            raw_codec = index.get("codec", "zstd") == "raw"
-            for position, raw in zip(positions, blobs, strict=True):
-                data = np.frombuffer(raw if raw_codec else zstd.decode(raw),
-                                     dtype=np.dtype(index["dtype"]))
-                out[position] = data.reshape(size, size, channels)
+            for position, blob in zip(positions, blobs, strict=True):
+                out[position] = self.decode(index, blob)
 
         packs = list(by_pack)
         if len(packs) <= 1 or threads <= 1:
