@@ -174,7 +174,7 @@ def bench(engine: str, manifest: pathlib.Path, root: pathlib.Path, args) -> dict
         try:
             killed = killed_run([engine, *common], out, after_s=args.kill_at * full,
                                 buckets=None, timeline=killed_timeline)
-        except FinishedBeforeKill as err:  # the load changed since T: kill at 0.5 of this run
+        except FinishedBeforeKill as err:  # the load changed since T: kill at kill_at x this run
             print(f"{engine}: {err}; killing a second run at {args.kill_at} x {err.seconds:.1f} s",
                   flush=True)
             shutil.rmtree(out)
