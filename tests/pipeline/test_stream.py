@@ -127,6 +127,12 @@ def test_cache_reuse_reads_nothing(synthetic_dataset, epoch0):
     assert stats.strips_packed == 0 and stats.strips_reused > 0
     assert stats.accounting.chunks_read == 0 and stats.accounting.bytes_read == 0
     assert sorted(got) == sorted(got0)
+    # tf.data's autotuning model is off for the stream and what is built on it (it held
+    # back each epoch's end); a later `with_options` turns it back on.
+    assert dataset.batch(4).options().autotune.enabled is False
+    again = tf.data.Options()
+    again.autotune.enabled = True
+    assert dataset.with_options(again).options().autotune.enabled is True
 
 
 def test_cold_cache_without_packing_threads(synthetic_dataset, offline, tmp_path):
