@@ -34,6 +34,7 @@ from ..records import SlidePlan, SlideRecord
 from ..run import job as _job
 from ..run import output as _output
 from ..run.run import Run
+from .worker_exit import exit_fast
 
 __all__ = [
     "MixBuckets",
@@ -56,7 +57,7 @@ _BUILD_STORAGE_OPTIONS: str | None = None
 # processes (every one of them mixes); a remote runner's workers may only plan or pack.
 _BUILD_PREWARM = False
 # The local runner's SDK worker processes (`--direct_running_mode=multi_processing`):
-# they end with `os._exit` once the runner lets them go (see `_exit_fast`).
+# they end with `os._exit` once the runner lets them go (`worker_exit.exit_fast`).
 _BUILD_LOCAL_PROCESSES = False
 
 
@@ -64,36 +65,6 @@ def _in_sdk_worker_process() -> bool:
     """Whether this process is an SDK worker the runner started (not the driver): the
     runner hands its workers their control endpoint in this variable."""
     return "CONTROL_API_SERVICE_DESCRIPTOR" in os.environ
-
-
-def _exit_now() -> None:
-    """`atexit` hook of a local SDK worker process: its work is done and written (the
-    runner only lets a worker go after its last bundle), so skip the interpreter's
-    teardown (TensorFlow, gRPC, every module: ~1.1 s per worker, paid one worker after
-    the other by the runner's shutdown). After an uncaught exception (a failed harness,
-    Ctrl-C) it does nothing: the process ends as Python ends it, status included. A
-    `sys.exit(n)` leaves no trace an exit hook can see and would end with status 0;
-    Beam's worker main (`sdk_worker_main.main`) never calls it: it returns, or raises."""
-    import sys
-
-    if getattr(sys, "last_value", None) is not None:
-        return
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(0)
-
-
-def _exit_fast() -> None:
-    """Make `_exit_now` the first `atexit` hook to run (hooks run last-in first-out;
-    called again after TensorFlow's import, which registers its own)."""
-    import atexit
-
-    atexit.unregister(_exit_now)
-    atexit.register(_exit_now)
 
 
 class _StorageDoFn(beam.DoFn):
@@ -115,7 +86,7 @@ class _StorageDoFn(beam.DoFn):
 
     def _local_setup(self) -> None:
         if getattr(self, "local_process", False) and _in_sdk_worker_process():
-            _exit_fast()
+            exit_fast()
 
 
 class _PlanSlide(_StorageDoFn):

@@ -433,8 +433,8 @@ def test_two_workers_publish_and_report_without_tensorflow_in_the_driver(synthet
 _FAST_EXIT = """
 import atexit, sys
 atexit.register(lambda: open(sys.argv[1], "w").write("teardown ran"))
-from pipeline.engines import beam
-beam._exit_fast()
+from pipeline.engines.worker_exit import exit_fast
+exit_fast()
 print("work done", end="")
 if sys.argv[2] == "fail":
     raise RuntimeError("the harness failed")

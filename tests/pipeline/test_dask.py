@@ -201,6 +201,29 @@ def test_local_cluster_housekeeping_is_slowed(client):
             for n in client.cluster.workers.values()] == [0.5, 0.5]
 
 
+def _hook_marker(path: str) -> None:
+    import atexit
+
+    atexit.register(lambda: pathlib.Path(path).write_text("teardown ran"))
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_a_closing_worker_skips_its_teardown_with_fast_exit(fast, tmp_path):
+    # `run_dask` adds `FastExit` to the clusters it starts: their workers end without
+    # the interpreter's teardown (exit hooks included) once they close.
+    from distributed import Client
+
+    from pipeline.engines.dask import FastExit, start_local_cluster
+
+    marker = tmp_path / "teardown.txt"
+    with start_local_cluster(1) as cluster, Client(cluster) as client:
+        if fast:
+            client.register_plugin(FastExit())
+        client.run(_hook_marker, str(marker))
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert marker.exists() is not fast
+
+
 def test_worker_tensorflow_threads_are_capped(client, dask_run):
     def threads():
         import tensorflow as tf
