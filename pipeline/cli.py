@@ -800,33 +800,17 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
     print(summary_table(result))
     status = exit_status(result)
     if status == 0 and not args.no_report:
-        _write_run_report(job.output.out_dir, verbose=verbose)
+        from .tools.report import write_report_or_warn
+
+        # An existing report.html was written by the run's publishing step (`softmix
+        # beam`: in the worker, where TensorFlow is loaded) or nothing was published
+        # (`--resume` of a finished run).
+        shown = write_report_or_warn(
+            job.output.out_dir, keep_existing=True, raise_errors=verbose,
+            hint=f"; retry with `softmix report {job.output.out_dir}`.")
+        if shown is not None:
+            print(f"report: {shown}")
     return status
-
-
-def _write_run_report(out_dir: str, *, verbose: bool) -> None:
-    """`softmix report OUT` at the end of a run; a failure is a warning, not the run's.
-
-    A run that publishes removes the old dataset's report, so an existing report.html
-    was written by the run's own publishing step (`softmix beam`: in the worker, where
-    TensorFlow is loaded) or nothing was published (`--resume` of a finished run): it
-    is left as it is.
-    """
-    try:
-        from .io import storage
-        from .tools.report import write_report
-
-        fs, root = storage.filesystem(out_dir)
-        if fs.exists(f"{root.rstrip('/')}/report.html"):
-            shown = out_dir.rstrip("/") + "/report.html"
-            print(f"report: {shown if '://' in out_dir else os.path.join(out_dir, 'report.html')}")
-            return
-        print(f"report: {write_report(out_dir)}")
-    except Exception as err:  # noqa: BLE001 - the dataset is published either way
-        if verbose:
-            raise
-        print(f"softmix: warning: the run report was not written ({type(err).__name__}: "
-              f"{err}); retry with `softmix report {out_dir}`.", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -374,23 +374,6 @@ class _AccountingFn(beam.CombineFn):
         return accumulator
 
 
-def _write_report(out_dir: str) -> None:
-    """The run report (`softmix report OUT`), written by the worker that published: the
-    report's shard sample and contact sheet need TensorFlow, which mixing loaded there
-    already (in the driver its import alone took ~3 s of every run's tail). A failure is
-    a warning: the dataset is published either way, and the driver's `softmix` command
-    tries once more."""
-    import sys
-
-    try:
-        from ..tools.report import write_report
-
-        write_report(out_dir)
-    except Exception as err:  # noqa: BLE001 - the dataset is published either way
-        print(f"softmix: warning: the run report was not written in the pipeline "
-              f"({type(err).__name__}: {err})", file=sys.stderr, flush=True)
-
-
 def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
                    examples_per_task: int | None = None, report: bool = False):
     """Add the whole run to `pipeline`; the last step writes `manifest.json`.
@@ -460,7 +443,12 @@ def build_pipeline(pipeline: beam.Pipeline, run: Run, params: dict[str, Any], *,
         manifest = run.publish(infos, lay.num_shards, acc, params, stain=spec,
                                fits=slide_fits)
         if report and _job.exit_status(manifest) == 0:
-            _write_report(job.output.out_dir)
+            # Here, where mixing loaded TensorFlow already (the report's shard sample
+            # and contact sheet need it; in the driver its import alone took ~3 s);
+            # the driver's `softmix` command tries once more after a failure.
+            from ..tools.report import write_report_or_warn
+
+            write_report_or_warn(job.output.out_dir, where=" in the pipeline")
         return manifest
 
     return (pipeline

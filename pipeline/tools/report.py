@@ -49,7 +49,7 @@ import numpy as np
 from ..errors import PipelineError
 from ..run.tile_record import REPORT_DIR, REPORT_HTML, read_tile_record
 
-__all__ = ["STATUS_COLORS", "slide_png_name", "write_report"]
+__all__ = ["STATUS_COLORS", "slide_png_name", "write_report", "write_report_or_warn"]
 
 # RGBA overlay colour of each tile status (background: low alpha, problems: strong).
 STATUS_COLORS: dict[str, tuple[int, int, int, int]] = {
@@ -968,8 +968,46 @@ def write_report(out_dir: str, *, workers: int | None = None, max_examples: int 
     if log:
         log(f"report: {len(views)} slides, {sample.examples} examples read, "
             f"{len(page) / 2**20:.1f} MB, {time.perf_counter() - started:.1f} s")
+    return _shown_path(out_dir)
+
+
+def _shown_path(out_dir: str) -> str:
+    """``report.html`` of `out_dir`, spelled as the user spelled `out_dir`."""
     shown = out_dir.rstrip("/") + "/" + REPORT_HTML
     return shown if "://" in out_dir else os.path.join(out_dir, REPORT_HTML)
+
+
+def write_report_or_warn(out_dir: str, *, keep_existing: bool = False, where: str = "",
+                         hint: str = "", raise_errors: bool = False) -> str | None:
+    """`write_report` at the end of a run, where a failure is a warning, not the run's:
+    the dataset is published either way.
+
+    Args:
+        out_dir: the run's output directory.
+        keep_existing: an existing ``report.html`` is kept as it is (a run that
+            publishes removes the old dataset's report, so one that exists now was
+            written by the run's own publishing step).
+        where: said in the warning after "was not written" (e.g. " in the pipeline").
+        hint: appended to the warning (e.g. how to retry).
+        raise_errors: raise instead of warning (``softmix --verbose``).
+
+    Returns:
+        The report's path, or None when it could not be written (warned on stderr).
+    """
+    import sys
+
+    try:
+        if keep_existing:
+            fs, root = _fs(out_dir)
+            if fs.exists(posixpath.join(root, REPORT_HTML)):
+                return _shown_path(out_dir)
+        return write_report(out_dir)
+    except Exception as err:  # noqa: BLE001 - the dataset is published either way
+        if raise_errors:
+            raise
+        print(f"softmix: warning: the run report was not written{where} "
+              f"({type(err).__name__}: {err}){hint}", file=sys.stderr, flush=True)
+        return None
 
 
 def _write_slide_pngs(fs: Any, root: str, views: Sequence[SlideView], threads: int

@@ -222,3 +222,20 @@ def test_report_reads_out_through_fsspec(reported_run):
 def test_report_refuses_an_unfinished_run(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path)]) == 1
     assert "No manifest.json" in capsys.readouterr().err
+
+
+def test_report_at_the_end_of_a_run_warns_or_keeps(tmp_path, capsys):
+    # The engines' and the CLI's end-of-run report: a failure warns (the dataset is
+    # published either way), --verbose raises, and a report the run wrote is kept.
+    from pipeline.errors import PipelineError
+    from pipeline.tools.report import write_report_or_warn
+
+    assert write_report_or_warn(str(tmp_path), where=" in the pipeline", hint="; retry") is None
+    err = capsys.readouterr().err
+    assert err.startswith("softmix: warning: the run report was not written in the pipeline "
+                          "(PipelineError: ") and err.rstrip().endswith("; retry")
+    with pytest.raises(PipelineError, match="No manifest.json"):
+        write_report_or_warn(str(tmp_path), raise_errors=True)
+    (tmp_path / "report.html").write_text("<html>written by the run</html>")
+    assert write_report_or_warn(str(tmp_path), keep_existing=True) == str(tmp_path / "report.html")
+    assert (tmp_path / "report.html").read_text() == "<html>written by the run</html>"
