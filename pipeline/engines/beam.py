@@ -273,23 +273,27 @@ class _MixBucket(_StorageDoFn):
 _KEPT = "kept"
 
 
-class _SplitKept(_StorageDoFn):
-    """Tag the specs of buckets whose files a resumed run kept (a sidecar in staging)."""
+class _SplitKept(beam.DoFn):
+    """Tag the specs of buckets whose files a resumed run kept (`kept`: their sidecars'
+    names in ``staging/buckets``, listed once when the pipeline is built)."""
 
-    def __init__(self, staging: str):
+    def __init__(self, staging: str, kept: frozenset[str]):
         super().__init__()
         self._staging = staging
-        self._kept: frozenset[str] | None = None
+        self._kept = kept
 
     def process(self, item):
         from ..run.tasks import bucket_path
 
-        if self._kept is None:  # one listing per worker
-            from ..io import storage
-
-            self._kept = frozenset(storage.listdir(posixpath.join(self._staging, "buckets")))
         name = posixpath.basename(bucket_path(self._staging, *item[0])) + ".json"
         yield beam.pvalue.TaggedOutput(_KEPT, item) if name in self._kept else item
+
+
+def _kept_buckets(staging: str) -> frozenset[str]:
+    """The sidecar names in ``staging/buckets`` (one listing, in the driver)."""
+    from ..io import storage
+
+    return frozenset(storage.listdir(posixpath.join(staging, "buckets")))
 
 
 class MixBuckets(beam.PTransform):
@@ -314,7 +318,10 @@ class MixBuckets(beam.PTransform):
         super().__init__()
         self._dofn = _MixBucket(config, num_classes, progress_dir)
         self._layout = layout
-        self._split = _SplitKept(progress_dir) if split_kept and progress_dir else None
+        # Listed here, as the pipeline is built: one LIST for the run, not one per
+        # worker thread, and only buckets kept before this run started count.
+        self._split = (_SplitKept(progress_dir, _kept_buckets(progress_dir))
+                       if split_kept and progress_dir else None)
 
     def expand(self, pairs):
         if self._split is None:
