@@ -186,6 +186,7 @@ def read_dataset(
         A dataset of `(image, label)`: `image` [H, W, C] in the stored dtype, `label`
         float32 [K]; or of dicts with `as_dict`. When the manifest records the image
         shape (every example of a run shares it), `image` has that static shape.
+        tf.data's autotuning model is off on it (`without_autotune_model`).
 
     Raises:
         PipelineError: no ``manifest.json`` (unfinished or not a SoftMix directory), or
@@ -245,7 +246,8 @@ def without_autotune_model(dataset: tf.data.Dataset) -> tf.data.Dataset:
     0.3-3.7 s for `stream_dataset`: the iterator waits on the model's optimisation loop
     before it reports the end. Off, no pass waited and the passes took the same time or
     less (`read_dataset`: 5.6-6.5 s against 5.8-6.5 s for the passes that did not wait).
-    `AUTOTUNE` parallelism then means one call per core, and `prefetch(AUTOTUNE)` a
+    `AUTOTUNE` parallelism then means one call per core (at most
+    ``autotune.initial_parallelism``, 16), and `prefetch(AUTOTUNE)` a
     buffer that grows while the consumer waits. The option holds for what is built on
     the dataset; ``with_options`` with ``autotune.enabled = True`` turns it back on.
     """

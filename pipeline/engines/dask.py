@@ -306,9 +306,13 @@ class FastExit(WorkerPlugin):
     name = "softmix-fast-exit"
 
     def teardown(self, worker: Any) -> None:
+        from distributed.core import Status
+
         from .worker_exit import exit_fast
 
-        exit_fast()
+        # Also called when the plugin is removed or replaced on a running worker.
+        if worker.status in (Status.closing, Status.closed):
+            exit_fast()
 
 
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,

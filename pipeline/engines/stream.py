@@ -673,7 +673,8 @@ def stream_dataset(
         A `tf.data.Dataset` of `(image, label)` (image [tile_size, tile_size, C] in the
         slides' dtype, label float32 [K]), or of dicts (`as_dict`, `mix=False`); with
         `batch`, each field has a leading batch dimension.
-        `pipeline.dataset_stats(ds)` gives its `StreamStats`.
+        `pipeline.dataset_stats(ds)` gives its `StreamStats`. tf.data's autotuning
+        model is off on it (`pipeline.dataset.reader.without_autotune_model`).
 
     Raises:
         ValueError: a bad option (the configs' messages).

@@ -430,32 +430,6 @@ def test_two_workers_publish_and_report_without_tensorflow_in_the_driver(synthet
     assert report is True and "<html" in (out / "report.html").read_text()[:200].lower()
 
 
-_FAST_EXIT = """
-import atexit, sys
-atexit.register(lambda: open(sys.argv[1], "w").write("teardown ran"))
-from pipeline.engines.worker_exit import exit_fast
-exit_fast()
-print("work done", end="")
-if sys.argv[2] == "fail":
-    raise RuntimeError("the harness failed")
-"""
-
-
-@pytest.mark.parametrize(("mode", "status"), [("ok", 0), ("fail", 1)])
-def test_a_local_worker_skips_its_teardown_and_keeps_its_exit_status(mode, status, tmp_path):
-    import subprocess
-    import sys
-
-    marker = tmp_path / "teardown.txt"
-    done = subprocess.run([sys.executable, "-c", _FAST_EXIT, str(marker), mode],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == status
-    assert done.stdout == "work done"  # flushed before the process ends
-    # Done: the hooks and the teardown after it are skipped; failed: Python ends it.
-    assert marker.exists() == bool(status)
-    assert ("the harness failed" in done.stderr) == bool(status)
-
-
 def test_a_resumed_run_checks_kept_buckets_apart_from_new_ones(synthetic_dataset, tmp_path,
                                                                monkeypatch):
     # The local runner splits a stage's input round-robin: kept buckets (cheap to check)
