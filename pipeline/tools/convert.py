@@ -539,11 +539,12 @@ def _run_stages(stages: Sequence[Sequence[BlockTask]], config: ConvertConfig, *,
     client = None
     local = _LocalPool(workers) if engine == "local" else None
     if engine == "dask":
-        from distributed import Client, LocalCluster
+        from distributed import Client
 
-        client = (Client(scheduler) if scheduler else
-                  Client(LocalCluster(n_workers=workers, threads_per_worker=1,
-                                      processes=True, dashboard_address=None)))
+        from ..engines.dask import start_local_cluster
+
+        # The job's cluster (dashboard on a free port: the default 8787 may be taken).
+        client = Client(scheduler) if scheduler else Client(start_local_cluster(workers))
     start = time.perf_counter()
     try:
         for number, stage in enumerate(stages):
