@@ -779,7 +779,7 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
             result = run_dask(job, workers=args.workers, scheduler=args.scheduler,
                               memory_limit=args.memory_limit,
                               threads_per_worker=args.threads_per_worker,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, report=not args.no_report)
     except KeyboardInterrupt:
         staging = os.path.join(job.output.out_dir, STAGING_DIR)
         print(f"softmix: interrupted; staging kept in {staging} (rerun the same command "
@@ -803,8 +803,8 @@ def _run_job(args: argparse.Namespace, job: JobConfig, extra: Sequence[str], *,
         from .tools.report import write_report_or_warn
 
         # An existing report.html was written by the run's publishing step (`softmix
-        # beam`: in the worker, where TensorFlow is loaded) or nothing was published
-        # (`--resume` of a finished run).
+        # beam`, `softmix dask`: on a worker, where TensorFlow is loaded) or nothing was
+        # published (`--resume` of a finished run).
         shown = write_report_or_warn(
             job.output.out_dir, keep_existing=True, raise_errors=verbose,
             hint=f"; retry with `softmix report {job.output.out_dir}`.")

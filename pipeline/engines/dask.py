@@ -135,7 +135,8 @@ def _without_tiles(plan: Any) -> Any:
 
 def run_job(client: Any, job: JobConfig, *, progress: bool = True,
             examples_per_task: int | None = None,
-            extra_params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+            extra_params: Mapping[str, Any] | None = None,
+            report: bool = False) -> dict[str, Any]:
     """Run the whole job on the cluster behind `client` and return the written manifest.
 
     The Python API for users who already hold a `distributed.Client`; the workers must
@@ -147,6 +148,9 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
         progress: show a progress counter (local output only).
         examples_per_task: examples per mix bucket (default 128).
         extra_params: more entries for the manifest's `params`.
+        report: once the run is published, a worker writes the run report
+            (``OUT/report.html``, `pipeline.tools.report`) when the run wrote
+            examples; a failure there is a warning on stderr, not the run's.
 
     Raises:
         PipelineError: bad manifest, existing output, or (with on_error="fail") a bad
@@ -156,12 +160,12 @@ def run_job(client: Any, job: JobConfig, *, progress: bool = True,
     if run.finished is not None:
         return dict(run.finished)
     return _run_prepared(client, run, progress=progress, examples_per_task=examples_per_task,
-                         extra_params=extra_params)
+                         extra_params=extra_params, report=report)
 
 
 def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: int | None,
-                  extra_params: Mapping[str, Any] | None, prewarm: bool = False
-                  ) -> dict[str, Any]:
+                  extra_params: Mapping[str, Any] | None, prewarm: bool = False,
+                  report: bool = False) -> dict[str, Any]:
     """The run's steps as futures; see the module docstring for what travels where.
 
     Longer than most functions here because it is the whole composition: five phases,
@@ -269,7 +273,25 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
         client.cancel(held)
     accounting = Accounting.merge_all(
         list(plan_acc) + list(strip_acc) + list(pair_acc) + [b.accounting for b in buckets])
-    return run.publish(infos, layout.num_shards, accounting, params, stain=stain, fits=fits)
+    manifest = run.publish(infos, layout.num_shards, accounting, params, stain=stain,
+                           fits=fits)
+    if report and _job.exit_status(manifest) == 0:
+        _report_on_worker(client, job.output.out_dir)
+    return manifest
+
+
+def _report_on_worker(client: Any, out_dir: str) -> str | None:
+    """Write the run report on a worker: mixing loaded TensorFlow there already (the
+    report's shard sample and contact sheet need it), where in the client its import
+    alone took ~3 s of a 16-slide run's ~36 (`benchmarks/bench_resume.py`). Lost
+    workers only make Dask rerun this task: the dataset is published already."""
+    from ..tools.report import write_report, write_report_or_warn
+
+    def on_worker(path: str) -> str:
+        return client.submit(write_report, path, pure=False,
+                             key=f"softmix-report-{uuid.uuid4().hex[:8]}").result()
+
+    return write_report_or_warn(out_dir, where=" on a Dask worker", writer=on_worker)
 
 
 #: Dask settings for the workers of `start_local_cluster` (measured with
@@ -337,12 +359,14 @@ def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
 
 def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None,
              workers: int = 1, memory_limit: str | int = "4GiB", threads_per_worker: int = 1,
-             progress: bool = True, examples_per_task: int | None = None) -> dict[str, Any]:
+             progress: bool = True, examples_per_task: int | None = None,
+             report: bool = False) -> dict[str, Any]:
     """Run the whole job on Dask and return the written manifest (`softmix dask`).
 
     Uses `client` if given, else connects to `scheduler`, else starts (and closes) a
     LocalCluster of `workers` processes with `memory_limit` and `threads_per_worker`
-    each. Prints the dashboard link.
+    each. Prints the dashboard link. With `report`, a worker writes the run report
+    once the run is published (`run_job`).
 
     Raises:
         ValueError: `workers` or `threads_per_worker` outside [1, config.MAX_WORKERS].
@@ -362,7 +386,7 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
     if run.finished is not None:
         return dict(run.finished)
     options = {"progress": progress, "examples_per_task": examples_per_task,
-               "extra_params": extra}
+               "extra_params": extra, "report": report}
     if client is not None:
         return _run_prepared(client, run, **options)
     if scheduler is not None:

@@ -978,7 +978,8 @@ def _shown_path(out_dir: str) -> str:
 
 
 def write_report_or_warn(out_dir: str, *, keep_existing: bool = False, where: str = "",
-                         hint: str = "", raise_errors: bool = False) -> str | None:
+                         hint: str = "", raise_errors: bool = False,
+                         writer: Callable[[str], str] | None = None) -> str | None:
     """`write_report` at the end of a run, where a failure is a warning, not the run's:
     the dataset is published either way.
 
@@ -990,6 +991,9 @@ def write_report_or_warn(out_dir: str, *, keep_existing: bool = False, where: st
         where: said in the warning after "was not written" (e.g. " in the pipeline").
         hint: appended to the warning (e.g. how to retry).
         raise_errors: raise instead of warning (``softmix --verbose``).
+        writer: writes the report of `out_dir` and returns its path (default
+            `write_report`; `softmix dask` runs it on a worker, where TensorFlow is
+            loaded already).
 
     Returns:
         The report's path, or None when it could not be written (warned on stderr).
@@ -1001,7 +1005,7 @@ def write_report_or_warn(out_dir: str, *, keep_existing: bool = False, where: st
             fs, root = _fs(out_dir)
             if fs.exists(posixpath.join(root, REPORT_HTML)):
                 return _shown_path(out_dir)
-        return write_report(out_dir)
+        return (writer or write_report)(out_dir)
     except Exception as err:  # noqa: BLE001 - the dataset is published either way
         if raise_errors:
             raise

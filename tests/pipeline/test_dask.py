@@ -320,6 +320,26 @@ def test_killed_worker_mid_run_gives_the_same_output(client, synthetic_dataset, 
     assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_report_is_written_on_a_worker(client, synthetic_dataset, tmp_path):
+    # `softmix dask` (report=True): the published run's report is drawn by a worker,
+    # where mixing loaded TensorFlow, not by the client.
+    out = tmp_path / "out"
+    with distributed.get_task_stream(client) as stream:
+        manifest = dask_transforms.run_job(client, make_job(synthetic_dataset.manifest_path, out),
+                                           progress=False, report=True)
+    assert manifest["num_examples"] == EXAMPLES
+    report_tasks = [t for t in stream.data if t["key"].startswith("softmix-report-")]
+    assert len(report_tasks) == 1
+    assert report_tasks[0]["worker"] in client.scheduler_info()["workers"]
+    page = (out / "report.html").read_text()
+    assert page.startswith("<!DOCTYPE html>")
+    assert all(sid in page for sid in synthetic_dataset.slide_ids)
+    from pipeline.tools.report import slide_png_name
+
+    assert sorted(p.name for p in (out / "report").iterdir() if p.suffix == ".png") == sorted(
+        slide_png_name(sid) for sid in synthetic_dataset.slide_ids)
+
+
 def test_missing_slide_is_counted_and_others_done(client, synthetic_dataset, tmp_path):
     manifest_path = manifest_with_ghost(synthetic_dataset, tmp_path)
     manifest = dask_transforms.run_job(client, make_job(manifest_path, tmp_path / "out"),

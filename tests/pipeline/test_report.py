@@ -239,3 +239,11 @@ def test_report_at_the_end_of_a_run_warns_or_keeps(tmp_path, capsys):
     (tmp_path / "report.html").write_text("<html>written by the run</html>")
     assert write_report_or_warn(str(tmp_path), keep_existing=True) == str(tmp_path / "report.html")
     assert (tmp_path / "report.html").read_text() == "<html>written by the run</html>"
+
+    def lost(out_dir: str) -> str:  # e.g. `softmix dask`'s worker
+        raise OSError(f"worker lost drawing {out_dir}")
+
+    assert write_report_or_warn(str(tmp_path), where=" on a Dask worker", writer=lost) is None
+    assert capsys.readouterr().err.startswith(
+        "softmix: warning: the run report was not written on a Dask worker (OSError: worker "
+        f"lost drawing {tmp_path})")
