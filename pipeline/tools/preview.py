@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -106,10 +106,9 @@ def write_preview(out_dir: str, *, output: str | None = None, num_examples: int 
     cell_w, cell_h = 2 * tile_px + 8, tile_px + _CAPTION + 8
     sheet = Image.new("RGB", (cols * cell_w, rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for i, record in enumerate(records):
+    masks = _masks_of(records, mix)
+    for i, (record, mask) in enumerate(zip(records, masks, strict=True)):
         image = record["image"]
-        height, width = image.shape[:2]
-        mask = _mask_of(record, mix, (height, width))
         mask_rgb = np.repeat((mask * 255).round().astype(np.uint8)[..., None], 3, axis=-1)
         x0, y0 = (i % cols) * cell_w, (i // cols) * cell_h
         for j, part in enumerate((_to_rgb8(image), mask_rgb)):
@@ -169,19 +168,24 @@ def _preview_records(out_dir: str, manifest: Mapping[str, Any], num_examples: in
     return records
 
 
-def _mask_of(record: Mapping[str, Any], mix: Mapping[str, Any], shape: tuple[int, int]
-             ) -> np.ndarray:
-    """The example's mixing mask (1 = from source b), drawn again from its seed; zeros
-    for an unmixed example."""
+def _masks_of(records: Sequence[Mapping[str, Any]], mix: Mapping[str, Any]
+              ) -> list[np.ndarray]:
+    """Each example's mixing mask (1 = from source b), drawn again from its seed (one
+    `softmix_mask` call per tile shape: per-example seeds make a batch's masks those of
+    single calls); zeros for an unmixed example."""
     import softmix_tf
 
-    height, width = shape
-    if record["lam"] > 0:
-        mask = softmix_tf.softmix_mask(
-            np.asarray([record["seed"]], dtype=np.int64), (height, width),
+    masks = [np.zeros(r["image"].shape[:2], np.float32) for r in records]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, record in enumerate(records):
+        if record["lam"] > 0:
+            by_shape.setdefault(tuple(record["image"].shape[:2]), []).append(i)
+    for shape, indices in by_shape.items():
+        drawn = softmix_tf.softmix_mask(
+            np.stack([np.asarray(records[i]["seed"], np.int64) for i in indices]), shape,
             grid=tuple(mix["grid"]), alpha=mix["alpha"], softness=mix["softness"],
             ramp=mix["ramp"],
-        ).numpy()[0]
-    else:
-        mask = np.zeros((height, width), np.float32)
-    return mask
+        ).numpy()
+        for i, mask in zip(indices, drawn, strict=True):
+            masks[i] = mask
+    return masks

@@ -298,6 +298,34 @@ def test_cli_help_and_preview(demo_run, tmp_path, capsys):
         assert image.size[0] > 300 and image.size[1] > 100
 
 
+def test_preview_masks_are_the_records_masks(demo_run):
+    # The contact sheet draws every mask in one batched call: each equals the example's
+    # own single-example mask, its mean is the example's lam, and unmixed ones are 0.
+    import softmix_tf
+    from pipeline.run.output import read_manifest
+    from pipeline.tools.preview import _masks_of, _preview_records
+
+    _, out, _ = demo_run
+    manifest = read_manifest(str(out))
+    mix = manifest["params"]["mix"]
+    records = _preview_records(str(out), manifest, 12)
+    masks = _masks_of(records, mix)
+    assert len(masks) == len(records) == 12
+    mixed = 0
+    for record, mask in zip(records, masks, strict=True):
+        assert mask.shape == record["image"].shape[:2]
+        if record["lam"] == 0:
+            assert not mask.any()
+            continue
+        mixed += 1
+        single = softmix_tf.softmix_mask(
+            np.asarray([record["seed"]], np.int64), mask.shape, grid=tuple(mix["grid"]),
+            alpha=mix["alpha"], softness=mix["softness"], ramp=mix["ramp"]).numpy()[0]
+        np.testing.assert_array_equal(mask, single)
+        assert abs(float(mask.mean()) - float(record["lam"])) < 1e-4
+    assert mixed >= 6
+
+
 def test_cross_class_pairing_with_group_rule(synthetic_dataset, tmp_path):
     out = tmp_path / "out"
     job = _job_config(synthetic_dataset.manifest_path, out,
