@@ -276,11 +276,11 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     manifest = run.publish(infos, layout.num_shards, accounting, params, stain=stain,
                            fits=fits)
     if report and _job.exit_status(manifest) == 0:
-        _report_on_worker(client, job.output.out_dir)
+        _report_on_worker(client, job.output.out_dir, run_id)
     return manifest
 
 
-def _report_on_worker(client: Any, out_dir: str) -> str | None:
+def _report_on_worker(client: Any, out_dir: str, run_id: str) -> str | None:
     """Write the run report on a worker: mixing loaded TensorFlow there already (the
     report's shard sample and contact sheet need it). At the end of a 16-slide run of
     ~36 s, the client's TensorFlow import and the report took 4.6 s, the task on a
@@ -290,7 +290,7 @@ def _report_on_worker(client: Any, out_dir: str) -> str | None:
 
     def on_worker(path: str) -> str:
         return client.submit(write_report, path, pure=False,
-                             key=f"softmix-report-{uuid.uuid4().hex[:8]}").result()
+                             key=f"softmix-report-{run_id}").result()
 
     return write_report_or_warn(out_dir, where=" on a Dask worker", writer=on_worker)
 
