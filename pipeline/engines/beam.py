@@ -82,7 +82,8 @@ class _StorageDoFn(beam.DoFn):
         if getattr(self, "prewarm", False):
             from ..run.tasks import prewarm_mixing
 
-            prewarm_mixing()
+            # An SDK worker process runs only our steps: no Keras to import there.
+            prewarm_mixing(without_keras=_in_sdk_worker_process())
 
     def _local_setup(self) -> None:
         if getattr(self, "local_process", False) and _in_sdk_worker_process():

@@ -178,7 +178,8 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     if job.output.storage_options:  # workers of a cluster started elsewhere, too
         client.run(storage.ensure, job.output.storage_options)
     if run.resumed:  # mixing comes soon: TensorFlow imports while kept work is checked
-        client.run(_tasks.prewarm_mixing)
+        # (without Keras in the worker processes of a cluster of our own).
+        client.run(_tasks.prewarm_mixing, without_keras=prewarm)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     params = run.params("dask", workers=len(workers), **dict(extra_params or {}))
     run_id = uuid.uuid4().hex[:8]
@@ -219,7 +220,7 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
             # Every worker of a cluster of our own will mix: TensorFlow imports in a
             # background thread while the strips are packed (with 1 worker, on the
             # core the driver leaves idle) instead of delaying the first bucket.
-            client.run(_tasks.prewarm_mixing)
+            client.run(_tasks.prewarm_mixing, without_keras=True)
         ends = list(itertools.accumulate(counts))
         results = [flat[end - n:end] for end, n in zip(ends, counts, strict=True) if n]
         per_slide = client.gather(client.map(_strips_facts, results))

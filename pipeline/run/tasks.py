@@ -60,9 +60,10 @@ logger = logging.getLogger(__name__)
 _PREWARM: list[Any] = []  # the one background import thread of this process, once started
 
 
-def prewarm_mixing() -> None:
+def prewarm_mixing(*, without_keras: bool = False) -> None:
     """Start importing TensorFlow and the mixing op in a background thread (once per
-    process); the first `mix_bucket` then finds them loaded.
+    process); the first `mix_bucket` then finds them loaded. `without_keras`: only for
+    a worker process the engine started itself (`mix.import_mixing_ops`).
 
     For the workers of a *resumed* run: such a run goes from checks that cost
     metadata reads (kept plans, packs) straight to mixing, so the seconds TensorFlow
@@ -78,10 +79,9 @@ def prewarm_mixing() -> None:
 
     def load() -> None:
         try:
-            from ..steps.mix import configure_tensorflow
+            from ..steps.mix import import_mixing_ops
 
-            configure_tensorflow()
-            import softmix_tf  # noqa: F401 - loads the op library once
+            import_mixing_ops(without_keras=without_keras)
         except Exception:  # noqa: BLE001 - the first bucket imports (and reports) it again
             logger.debug("prewarming TensorFlow failed", exc_info=True)
 

@@ -386,23 +386,37 @@ def test_checkpoint_reuse_on_an_object_store_is_metadata_only(monkeypatch):
 
 
 _PREWARM = """
-import sys
+import os, sys
 from pipeline.run import tasks
 before = "tensorflow" in sys.modules
-tasks.prewarm_mixing()
+tasks.prewarm_mixing(without_keras=sys.argv[1] == "1")
 tasks.prewarm_mixing()  # once per process
 assert len(tasks._PREWARM) == 1
 tasks._PREWARM[0].join(timeout=120)
-print(before, "tensorflow" in sys.modules, "softmix_tf" in sys.modules)
+print(before, "tensorflow" in sys.modules, "softmix_tf" in sys.modules, "keras" in sys.modules,
+      "softmix_tf._layer" in sys.modules,
+      [os.environ.get(k) for k in ("TF_USE_LEGACY_KERAS", "SOFTMIX_TF_LAZY_KERAS")])
+import numpy as np, tensorflow as tf, softmix_tf
+mask = softmix_tf.softmix_mask(tf.constant([[3, 4]], tf.int64), (8, 8), grid=2)
+print(float(np.asarray(mask).sum()) > 0)
+print(type(tf.keras.layers.Dense(2)).__module__.split(".")[0], softmix_tf.SoftMix.__name__)
 """
 
 
-def test_a_resumed_runs_workers_import_tensorflow_in_the_background():
+@pytest.mark.parametrize("without_keras", [False, True])
+def test_a_resumed_runs_workers_import_tensorflow_in_the_background(without_keras):
     # Called by the engines for a resumed run only; a fresh run's planning, packing and
-    # pairing keep TensorFlow out (test_stages).
-    done = subprocess.run([sys.executable, "-c", _PREWARM], capture_output=True, text=True,
-                          timeout=300, check=True)
-    assert done.stdout.split() == ["False", "True", "True"]
+    # pairing keep TensorFlow out (test_stages). `without_keras` (the engines' own worker
+    # processes): Keras stays out until something asks for it (tf.keras, a layer), the
+    # import's environment variables are put back, and the op works.
+    done = subprocess.run([sys.executable, "-c", _PREWARM, str(int(without_keras))],
+                          capture_output=True, text=True, timeout=300, check=True)
+    keras_loaded = str(not without_keras)
+    assert done.stdout.splitlines() == [
+        f"False True True {keras_loaded} {keras_loaded} [None, None]",
+        "True",
+        "keras SoftMix",
+    ]
 
 
 def test_a_run_killed_while_publishing_is_resumed(synthetic_dataset, tmp_path, monkeypatch):

@@ -124,3 +124,73 @@ class DataHelpersTest(tf.test.TestCase):
         self.assertEqual(fn(tf.constant(0, tf.int64), data["images"]).shape, (4, 16, 16, 3))
         with pytest.raises(TypeError, match="seed"):
             softmix_tf.data.softmix_map_fn(seed="x")
+
+
+def _python(code: str, args: tuple[str, ...] = (), **env: str) -> str:
+    """Run `code` in a fresh interpreter (imports are what is tested) and return its
+    stdout; the environment gets `env` on top of this one's."""
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_import_softmix_tf_is_all_load_model_needs(tmp_path):
+    """A model saved with the layers loads in a process that only imported softmix_tf
+    (the layers register with Keras on import), and computes the same."""
+    images = keras.Input((16, 16, 3))
+    labels = keras.Input((6,))
+    mixed = softmix_tf.SoftMix(grid=4, seed=5)({"images": images, "labels": labels})
+    normalised = softmix_tf.StainNormalize(method="reinhard")(mixed["images"])
+    model = keras.Model([images, labels], [normalised, mixed["labels"]])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    data = _data(dtype="float32")
+    expected = model([data["images"], data["labels"]], training=True)
+    np.save(tmp_path / "images.npy", data["images"])
+    np.save(tmp_path / "labels.npy", data["labels"])
+    out = _python(
+        "import os, sys, numpy as np, keras, softmix_tf\n"
+        "d = sys.argv[1]\n"
+        "m = keras.saving.load_model(os.path.join(d, 'model.keras'))\n"
+        "x, y = (np.load(os.path.join(d, n + '.npy')) for n in ('images', 'labels'))\n"
+        "a, b = m([x, y], training=True)\n"
+        "np.save(os.path.join(d, 'a.npy'), np.asarray(a))\n"
+        "np.save(os.path.join(d, 'b.npy'), np.asarray(b))\n"
+        "print(sorted(type(la).__name__ for la in m.layers\n"
+        "             if type(la).__module__.startswith('softmix_tf')))\n",
+        args=(str(tmp_path),),
+    )
+    assert out.strip() == "['SoftMix', 'StainNormalize']"
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.asarray(expected[0]))
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), np.asarray(expected[1]))
+
+
+def test_lazy_keras_defers_the_layers_to_first_use():
+    """SOFTMIX_TF_LAZY_KERAS=1 (the pipeline's worker processes): the ops work without
+    Keras imported; the layers import, register and work on first use."""
+    out = _python(
+        "import sys, numpy as np, tensorflow as tf, softmix_tf\n"
+        "assert 'softmix_tf._layer' not in sys.modules, 'the layers imported eagerly'\n"
+        "m = softmix_tf.softmix_mask(tf.constant([[1, 2]], tf.int64), (8, 8), grid=2)\n"
+        "print(m.shape, 'softmix_tf._layer' in sys.modules)\n"
+        "import keras\n"
+        "layer = softmix_tf.SoftMix(seed=1)\n"
+        "print(keras.saving.get_registered_object('softmix_tf>SoftMix') is softmix_tf.SoftMix, "
+        "type(softmix_tf.StainNormalize()).__name__)\n"
+        "try:\n"
+        "    softmix_tf.NoSuchThing\n"
+        "except AttributeError as err:\n"
+        "    print(err)\n",
+        SOFTMIX_TF_LAZY_KERAS="1",
+    )
+    assert out.splitlines() == [
+        "(1, 8, 8) False",
+        "True StainNormalize",
+        "module 'softmix_tf' has no attribute 'NoSuchThing'",
+    ]
