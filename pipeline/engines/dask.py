@@ -339,12 +339,22 @@ class FastExit(WorkerPlugin):
             exit_fast()
 
 
+def dask_setup(worker: Any) -> None:
+    """Worker preload hook (`distributed`'s ``preload``, see `start_local_cluster`): the
+    worker process starts importing TensorFlow and the op, without Keras, as it starts."""
+    from ..run.tasks import prewarm_mixing
+
+    prewarm_mixing(without_keras=True)
+
+
 def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
-                        memory_limit: str | int = "4GiB") -> Any:
+                        memory_limit: str | int = "4GiB", prewarm: bool = False) -> Any:
     """A `distributed.LocalCluster` of `workers` processes, dashboard on a free port.
 
     Each worker's TensorFlow gets `threads_per_worker` threads (`SOFTMIX_TF_THREADS`),
-    so workers x threads never oversubscribe the cores.
+    so workers x threads never oversubscribe the cores. With `prewarm` (a resumed
+    run: mixing comes right after the checks of kept work), each worker starts
+    importing TensorFlow as its process starts (`dask_setup`).
     """
     import dask
     from distributed import LocalCluster
@@ -356,7 +366,8 @@ def start_local_cluster(workers: int = 1, *, threads_per_worker: int = 1,
     with dask.config.set(WORKER_CONFIG):
         return LocalCluster(n_workers=workers, threads_per_worker=threads_per_worker,
                             processes=True, memory_limit=memory_limit,
-                            dashboard_address=":0", env=env, silence_logs=logging.ERROR)
+                            dashboard_address=":0", env=env, silence_logs=logging.ERROR,
+                            preload=[__name__] if prewarm else None)
 
 
 def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None,
@@ -396,7 +407,8 @@ def run_dask(job: JobConfig, *, client: Any = None, scheduler: str | None = None
             print(f"dask dashboard: {own.dashboard_link}", flush=True)
             return _run_prepared(own, run, **options)
     with start_local_cluster(workers, threads_per_worker=threads_per_worker,
-                             memory_limit=memory_limit) as cluster, Client(cluster) as own:
+                             memory_limit=memory_limit,
+                             prewarm=run.resumed) as cluster, Client(cluster) as own:
         print(f"dask dashboard: {own.dashboard_link}", flush=True)
         own.register_plugin(FastExit())
         return _run_prepared(own, run, prewarm=True, **options)

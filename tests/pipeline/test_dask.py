@@ -224,6 +224,30 @@ def test_a_closing_worker_skips_its_teardown_with_fast_exit(fast, tmp_path):
     assert marker.exists() is not fast
 
 
+def _prewarmed() -> tuple[int, bool, bool, bool]:
+    import sys
+
+    from pipeline.run import tasks
+
+    for thread in tasks._PREWARM:
+        thread.join(timeout=120)
+    return (len(tasks._PREWARM), "softmix_tf" in sys.modules, "keras" in sys.modules,
+            "softmix_tf._layer" in sys.modules)
+
+
+def test_a_resumed_runs_cluster_imports_the_op_as_workers_start():
+    # `run_dask` starts a resumed run's cluster with `prewarm`: each worker process
+    # imports TensorFlow and the op (without Keras) from its start, before any task.
+    from distributed import Client
+
+    from pipeline.engines.dask import start_local_cluster
+
+    with start_local_cluster(1, prewarm=True) as cluster, Client(cluster) as own:
+        assert list(own.run(_prewarmed).values()) == [(1, True, False, False)]
+    with start_local_cluster(1) as cluster, Client(cluster) as own:
+        assert list(own.run(_prewarmed).values()) == [(0, False, False, False)]
+
+
 def test_worker_tensorflow_threads_are_capped(client, dask_run):
     def threads():
         import tensorflow as tf
