@@ -37,6 +37,14 @@ def _init_worker() -> None:
     configure_tensorflow()
 
 
+def _init_pool_worker() -> None:
+    """A spawned worker process runs only the steps: TensorFlow and the op import
+    without Keras (`mix.import_mixing_ops`)."""
+    from ..steps.mix import import_mixing_ops
+
+    import_mixing_ops(without_keras=True)
+
+
 class _InProcess:
     """The one-worker "pool": `map` runs right here, in order."""
 
@@ -59,7 +67,8 @@ def _pool(workers: int) -> Any:
 
     # Spawned, not forked: the driver may already run TensorFlow threads.
     return concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker)
+        workers, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_pool_worker)
 
 
 def run_local(job: JobConfig, *, workers: int = 1, progress: bool = True,

@@ -57,3 +57,13 @@ def test_a_spawned_worker_that_fails_keeps_status_1():
     child.start()
     child.join(120)
     assert child.exitcode == 1
+
+
+def test_local_pool_workers_import_the_op_without_keras():
+    # `softmix local --workers N` spawns processes that only run the steps: they load
+    # TensorFlow and the op as they start, and never Keras (~0.75 CPU s each).
+    from pipeline.engines.local import _pool
+
+    probe = "('softmix_tf' in __import__('sys').modules, 'keras' in __import__('sys').modules)"
+    with _pool(2) as pool:
+        assert list(pool.map(eval, [probe] * 4)) == [(True, False)] * 4
