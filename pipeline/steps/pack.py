@@ -321,7 +321,8 @@ def pack_strip(task: StripTask, staging: str, *,
                 continue
             if transform is not None:
                 pixels = transform(pixels)
-            blob = (np.ascontiguousarray(pixels).tobytes() if zstd is None
+            # Raw: the contiguous copy's own buffer, not a second copy as `bytes`.
+            blob = (memoryview(np.ascontiguousarray(pixels)).cast("B") if zstd is None
                     else bytes(zstd.encode(np.ascontiguousarray(pixels))))
             out.write(blob)
             entries[tile.key] = (offset, len(blob))
