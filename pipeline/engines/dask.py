@@ -177,9 +177,10 @@ def _run_prepared(client: Any, run: Run, *, progress: bool, examples_per_task: i
     job, slides, staging = run.job, list(run.slides), run.staging
     if job.output.storage_options:  # workers of a cluster started elsewhere, too
         client.run(storage.ensure, job.output.storage_options)
-    if run.resumed:  # mixing comes soon: TensorFlow imports while kept work is checked
-        # (without Keras in the worker processes of a cluster of our own).
-        client.run(_tasks.prewarm_mixing, without_keras=prewarm)
+    if run.resumed and not prewarm:
+        # Mixing comes soon: TensorFlow imports while kept work is checked. A cluster of
+        # our own started that import (without Keras) as its workers started.
+        client.run(_tasks.prewarm_mixing)
     workers = client.scheduler_info(n_workers=-1)["workers"]
     params = run.params("dask", workers=len(workers), **dict(extra_params or {}))
     run_id = uuid.uuid4().hex[:8]

@@ -173,7 +173,7 @@ def test_import_softmix_tf_is_all_load_model_needs(tmp_path):
 
 def test_lazy_keras_defers_the_layers_to_first_use():
     """SOFTMIX_TF_LAZY_KERAS=1 (the pipeline's worker processes): the ops work without
-    Keras imported; the layers import, register and work on first use."""
+    the layer modules imported; the layers import, register and work on first use."""
     out = _python(
         "import sys, numpy as np, tensorflow as tf, softmix_tf\n"
         "assert 'softmix_tf._layer' not in sys.modules, 'the layers imported eagerly'\n"
