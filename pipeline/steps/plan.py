@@ -13,6 +13,7 @@ dropped (never padded), so up to ``tile_size - 1`` pixels at those edges are not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -118,7 +119,6 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     >>> bool(tissue_mask(np.full((8, 8, 3), 240, np.uint8)).any())
     False
     """
-    from scipy import ndimage
     from skimage.filters import gaussian, threshold_otsu
 
     if image.ndim == 2:
@@ -162,7 +162,7 @@ def tissue_mask(image: np.ndarray, *, mode: str = "auto") -> np.ndarray:
     # Pad with edge values so closing does not erode tissue that touches the border.
     padded = np.pad(mask, radius, mode="edge")
     padded = close_with_disk(padded, radius)
-    return ndimage.binary_fill_holes(padded[radius:-radius, radius:-radius])
+    return fill_holes(padded[radius:-radius, radius:-radius])
 
 
 def _saturation(image: np.ndarray) -> np.ndarray:
@@ -198,12 +198,15 @@ def _grey_mode(intensity: np.ndarray) -> str:
 
 
 def close_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
-    """`ndimage.binary_closing(mask, structure=disk(radius))`, exactly, in O(pixels).
+    """`ndimage.binary_closing(mask, structure=disk(radius))`, exactly, in O(pixels x radius)
+    byte operations.
 
-    Dilation and erosion by a Euclidean disk are thresholds of Euclidean distance
-    transforms (a pixel centre within distance `radius`), and pixels outside the array
-    count as background, as with `binary_closing`'s default ``border_value=0``. A
-    disk of radius 16 on a 1024-px thumbnail is 25x faster this way.
+    The closing is a dilation then an erosion by the Euclidean disk (the pixel offsets
+    ``dy**2 + dx**2 <= radius**2``), and the erosion is the complement of the dilation
+    of the complement. Pixels outside the array count as background, as with
+    `binary_closing`'s default ``border_value=0``, so nothing within `radius` of the
+    border survives the erosion. 3.5x faster than thresholding two Euclidean distance
+    transforms on the 1024-px thumbnail of a slide; planning is mostly this.
 
     >>> from scipy import ndimage
     >>> from skimage.morphology import disk
@@ -211,11 +214,9 @@ def close_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     >>> bool((close_with_disk(m, 1) == ndimage.binary_closing(m, disk(1))).all())
     True
     """
-    from scipy import ndimage
-
     if not mask.any():
         return mask.copy()
-    dilated = ndimage.distance_transform_edt(~mask) <= radius
+    dilated = _dilate_with_disk(mask, radius)
     height, width = mask.shape
     rows = np.arange(height)[:, None]
     cols = np.arange(width)[None, :]
@@ -223,7 +224,59 @@ def close_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
                         np.minimum(cols + 1, width - cols)) > radius
     if dilated.all():
         return inside
-    return (ndimage.distance_transform_edt(dilated) > radius) & inside
+    return ~_dilate_with_disk(~dilated, radius) & inside
+
+
+def _dilate_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
+    """`ndimage.binary_dilation(mask, structure=disk(radius))`, exactly.
+
+    A pixel is set when, for some row offset ``dy`` within the disk, the row ``dy``
+    away has a set pixel within the disk's half-width there,
+    ``floor(sqrt(radius**2 - dy**2))``: one horizontal gap map (distance to the
+    nearest set pixel of the row), thresholded per half-width and OR-ed row-shifted.
+    """
+    height, width = mask.shape
+    far = 2 * (width + radius + 1)
+    columns = np.arange(width, dtype=np.int32 if far < 2**31 else np.int64)
+    left = np.where(mask, columns, -far)
+    np.maximum.accumulate(left, axis=1, out=left)
+    right = np.where(mask, columns, far)[:, ::-1]
+    right = np.minimum.accumulate(right, axis=1)[:, ::-1]
+    gap = np.minimum(columns - left, right - columns)
+    gap = np.minimum(gap, radius + 1).astype(np.uint8 if radius < 254 else np.int64)
+    out = np.zeros_like(mask)
+    within: dict[int, np.ndarray] = {}
+    for dy in range(-min(radius, height - 1), min(radius, height - 1) + 1):
+        half = math.isqrt(radius * radius - dy * dy)
+        near = within.get(half)
+        if near is None:
+            near = within[half] = gap <= half
+        if dy >= 0:
+            out[:height - dy] |= near[dy:]
+        else:
+            out[-dy:] |= near[:height + dy]
+    return out
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """`ndimage.binary_fill_holes(mask)`, exactly, from one labelling: background
+    (4-connected) that does not reach the border is a hole. Several times faster than
+    `binary_fill_holes`' repeated dilations on a slide's thumbnail.
+
+    >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True; m[2, 2] = False
+    >>> bool(fill_holes(m)[2, 2]), bool(fill_holes(m)[0, 0])
+    (True, False)
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(~mask)
+    if count == 0:
+        return mask.copy()
+    reaches_border = np.zeros(count + 1, dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        reaches_border[edge] = True
+    reaches_border[0] = True  # label 0: the mask itself
+    return mask | ~reaches_border[labels]
 
 
 def _box_bounds(
@@ -265,7 +318,9 @@ def _summed_area(values: np.ndarray) -> np.ndarray:
         values = values[..., np.newaxis]
     mh, mw, k = values.shape
     table = np.zeros((mh + 1, mw + 1, k), dtype=np.float64)
-    table[1:, 1:] = values.astype(np.float64).cumsum(axis=0).cumsum(axis=1)
+    inner = table[1:, 1:]  # summed in place: no float64 copies of the map
+    np.cumsum(values, axis=0, dtype=np.float64, out=inner)
+    np.cumsum(inner, axis=1, out=inner)
     return table
 
 
@@ -403,15 +458,19 @@ def _plan(
                 "(soft labels have one entry per class). Pass manifest.class_names."
             )
         soft = _soft_labels(slide, config.label_image, level, kept, size, class_names)
-    tiles = sorted(
+    # Sorted by key (x, then y: one slide, one level) before the records are made,
+    # which sorting the records themselves (dataclass comparisons) takes far longer.
+    order = np.lexsort((kept[:, 0], kept[:, 1])).tolist() if len(kept) else []
+    yx = kept.tolist()
+    tiles = [
         TileRecord(
-            TileKey(record.slide_id, level, int(x), int(y)),
+            TileKey(record.slide_id, level, int(yx[i][1]), int(yx[i][0])),
             label=record.label_index,
             group=record.group,
-            soft_label=soft_label,
+            soft_label=soft[i],
         )
-        for (y, x), soft_label in zip(kept.tolist(), soft, strict=True)
-    )
+        for i in order
+    ]
     stats = slide.read_stats
     return SlidePlan(
         slide_id=record.slide_id,
@@ -501,7 +560,7 @@ def _scan_grid(slide: Slide, config: TileConfig, level: int, shape: tuple[int, i
     # vectorised pass over the claimed grid, not one record per claimed tile.
     xs = np.arange(cols, dtype=np.int64) * step
     kept_rows, kept_tissue, rejected, missing = [], [], 0, 0
-    table = _summed_area(mask.astype(np.float64)) if mask is not None else None
+    table = _summed_area(mask) if mask is not None else None
     chunk_h, chunk_w = slide.chunk_shape(level)
     blocks = existing_blocks(slide, level)
     for row in range(rows):

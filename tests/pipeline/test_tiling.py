@@ -15,7 +15,14 @@ from pipeline.errors import SlideError
 from pipeline.io.manifest import load_slide_manifest
 from pipeline.io.slides import open_slide, read_tile
 from pipeline.records import SlideRecord, TileKey
-from pipeline.steps.plan import plan_slide, tile_grid, tissue_fraction, tissue_mask
+from pipeline.steps.plan import (
+    close_with_disk,
+    fill_holes,
+    plan_slide,
+    tile_grid,
+    tissue_fraction,
+    tissue_mask,
+)
 
 from .conftest import synthetic_tissue, write_ome_zarr
 
@@ -120,6 +127,49 @@ def test_tissue_fraction_exact():
 
 
 # ---------------------------------------------------------------- tissue mask
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 48),
+    st.integers(1, 48),
+    st.integers(1, 20),
+    st.floats(0.0, 0.6),
+    st.integers(0, 2**32 - 1),
+)
+def test_closing_and_hole_filling_equal_scipys(height, width, radius, density, seed):
+    """The mask's closing and hole filling are scipy's, pixel for pixel, at any radius
+    (wider than the mask too) and density: blobs, lines, holes, the border."""
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    rng = np.random.default_rng(seed)
+    mask = rng.random((height, width)) < density
+    if height > 6 and width > 6 and seed % 2:  # a ring: a hole to fill
+        mask[2:-2, 2:-2] = True
+        mask[3:-3, 3:-3] = rng.random((height - 6, width - 6)) < density / 4
+    np.testing.assert_array_equal(
+        close_with_disk(mask, radius), ndimage.binary_closing(mask, structure=disk(radius))
+    )
+    np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+
+
+def test_closing_and_hole_filling_edge_cases():
+    from scipy import ndimage
+    from skimage.morphology import disk
+
+    for mask in (np.zeros((5, 7), bool), np.ones((5, 7), bool), np.zeros((0, 3), bool),
+                 np.eye(9, dtype=bool), np.ones((1, 9), bool)):
+        for radius in (1, 3, 12):
+            np.testing.assert_array_equal(
+                close_with_disk(mask, radius),
+                ndimage.binary_closing(mask, structure=disk(radius)),
+            )
+        np.testing.assert_array_equal(fill_holes(mask), ndimage.binary_fill_holes(mask))
+    ring = np.zeros((7, 7), bool)
+    ring[1:6, 1:6] = True
+    ring[2:5, 2:5] = False
+    assert fill_holes(ring)[1:6, 1:6].all() and fill_holes(ring).sum() == 25
 
 
 def test_tissue_mask_blank_and_uniform_images_have_no_tissue():
