@@ -6,8 +6,9 @@ metadata in the group's attributes) or v0.5 (Zarr v3, metadata under
 Level paths, axes and pixel sizes come from the ``multiscales`` metadata; pixels
 come out as ``[height, width, channels]`` whatever the stored axis order.
 
-Reads go through `zarr`, so only the chunks a region touches are fetched; nothing
-here loads a whole slide. Every problem with a slide raises `SlideError` with a
+Only the chunks a region touches are fetched; nothing here loads a whole slide. From
+a local store they are read and decoded by `chunks.ChunkReader` (numcodecs, no event
+loop) when the array's codecs allow it, else through `zarr`. Every problem with a slide raises `SlideError` with a
 short ``reason`` (the skip reason the run reports) and a message saying how to fix it.
 """
 
@@ -202,6 +203,7 @@ class Slide:
         self.num_channels = channels.pop()
         self.dtype = np.dtype(self._arrays[0].dtype)
         self.read_stats: Any = None  # a `store.ReadStats` when opened by `open_slide`
+        self._readers: dict[int, Any] = {}
 
     def __repr__(self) -> str:
         return (
@@ -284,6 +286,14 @@ class Slide:
                 f"region x={x}, y={y}, width={width}, height={height} is not inside level "
                 f"{level} of size (height, width)=({h}, {w}). Ask for a region inside it.",
             )
+        reader = self._chunk_reader(level)
+        if reader is not None:  # a local store: chunk files decoded here, not by Zarr
+            out = np.empty((height, width, self.num_channels), dtype=reader.dtype)
+            places = {"y": (y, 0), "x": (x, 1), "c": (0, 2)}
+            starts = [places.get(name, (0, None))[0] for name in self.axes]
+            targets = [places.get(name, (0, None))[1] for name in self.axes]
+            reader.read_into(out if "c" in self.axes else out[..., 0], starts, targets)
+            return out
         index: list[Any] = []
         for name in self.axes:
             if name == "y":
@@ -302,6 +312,15 @@ class Slide:
             data = data[..., np.newaxis]
             kept.append("c")
         return np.ascontiguousarray(np.transpose(data, [kept.index(a) for a in ("y", "x", "c")]))
+
+    def _chunk_reader(self, level: int) -> Any:
+        """The level's `chunks.ChunkReader` (None: read through Zarr), made on first use
+        (`read_stats` is set after the constructor)."""
+        if level not in self._readers:
+            from .chunks import chunk_reader
+
+            self._readers[level] = chunk_reader(self._arrays[level], self.read_stats)
+        return self._readers[level]
 
     def read_level(self, level: int, *, max_pixels: int = DEFAULT_MAX_LEVEL_PIXELS) -> np.ndarray:
         """A whole (small, low-resolution) level as ``[height, width, channels]``.
