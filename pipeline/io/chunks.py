@@ -11,11 +11,13 @@ straight into the caller's ``[height, width, channels]`` buffer.
 It takes only the arrays it reads exactly as Zarr does (`chunk_reader` returns None
 for any other, which then reads through Zarr as before): a local store
 (`zarr.storage.LocalStore`), a regular chunk grid, and either Zarr v3 with the codecs
-``bytes`` (little-endian or single-byte data) plus at most one of ``zstd``, ``blosc``
-or ``gzip``, or Zarr v2 with C order, no filters and a numcodecs compressor (or none).
-Sharded arrays, transposes, checksums codecs, big-endian data and remote stores keep
-Zarr's path. A missing chunk file reads as the array's fill value and is recorded as
-missing in the slide's `ReadStats`, as `CountingStore` does for a Zarr read.
+``bytes`` (data in this machine's byte order, or single bytes) plus at most one of
+``zstd``, ``blosc``
+or ``gzip``, or Zarr v2 with C order, no filters, this machine's byte order and a
+numcodecs compressor (or none). Sharded arrays, transposes, checksum codecs, other
+byte orders and remote stores keep Zarr's path. A missing chunk file reads as the
+array's fill value and is recorded as missing in the `ReadStats` of the
+`CountingStore` the array was opened through, as that store does for a Zarr read.
 
 ``SOFTMIX_DIRECT_CHUNKS=0`` turns it off (every read through Zarr).
 """
@@ -38,18 +40,26 @@ __all__ = ["ChunkReader", "chunk_reader"]
 _V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc", "gzip": "GZip"}
 
 _pool_lock = threading.Lock()
-_pool: tuple[int, cf.ThreadPoolExecutor] | None = None
+_pool: cf.ThreadPoolExecutor | None = None
 
 
 def _decode_pool() -> cf.ThreadPoolExecutor:
     """This process's threads that read and decode the chunks of one region together
-    (numcodecs releases the GIL while decoding); made again after a fork."""
+    (numcodecs releases the GIL while decoding); a forked child makes its own."""
     global _pool
     with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
+        if _pool is None:
             workers = max(1, min(4, os.cpu_count() or 1))
-            _pool = (os.getpid(), cf.ThreadPoolExecutor(workers, "softmix-chunks"))
-        return _pool[1]
+            _pool = cf.ThreadPoolExecutor(workers, "softmix-chunks")
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # the parent's threads are not here
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 class ChunkReader:
@@ -127,7 +137,14 @@ class ChunkReader:
         if len(jobs) == 1:
             place(jobs[0])
             return
-        for future in [_decode_pool().submit(place, coords) for coords in jobs]:
+        try:
+            futures = [_decode_pool().submit(place, coords) for coords in jobs]
+        except RuntimeError:  # interpreter shutdown: no new threads, read them here
+            for coords in jobs:
+                place(coords)
+            return
+        cf.wait(futures)  # every chunk's read recorded before an error is raised
+        for future in futures:
             future.result()
 
     def _place(self, out: np.ndarray, coords: tuple[int, ...],

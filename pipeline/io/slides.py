@@ -8,8 +8,9 @@ come out as ``[height, width, channels]`` whatever the stored axis order.
 
 Only the chunks a region touches are fetched; nothing here loads a whole slide. From
 a local store they are read and decoded by `chunks.ChunkReader` (numcodecs, no event
-loop) when the array's codecs allow it, else through `zarr`. Every problem with a slide raises `SlideError` with a
-short ``reason`` (the skip reason the run reports) and a message saying how to fix it.
+loop) when the array's codecs allow it, else through `zarr`. Every problem with a
+slide raises `SlideError` with a short ``reason`` (the skip reason the run reports)
+and a message saying how to fix it.
 """
 
 from __future__ import annotations
@@ -314,12 +315,15 @@ class Slide:
         return np.ascontiguousarray(np.transpose(data, [kept.index(a) for a in ("y", "x", "c")]))
 
     def _chunk_reader(self, level: int) -> Any:
-        """The level's `chunks.ChunkReader` (None: read through Zarr), made on first use
-        (`read_stats` is set after the constructor)."""
+        """The level's `chunks.ChunkReader` (None: read through Zarr), made on first use.
+        Its reads are recorded where Zarr's would be: in the `ReadStats` of the
+        `CountingStore` the array was opened through (a label image's: its slide's)."""
         if level not in self._readers:
             from .chunks import chunk_reader
 
-            self._readers[level] = chunk_reader(self._arrays[level], self.read_stats)
+            array = self._arrays[level]
+            stats = getattr(array.store_path.store, "stats", None)
+            self._readers[level] = chunk_reader(array, stats)
         return self._readers[level]
 
     def read_level(self, level: int, *, max_pixels: int = DEFAULT_MAX_LEVEL_PIXELS) -> np.ndarray:

@@ -259,9 +259,10 @@ def _dilate_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
 
 
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """`ndimage.binary_fill_holes(mask)`, exactly, from one labelling: background
-    (4-connected) that does not reach the border is a hole. Several times faster than
-    `binary_fill_holes`' repeated dilations on a slide's thumbnail.
+    """`ndimage.binary_fill_holes(mask)` of a 2-D bool mask, exactly, from one
+    labelling: background (4-connected) that does not reach the border is a hole.
+    Several times faster than `binary_fill_holes`' repeated dilations on a slide's
+    thumbnail.
 
     >>> m = np.zeros((5, 5), bool); m[1:4, 1:4] = True; m[2, 2] = False
     >>> bool(fill_holes(m)[2, 2]), bool(fill_holes(m)[0, 0])
@@ -461,13 +462,13 @@ def _plan(
     # Sorted by key (x, then y: one slide, one level) before the records are made,
     # which sorting the records themselves (dataclass comparisons) takes far longer.
     order = np.lexsort((kept[:, 0], kept[:, 1])).tolist() if len(kept) else []
-    yx = kept.tolist()
+    corners = list(zip(kept.tolist(), soft, strict=True))
     tiles = [
         TileRecord(
-            TileKey(record.slide_id, level, int(yx[i][1]), int(yx[i][0])),
+            TileKey(record.slide_id, level, int(corners[i][0][1]), int(corners[i][0][0])),
             label=record.label_index,
             group=record.group,
-            soft_label=soft[i],
+            soft_label=corners[i][1],
         )
         for i in order
     ]

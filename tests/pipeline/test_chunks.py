@@ -4,6 +4,7 @@ read for read, and step aside for the arrays they do not read exactly."""
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import numcodecs
 import numpy as np
@@ -15,6 +16,8 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 
 from pipeline.io.chunks import ChunkReader, chunk_reader
 from pipeline.io.slides import open_slide
+
+from .conftest import write_ome_zarr
 
 _V3 = {"none": None, "zstd": ZstdCodec(), "blosc": BloscCodec(), "gzip": GzipCodec()}
 _V2 = {"none": None, "zstd": numcodecs.Zstd(), "blosc": numcodecs.Blosc(),
@@ -65,12 +68,9 @@ def test_direct_reads_equal_zarrs(tmp_path_factory, axes, zarr_format, compresso
     for index in rng.permutation(len(chunk_files))[:drop]:
         os.remove(chunk_files[index])
     direct = open_slide(str(path), axes=axes)
-    os.environ["SOFTMIX_DIRECT_CHUNKS"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"SOFTMIX_DIRECT_CHUNKS": "0"}):
         through_zarr = open_slide(str(path), axes=axes)
         assert through_zarr._chunk_reader(0) is None
-    finally:
-        del os.environ["SOFTMIX_DIRECT_CHUNKS"]
     assert isinstance(direct._chunk_reader(0), ChunkReader), array.metadata
     y0 = int(region[0] * (height - 1))
     x0 = int(region[1] * (width - 1))
@@ -122,12 +122,31 @@ def test_arrays_zarr_must_read_keep_zarrs_path(tmp_path):
         assert chunk_reader(array) is None
     plain = _write(tmp_path / "plain.zarr", data, "yx", (4, 4), 3, "zstd")
     assert isinstance(chunk_reader(plain), ChunkReader)
-    os.environ["SOFTMIX_DIRECT_CHUNKS"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"SOFTMIX_DIRECT_CHUNKS": "0"}):
         assert chunk_reader(plain) is None
-    finally:
-        del os.environ["SOFTMIX_DIRECT_CHUNKS"]
     for name in ("sharded", "big"):  # and they still read right, through Zarr
         slide = open_slide(str(tmp_path / f"{name}.zarr"), axes="yx")
         np.testing.assert_array_equal(slide.read_region(0, 1, 2, 6, 5)[..., 0],
                                       data[2:7, 1:7])
+
+
+def test_label_image_reads_count_in_the_slides_stats(tmp_path):
+    """A label image's chunks are recorded in its slide's `ReadStats`, as through Zarr
+    (the run reports them: plans with soft labels read them)."""
+    image = np.full((96, 96, 3), 200, np.uint8)
+    labels = np.ones((96, 96), np.uint8)
+    labels[:, 40:] = 2
+    path = write_ome_zarr(tmp_path / "s.ome.zarr", image, labels={"classes": labels},
+                          chunk=32)
+    counts = []
+    for switch in ("1", "0"):
+        with mock.patch.dict(os.environ, {"SOFTMIX_DIRECT_CHUNKS": switch}):
+            slide = open_slide(str(path))
+            label = slide.label_image("classes")
+            assert (label._chunk_reader(0) is None) == (switch == "0")
+            before = slide.read_stats.chunks_read
+            np.testing.assert_array_equal(label.read_region(0, 20, 10, 40, 50)[..., 0],
+                                          labels[10:60, 20:60])
+            counts.append((slide.read_stats.chunks_read - before,
+                           sorted(k for k in slide.read_stats.sizes if "labels" in k)))
+    assert counts[0] == counts[1] and counts[0][0] >= 1
