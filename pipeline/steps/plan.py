@@ -237,7 +237,7 @@ def _dilate_with_disk(mask: np.ndarray, radius: int) -> np.ndarray:
     """
     height, width = mask.shape
     far = 2 * (width + radius + 1)
-    columns = np.arange(width, dtype=np.int32 if far < 2**31 else np.int64)
+    columns = np.arange(width, dtype=np.int32 if 2 * far < 2**31 else np.int64)  # |gaps| < 2 far
     left = np.where(mask, columns, -far)
     np.maximum.accumulate(left, axis=1, out=left)
     right = np.where(mask, columns, far)[:, ::-1]
