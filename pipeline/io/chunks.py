@@ -12,9 +12,8 @@ It takes only the arrays it reads exactly as Zarr does (`chunk_reader` returns N
 for any other, which then reads through Zarr as before): a local store
 (`zarr.storage.LocalStore`), a regular chunk grid, and either Zarr v3 with the codecs
 ``bytes`` (data in this machine's byte order, or single bytes) plus at most one of
-``zstd``, ``blosc``
-or ``gzip``, or Zarr v2 with C order, no filters, this machine's byte order and a
-numcodecs compressor (or none). Sharded arrays, transposes, checksum codecs, other
+``zstd``, ``blosc`` or ``gzip``, or Zarr v2 with C order, no filters, this machine's
+byte order and a numcodecs compressor (or none). Sharded arrays, transposes, checksum codecs, other
 byte orders and remote stores keep Zarr's path. A missing chunk file reads as the
 array's fill value and is recorded as missing in the `ReadStats` of the
 `CountingStore` the array was opened through, as that store does for a Zarr read.
@@ -36,8 +35,6 @@ from typing import Any
 import numpy as np
 
 __all__ = ["ChunkReader", "chunk_reader"]
-
-_V3_COMPRESSORS = {"zstd": "Zstd", "blosc": "Blosc", "gzip": "GZip"}
 
 _pool_lock = threading.Lock()
 _pool: cf.ThreadPoolExecutor | None = None
@@ -72,20 +69,19 @@ class ChunkReader:
         encode_key: chunk coordinates -> chunk key (the array's key encoding).
         decode: compressed bytes -> decoded bytes (identity when uncompressed).
         dtype: the stored element type (native byte order).
-        shape, chunk_shape: the array's shape and chunk shape (stored axis order).
+        chunk_shape: the array's chunk shape (stored axis order).
         fill_value: what a missing chunk reads as.
-        stats: the slide's `ReadStats` (or None).
+        stats: the `ReadStats` of the store the array was opened through (or None).
     """
 
     def __init__(self, directory: str, key_prefix: str,
                  encode_key: Callable[[tuple[int, ...]], str],
                  decode: Callable[[bytes], Any], dtype: np.dtype,
-                 shape: Sequence[int], chunk_shape: Sequence[int], fill_value: Any,
-                 stats: Any = None):
+                 chunk_shape: Sequence[int], fill_value: Any, stats: Any = None):
         self.directory, self.key_prefix = directory, key_prefix
         self._encode_key, self._decode = encode_key, decode
         self.dtype = np.dtype(dtype)
-        self.shape, self.chunk_shape = tuple(shape), tuple(chunk_shape)
+        self.chunk_shape = tuple(chunk_shape)
         self.fill_value, self.stats = fill_value, stats
 
     def chunk(self, coords: tuple[int, ...]) -> np.ndarray | None:
@@ -215,11 +211,12 @@ def _reader(array: Any, stats: Any) -> ChunkReader | None:
         if len(codecs) == 1:
             decode: Callable[[bytes], Any] = _as_stored
         else:
-            kinds = {ZstdCodec: "zstd", BloscCodec: "blosc", GzipCodec: "gzip"}
-            kind = kinds.get(type(codecs[1]))
-            if kind is None:
+            # Zarr's own v3 codecs decode with these numcodecs codecs.
+            same = {ZstdCodec: numcodecs.Zstd, BloscCodec: numcodecs.Blosc,
+                    GzipCodec: numcodecs.GZip}.get(type(codecs[1]))
+            if same is None:
                 return None
-            decode = getattr(numcodecs, _V3_COMPRESSORS[kind])().decode
+            decode = same().decode
         chunk_shape = tuple(metadata.chunk_grid.chunk_shape)
     elif metadata.zarr_format == 2:
         if metadata.filters or metadata.order != "C":
@@ -237,7 +234,7 @@ def _reader(array: Any, stats: Any) -> ChunkReader | None:
     directory = os.path.join(str(inner.root), path) if path else str(inner.root)
     fill_value = 0 if array.fill_value is None else array.fill_value
     return ChunkReader(directory, f"{path}/" if path else "", metadata.encode_chunk_key,
-                       decode, dtype, array.shape, chunk_shape, fill_value, stats)
+                       decode, dtype, chunk_shape, fill_value, stats)
 
 
 def _as_stored(raw: bytes) -> bytes:

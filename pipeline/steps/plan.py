@@ -461,16 +461,15 @@ def _plan(
         soft = _soft_labels(slide, config.label_image, level, kept, size, class_names)
     # Sorted by key (x, then y: one slide, one level) before the records are made,
     # which sorting the records themselves (dataclass comparisons) takes far longer.
-    order = np.lexsort((kept[:, 0], kept[:, 1])).tolist() if len(kept) else []
     corners = list(zip(kept.tolist(), soft, strict=True))
     tiles = [
         TileRecord(
-            TileKey(record.slide_id, level, int(corners[i][0][1]), int(corners[i][0][0])),
+            TileKey(record.slide_id, level, int(x), int(y)),
             label=record.label_index,
             group=record.group,
-            soft_label=corners[i][1],
+            soft_label=soft_label,
         )
-        for i in order
+        for (y, x), soft_label in (corners[i] for i in np.lexsort(kept.T).tolist())
     ]
     stats = slide.read_stats
     return SlidePlan(
