@@ -13,9 +13,9 @@ for any other, which then reads through Zarr as before): a local store
 (`zarr.storage.LocalStore`), a regular chunk grid, and either Zarr v3 with the codecs
 ``bytes`` (data in this machine's byte order, or single bytes) plus at most one of
 ``zstd``, ``blosc`` or ``gzip``, or Zarr v2 with C order, no filters, this machine's
-byte order and a numcodecs compressor (or none). Sharded arrays, transposes, checksum codecs, other
-byte orders and remote stores keep Zarr's path. A missing chunk file reads as the
-array's fill value and is recorded as missing in the `ReadStats` of the
+byte order and a numcodecs compressor (or none). Sharded arrays, transposes, checksum
+codecs, other byte orders and remote stores keep Zarr's path. A missing chunk file
+reads as the array's fill value and is recorded as missing in the `ReadStats` of the
 `CountingStore` the array was opened through, as that store does for a Zarr read.
 
 ``SOFTMIX_DIRECT_CHUNKS=0`` turns it off (every read through Zarr).
